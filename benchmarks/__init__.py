@@ -1,0 +1,1 @@
+"""Benchmarks and the helpers they need; never imported by product defaults."""

@@ -1,0 +1,1 @@
+"""Indexing steps (sources, hashing, diff, chunking, embedding, apply) and the in-process runner."""

@@ -1,0 +1,80 @@
+"""Indexing configuration: one frozen dataclass read from RAGPIPE_* variables and CLI flags at run time."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from pipeline.embedding import DEFAULT_MODEL
+from pipeline.errors import ConfigError
+from pipeline.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DEFAULT_MAX_BYTES
+
+_INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How one index is built. Every field has a ``RAGPIPE_<NAME>`` variable and a CLI flag.
+
+    Attributes:
+        index: index name (lowercase letters, digits, '-' and '_').
+        model: sentence-transformers model name or path.
+        device: 'auto' (CUDA when present), 'cpu', 'cuda', ...
+        batch_size: texts per embedding call; each batch is cached as soon as it is embedded.
+        include: glob patterns of files to index (directory sources).
+        exclude: glob patterns of files and directories to leave out.
+        max_document_bytes: larger documents are skipped with a reason.
+        lock_timeout: seconds to wait for another run on the same index.
+        allow_delete_all: let a run whose source is empty delete every document.
+    """
+
+    index: str = "docs"
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    batch_size: int = 64
+    include: tuple[str, ...] = DEFAULT_INCLUDE
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    max_document_bytes: int = DEFAULT_MAX_BYTES
+    lock_timeout: float = 600.0
+    allow_delete_all: bool = False
+
+    def __post_init__(self) -> None:
+        if not _INDEX_NAME.match(self.index):
+            raise ConfigError(f"index name {self.index!r} must match {_INDEX_NAME.pattern}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
+        if self.max_document_bytes < 1:
+            raise ConfigError(f"max_document_bytes must be positive, got {self.max_document_bytes}")
+        if self.lock_timeout < 0:
+            raise ConfigError(f"lock_timeout must not be negative, got {self.lock_timeout}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "IndexConfig":
+        """Read ``RAGPIPE_*`` variables; overrides that are not None (CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"RAGPIPE_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            try:
+                if f.type in ("int", int):
+                    values[f.name] = int(raw)
+                elif f.type in ("float", float):
+                    values[f.name] = float(raw)
+                elif f.type in ("bool", bool):
+                    values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
+                elif "tuple" in str(f.type):
+                    values[f.name] = _csv(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ConfigError(f"RAGPIPE_{f.name.upper()}={raw!r} is not a valid {f.type}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)

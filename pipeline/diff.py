@@ -1,0 +1,75 @@
+"""Diff stage: compare the documents a source holds now with what the registry knows (a pure function)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from pipeline.sources import SourceDocument
+from registry.store import DocumentState
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    """The plan of one run: every incoming document lands in exactly one of the first five lists.
+
+    Attributes:
+        new: not in the registry, or deleted there earlier (chunk and embed).
+        changed: text changed, or cut by another chunker configuration (re-chunk, embed cache misses).
+        metadata_only: same text, other metadata or source uri (update the registry row only).
+        unchanged: nothing to do.
+        deleted: doc_ids active in the registry but gone from the source.
+    """
+
+    new: tuple[SourceDocument, ...]
+    changed: tuple[SourceDocument, ...]
+    metadata_only: tuple[SourceDocument, ...]
+    unchanged: tuple[str, ...]
+    deleted: tuple[str, ...]
+
+    @property
+    def to_chunk(self) -> tuple[SourceDocument, ...]:
+        return self.new + self.changed
+
+    @property
+    def to_write(self) -> tuple[SourceDocument, ...]:
+        return self.new + self.changed + self.metadata_only
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.new or self.changed or self.metadata_only or self.deleted)
+
+
+def plan_changes(
+    known: Mapping[str, DocumentState], incoming: Iterable[SourceDocument], chunker_version: str
+) -> ChangeSet:
+    """Partition ``incoming`` against ``known`` (the registry's document states).
+
+    Args:
+        known: the registry's documents of this index by doc_id (active and deleted).
+        incoming: every document the source holds now (doc_ids unique).
+        chunker_version: the current chunker configuration; a document cut by another one is changed.
+
+    Returns:
+        The change set; doc_ids of each list keep the order of ``incoming``.
+    """
+    new: list[SourceDocument] = []
+    changed: list[SourceDocument] = []
+    metadata_only: list[SourceDocument] = []
+    unchanged: list[str] = []
+    seen: set[str] = set()
+    for doc in incoming:
+        if doc.doc_id in seen:
+            raise ValueError(f"document {doc.doc_id!r} appears twice in one source scan")
+        seen.add(doc.doc_id)
+        state = known.get(doc.doc_id)
+        if state is None or state.status != "active":
+            new.append(doc)
+        elif state.content_hash != doc.content_hash or state.chunker_version != chunker_version:
+            changed.append(doc)
+        elif state.metadata_hash != doc.metadata_hash:
+            metadata_only.append(doc)
+        else:
+            unchanged.append(doc.doc_id)
+    deleted = sorted(doc_id for doc_id, state in known.items() if state.status == "active" and doc_id not in seen)
+    return ChangeSet(tuple(new), tuple(changed), tuple(metadata_only), tuple(unchanged), tuple(deleted))

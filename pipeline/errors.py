@@ -1,0 +1,25 @@
+"""Pipeline errors: terminal ones fail a run (and an Airflow task) without retry, transient ones retry."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of every pipeline error."""
+
+    transient = False
+
+
+class ConfigError(PipelineError):
+    """The configuration is invalid; fix it and rerun."""
+
+
+class SourceUnavailable(PipelineError):
+    """The source as a whole cannot be read (missing, not readable); nothing was changed."""
+
+
+class UnsafeDeletion(PipelineError):
+    """The run would delete every document of a non-empty index; refused unless explicitly allowed."""
+
+
+class EmbeddingError(PipelineError):
+    """The embedding model failed or returned vectors of the wrong shape."""

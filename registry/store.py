@@ -1,0 +1,306 @@
+"""The doc-chunk registry: documents, chunk placements, the embedding cache and runs in PostgreSQL.
+
+This module is the only code that speaks SQL. Writes that change what the index serves happen in
+one transaction (:meth:`Registry.apply_changes`); embeddings are committed batch by batch so that a
+crash loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+
+from registry import db
+from registry.config import RegistryConfig
+from registry.errors import IndexLocked
+from registry.queries import q
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DocumentState:
+    """What the registry knows of one document, enough to plan the next run."""
+
+    doc_id: str
+    content_hash: str
+    metadata_hash: str
+    chunker_version: str
+    status: str
+    chunk_count: int
+
+
+class DocumentRecord(Protocol):
+    doc_id: str
+    source_uri: str
+    content_hash: str
+    metadata: dict[str, Any]
+    metadata_hash: str
+
+
+class ChunkRecord(Protocol):
+    doc_id: str
+    chunk_id: str
+    chunk_hash: str
+    ordinal: int
+    heading_path: tuple[str, ...]
+    char_start: int
+    char_end: int
+    token_count: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    chunks_added: int
+    chunks_superseded: int
+    chunks_deleted: int
+    documents_written: int
+    documents_deleted: int
+
+
+class Registry:
+    """A connection to the registry database.
+
+    Use :meth:`open` to connect (starting the embedded server and migrating on first use).
+    The connection runs in autocommit mode; every multi-statement write is an explicit transaction.
+    """
+
+    def __init__(self, conn: psycopg.Connection, url: str) -> None:
+        self.conn = conn
+        self.url = url
+
+    @classmethod
+    def open(cls, config: RegistryConfig | None = None, *, migrate: bool = True) -> "Registry":
+        """Connect to the configured registry.
+
+        Args:
+            config: where the registry lives; defaults to the environment.
+            migrate: apply pending migrations first.
+
+        Raises:
+            RegistryUnavailable: the database cannot be reached.
+        """
+        config = config or RegistryConfig.from_env()
+        url = db.resolve_database_url(config.database_url, config.home)
+        if migrate:
+            db.ensure_schema(url)
+        return cls(db.connect(url, autocommit=True), url)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- locking -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def index_lock(self, index: str, timeout_s: float) -> Iterator[None]:
+        """Hold the publisher lock of ``index`` (a session advisory lock) for the block.
+
+        Raises:
+            IndexLocked: another process held it for ``timeout_s`` seconds.
+        """
+        deadline = time.monotonic() + timeout_s
+        delay = 0.05
+        while True:
+            row = self.conn.execute(q("try_index_lock"), {"index": index}).fetchone()
+            if row and row[0]:
+                break
+            if time.monotonic() >= deadline:
+                raise IndexLocked(
+                    f"index {index!r} is being updated by another process; waited {timeout_s:g} s, nothing changed"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        try:
+            yield
+        finally:
+            if not self.conn.closed:
+                self.conn.execute(q("release_index_lock"), {"index": index})
+
+    # -- documents and runs --------------------------------------------------------------------
+
+    def document_states(self, index: str) -> dict[str, DocumentState]:
+        """Return every document the index has seen, active or deleted, by doc_id."""
+        with self.conn.cursor() as cur:
+            cur.execute(q("document_states"), {"index": index})
+            return {row[0]: DocumentState(*row) for row in cur}
+
+    def start_run(self, index: str, source: str) -> int:
+        row = self.conn.execute(q("insert_run"), {"index": index, "source": source}).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        counts: dict[str, Any],
+        stage_seconds: dict[str, float],
+        skipped: list[dict[str, str]],
+        error: str | None = None,
+    ) -> None:
+        self.conn.execute(
+            q("finish_run"),
+            {
+                "run_id": run_id,
+                "status": status,
+                "counts": Jsonb(counts),
+                "stage_seconds": Jsonb(stage_seconds),
+                "skipped": Jsonb(skipped),
+                "error": error,
+            },
+        )
+
+    def get_run(self, run_id: int) -> dict[str, Any] | None:
+        with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            cur.execute(q("get_run"), {"run_id": run_id})
+            return cur.fetchone()
+
+    # -- embedding cache -----------------------------------------------------------------------
+
+    def missing_embeddings(self, model_id: str, chunk_hashes: Sequence[str]) -> list[str]:
+        """Return the hashes (in input order, deduplicated) with no cached vector for ``model_id``."""
+        unique = list(dict.fromkeys(chunk_hashes))
+        if not unique:
+            return []
+        rows = self.conn.execute(q("missing_embeddings"), {"hashes": unique, "model_id": model_id}).fetchall()
+        missing = {row[0] for row in rows}
+        return [h for h in unique if h in missing]
+
+    def store_embeddings(self, model_id: str, chunk_hashes: Sequence[str], vectors: np.ndarray) -> None:
+        """Insert vectors into the cache and commit (existing entries are kept as they are)."""
+        if len(chunk_hashes) != len(vectors):
+            raise ValueError(f"{len(chunk_hashes)} hashes but {len(vectors)} vectors")
+        matrix = np.ascontiguousarray(vectors, dtype="<f4")
+        dim = int(matrix.shape[1])
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.execute(q("create_stage_embeddings"))
+            with cur.copy(q("copy_stage_embeddings")) as copy:
+                for chunk_hash, row in zip(chunk_hashes, matrix):
+                    copy.write_row((chunk_hash, dim, row.tobytes()))
+            cur.execute(q("merge_embeddings"), {"model_id": model_id})
+
+    def fetch_embeddings(self, model_id: str, chunk_hashes: Sequence[str]) -> dict[str, np.ndarray]:
+        """Return cached vectors by chunk hash (hashes with no vector are absent)."""
+        out: dict[str, np.ndarray] = {}
+        with self.conn.cursor() as cur:
+            cur.execute(q("fetch_embeddings"), {"model_id": model_id, "hashes": list(chunk_hashes)})
+            for chunk_hash, blob in cur:
+                out[chunk_hash] = np.frombuffer(blob, dtype="<f4")
+        return out
+
+    # -- applying a run ------------------------------------------------------------------------
+
+    def apply_changes(
+        self,
+        *,
+        index: str,
+        run_id: int,
+        version: str,
+        documents: Iterable[DocumentRecord],
+        chunk_counts: dict[str, int],
+        chunker_version: str,
+        rechunked_doc_ids: Sequence[str],
+        chunks: Iterable[ChunkRecord],
+        deleted_doc_ids: Sequence[str],
+    ) -> ApplyResult:
+        """Make the registry reflect one run, in a single transaction.
+
+        Args:
+            documents: new, changed and metadata-only documents to upsert.
+            chunk_counts: the chunk count of every upserted document.
+            rechunked_doc_ids: documents whose chunks are replaced by ``chunks``.
+            chunks: the complete new chunk list of every re-chunked document.
+            deleted_doc_ids: documents gone from the source; their chunks become 'deleted'.
+
+        Returns:
+            How many rows changed.
+        """
+        params = {"index": index, "run_id": run_id, "version": version}
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.execute(q("create_stage_documents"))
+            written = 0
+            with cur.copy(q("copy_stage_documents")) as copy:
+                for doc in documents:
+                    copy.write_row(
+                        (
+                            doc.doc_id,
+                            doc.source_uri,
+                            doc.content_hash,
+                            Jsonb(doc.metadata),
+                            doc.metadata_hash,
+                            chunker_version,
+                            chunk_counts[doc.doc_id],
+                        )
+                    )
+                    written += 1
+            cur.execute(q("merge_documents"), params)
+
+            cur.execute(q("mark_documents_deleted"), {**params, "doc_ids": list(deleted_doc_ids)})
+            documents_deleted = cur.rowcount
+            cur.execute(q("mark_chunks_deleted"), {**params, "doc_ids": list(deleted_doc_ids)})
+            chunks_deleted = cur.rowcount
+
+            cur.execute(q("create_stage_chunks"))
+            with cur.copy(q("copy_stage_chunks")) as copy:
+                for chunk in chunks:
+                    copy.write_row(
+                        (
+                            chunk.doc_id,
+                            chunk.chunk_id,
+                            chunk.chunk_hash,
+                            chunk.ordinal,
+                            list(chunk.heading_path),
+                            chunk.char_start,
+                            chunk.char_end,
+                            chunk.token_count,
+                            chunk.text,
+                        )
+                    )
+            cur.execute(q("supersede_chunks"), {**params, "doc_ids": list(rechunked_doc_ids)})
+            superseded = cur.rowcount
+            cur.execute(q("insert_new_chunks"), params)
+            added = cur.rowcount
+        return ApplyResult(
+            chunks_added=added,
+            chunks_superseded=superseded,
+            chunks_deleted=chunks_deleted,
+            documents_written=written,
+            documents_deleted=documents_deleted,
+        )
+
+    # -- reading the live state ----------------------------------------------------------------
+
+    def active_chunk_ids(self, index: str) -> set[str]:
+        with self.conn.cursor() as cur:
+            cur.execute(q("active_chunk_ids"), {"index": index})
+            return {row[0] for row in cur}
+
+    def active_chunks(self, index: str) -> list[dict[str, Any]]:
+        with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            cur.execute(q("active_chunks"), {"index": index})
+            return cur.fetchall()
+
+    def count_active_chunks(self, index: str) -> int:
+        row = self.conn.execute(q("count_active_chunks"), {"index": index}).fetchone()
+        return int(row[0]) if row else 0
+
+    def active_chunks_of_deleted_documents(self, index: str) -> int:
+        row = self.conn.execute(q("active_chunks_of_deleted_documents"), {"index": index}).fetchone()
+        return int(row[0]) if row else 0
+

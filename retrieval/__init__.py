@@ -1,0 +1,1 @@
+"""The retrieval library applications import to search a published index (never imports Airflow)."""

@@ -1,0 +1,267 @@
+import re
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.chunking import chunk_document, split_sections
+from pipeline.embedding import SentenceTransformerEmbedder
+from pipeline.sources import make_document
+
+
+class WordCounter:
+    """One token per whitespace-separated word: a pure stand-in for fast property tests."""
+
+    name = "words"
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        return [len(t.split()) for t in texts]
+
+
+WORDS = WordCounter()
+
+
+@pytest.fixture(scope="module")
+def model_counter():
+    emb = SentenceTransformerEmbedder()
+    return emb.token_counter(), emb.max_tokens
+
+
+def doc(text: str, doc_id: str = "doc.md"):
+    d = make_document(doc_id, text, "uri")
+    assert not hasattr(d, "reason"), d
+    return d
+
+
+def check_chunks(d, chunks, counter, max_tokens):
+    """Offsets are exact, chunks ordered and disjoint, sized, and all text is covered."""
+    assert [c.ordinal for c in chunks] == list(range(len(chunks)))
+    covered = []
+    prev_end = 0
+    for c in chunks:
+        assert d.text[c.char_start : c.char_end] == c.text
+        assert c.char_start >= prev_end
+        prev_end = c.char_end
+        assert 0 < c.token_count <= max_tokens
+        assert counter.count([c.text])[0] <= max_tokens
+        covered.append(c.text)
+    assert "".join(d.text.split()) == "".join("".join(covered).split())
+
+
+MD = """# Guide
+
+Intro paragraph one. It has two sentences.
+
+## Install
+
+Run the installer. Then restart.
+
+## Usage
+
+### Basics
+
+Call the function with care.
+
+```python
+def f():
+
+    return 1
+```
+
+# Appendix
+
+Last words here.
+"""
+
+
+def test_markdown_heading_paths():
+    d = doc(MD)
+    chunks = chunk_document(d, WORDS, 12)
+    paths = [c.heading_path for c in chunks]
+    assert ("Guide",) in paths
+    assert ("Guide", "Install") in paths
+    assert ("Appendix",) in paths
+    # the heading-only "Usage" section is never a chunk of its own: it joins its first subsection
+    usage = next(c for c in chunks if "## Usage" in c.text)
+    assert "### Basics" in usage.text
+    # a fenced code block is never split at its blank line
+    assert any("```python\ndef f():\n\n    return 1\n```" in c.text for c in chunks)
+    check_chunks(d, chunks, WORDS, 12)
+
+
+RST = """PEP: 9999
+Title: Example
+
+Abstract
+========
+
+This PEP shows structure.
+
+Specification
+=============
+
+Syntax
+------
+
+The syntax is simple.
+
+Semantics
+---------
+
+The semantics are simple too.
+
+Copyright
+=========
+
+Public domain.
+"""
+
+
+def test_rst_heading_paths_follow_adornment_order():
+    sections = split_sections(doc(RST, "pep-9999.rst").text, "rst")
+    assert [s.heading_path for s in sections] == [
+        (),
+        ("Abstract",),
+        ("Specification",),
+        ("Specification", "Syntax"),
+        ("Specification", "Semantics"),
+        ("Copyright",),
+    ]
+
+
+PY = '''"""Module docstring."""
+
+import os
+
+CONSTANT = 1
+
+
+@decorator
+def top(a, b):
+    return a + b
+
+
+class Thing:
+    """A thing."""
+
+    def method(self):
+        return 1
+
+    async def other(self):
+        return 2
+
+
+x = top(1, 2)
+'''
+
+
+def test_python_sections_by_definition():
+    sections = split_sections(doc(PY, "m.py").text, "python")
+    text = doc(PY, "m.py").text
+    by_path = {s.heading_path: text[s.start : s.end] for s in sections}
+    assert by_path[("top",)].startswith("@decorator\ndef top")
+    assert by_path[("Thing",)].startswith("class Thing")
+    assert by_path[("Thing", "method")].lstrip().startswith("def method")
+    assert by_path[("Thing", "other")].lstrip().startswith("async def other")
+    assert "x = top(1, 2)" in by_path[()] or any("x = top" in t for p, t in by_path.items() if p == ())
+
+
+def test_python_syntax_error_falls_back_to_text():
+    assert [s.heading_path for s in split_sections("def broken(:\n  pass", "python")] == [()]
+
+
+def test_real_tokenizer_limits_and_no_mid_sentence_cuts(model_counter):
+    counter, max_tokens = model_counter
+    sentences = [f"Sentence number {i} talks about aerodynamic boundary layers and heat transfer." for i in range(120)]
+    d = doc("# Long\n\n" + " ".join(sentences) + "\n", "long.md")
+    chunks = chunk_document(d, counter, max_tokens)
+    assert len(chunks) > 3
+    check_chunks(d, chunks, counter, max_tokens)
+    for c in chunks[1:]:
+        assert c.text.startswith("Sentence number"), c.text[:40]
+    for c in chunks:
+        assert c.text.rstrip().endswith("transfer."), c.text[-40:]
+
+
+def test_oversized_sentence_and_word_are_split(model_counter):
+    counter, max_tokens = model_counter
+    giant_word = "x" * 5000
+    long_sentence = " ".join(["word"] * 600)
+    d = doc(f"{long_sentence}\n\n{giant_word}\n", "t.txt")
+    chunks = chunk_document(d, counter, max_tokens)
+    check_chunks(d, chunks, counter, max_tokens)
+
+
+def test_html_is_reduced_to_text_with_headings():
+    d = make_document("page.html", "<html><head><style>x{}</style></head><body><h1>Title</h1><p>Hello <b>world</b>.</p>"
+                      "<h2>Sub</h2><p>More.</p><script>evil()</script></body></html>", "uri")
+    assert d.format == "markdown"
+    assert d.text == "# Title\n\nHello world.\n\n## Sub\n\nMore."
+    assert [s.heading_path for s in split_sections(d.text, d.format)] == [("Title",), ("Title", "Sub")]
+
+
+# -- properties --------------------------------------------------------------------------------
+
+word = st.sampled_from(["alpha", "beta", "gamma", "delta", "wing", "flow", "mach", "drag", "lift", "heat"])
+sentence = st.lists(word, min_size=2, max_size=9).map(lambda ws: " ".join(ws).capitalize() + ".")
+paragraph = st.lists(sentence, min_size=1, max_size=6).map(" ".join)
+section = st.lists(paragraph, min_size=1, max_size=6)
+document = st.lists(section, min_size=1, max_size=7)
+
+
+def render(sections):
+    return "\n\n".join(f"## Section {i}\n\n" + "\n\n".join(paras) for i, paras in enumerate(sections)) + "\n"
+
+
+@settings(max_examples=150, deadline=None)
+@given(document, st.integers(8, 40))
+def test_chunking_is_deterministic_and_exact(sections, max_tokens):
+    d = doc(render(sections))
+    first = chunk_document(d, WORDS, max_tokens)
+    assert first == chunk_document(d, WORDS, max_tokens)
+    check_chunks(d, first, WORDS, max_tokens)
+
+
+def _section_spans(text):
+    starts = [m.start() for m in re.finditer(r"^## Section", text, re.M)] + [len(text)]
+    return list(zip(starts, starts[1:]))
+
+
+def _interior_chunk_texts(d, chunks):
+    """Texts of chunks lying inside one section, neither at its first nor at its last block."""
+    out = {}
+    for k, (s, e) in enumerate(_section_spans(d.text)):
+        inside = [c for c in chunks if c.char_start >= s and c.char_end <= e]
+        for c in inside:
+            starts_section = d.text[s : c.char_start].strip() == d.text[s:e].split("\n\n")[0].strip() or c.char_start == s
+            ends_section = not d.text[c.char_end : e].strip()
+            if not starts_section and not ends_section:
+                out.setdefault(k, []).append(c.text)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(document, st.data(), st.integers(10, 40))
+def test_edit_inside_one_section_keeps_other_boundaries(sections, data, max_tokens):
+    i = data.draw(st.integers(0, len(sections) - 1), label="edited section")
+    p = data.draw(st.integers(0, len(sections[i]) - 1), label="edited paragraph")
+    replacement = data.draw(paragraph, label="replacement")
+    edited = [list(s) for s in sections]
+    edited[i][p] = replacement
+    before, after = doc(render(sections)), doc(render(edited))
+    old, new = chunk_document(before, WORDS, max_tokens), chunk_document(after, WORDS, max_tokens)
+    new_texts = {c.text for c in new}
+
+    # everything before the section preceding the edit is untouched, offsets included
+    spans = _section_spans(before.text)
+    stable_end = spans[i - 1][0] if i >= 1 else 0
+    old_prefix = [(c.char_start, c.char_end, c.text, c.heading_path) for c in old if c.char_end <= stable_end]
+    new_prefix = [(c.char_start, c.char_end, c.text, c.heading_path) for c in new if c.char_end <= stable_end]
+    assert old_prefix == new_prefix
+
+    # interior chunks of every other section keep their boundaries (their text reappears)
+    for k, texts in _interior_chunk_texts(before, old).items():
+        if k != i:
+            for t in texts:
+                assert t in new_texts

@@ -1,0 +1,66 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.diff import plan_changes
+from pipeline.sources import SourceDocument
+from registry.store import DocumentState
+
+V = "chunker-1"
+
+
+def doc(doc_id: str, text: str = "t", meta: str = "m") -> SourceDocument:
+    return SourceDocument(doc_id, text, "uri", "text", {}, content_hash=f"c-{text}", metadata_hash=f"m-{meta}")
+
+
+def state(doc_id: str, text: str = "t", meta: str = "m", status: str = "active", chunker: str = V) -> DocumentState:
+    return DocumentState(doc_id, f"c-{text}", f"m-{meta}", chunker, status, 1)
+
+
+def test_plan_categories():
+    known = {
+        "same": state("same"),
+        "edited": state("edited", text="old"),
+        "meta": state("meta", meta="old"),
+        "gone": state("gone"),
+        "gone-earlier": state("gone-earlier", status="deleted"),
+        "back": state("back", status="deleted"),
+        "rechunk": state("rechunk", chunker="chunker-0"),
+    }
+    incoming = [doc("same"), doc("edited"), doc("meta"), doc("fresh"), doc("back"), doc("rechunk")]
+    plan = plan_changes(known, incoming, V)
+    assert [d.doc_id for d in plan.new] == ["fresh", "back"]
+    assert [d.doc_id for d in plan.changed] == ["edited", "rechunk"]
+    assert [d.doc_id for d in plan.metadata_only] == ["meta"]
+    assert plan.unchanged == ("same",)
+    assert plan.deleted == ("gone",)
+    assert not plan.is_empty
+
+
+def test_plan_nothing_changed_is_empty():
+    plan = plan_changes({"a": state("a")}, [doc("a")], V)
+    assert plan.is_empty and plan.unchanged == ("a",)
+
+
+ids = st.sampled_from([f"d{i}" for i in range(12)])
+versions = st.sampled_from(["x", "y"])
+
+
+@given(
+    known=st.dictionaries(ids, st.tuples(versions, versions, st.sampled_from(["active", "deleted"]))),
+    incoming=st.dictionaries(ids, st.tuples(versions, versions)),
+)
+def test_plan_partitions_input_exactly(known, incoming):
+    known_states = {k: state(k, text=t, meta=m, status=s) for k, (t, m, s) in known.items()}
+    docs = [doc(k, text=t, meta=m) for k, (t, m) in incoming.items()]
+    plan = plan_changes(known_states, docs, V)
+    groups = [
+        [d.doc_id for d in plan.new],
+        [d.doc_id for d in plan.changed],
+        [d.doc_id for d in plan.metadata_only],
+        list(plan.unchanged),
+    ]
+    flat = [x for g in groups for x in g]
+    assert sorted(flat) == sorted(incoming)  # every incoming document exactly once
+    assert set(plan.deleted) == {k for k, (_, _, s) in known.items() if s == "active"} - set(incoming)
+    for d in plan.unchanged:
+        assert known[d][:2] == incoming[d] and known[d][2] == "active"
