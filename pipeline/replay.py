@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from psycopg import conninfo, sql
 
 from pipeline.chunking import chunk_document
 from pipeline.config import IndexConfig
@@ -31,7 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.runner import run_index
 from pipeline.sources import scan_records
 from registry import Registry, RegistryConfig
-from registry.db import connect, resolve_database_url
+from registry.db import scratch_database
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +53,6 @@ def load_replay(replay_dir: Path) -> tuple[Documents, dict[int, list[dict[str, A
                 record = json.loads(line)
                 steps[int(record["step"])].append(record)
     return docs, dict(sorted(steps.items()))
-
-
-@contextmanager
-def scratch_database(registry_config: RegistryConfig, keep: bool = False) -> Iterator[str]:
-    """Create an empty database on the configured server; yield its URL; drop it afterwards."""
-    server_url = resolve_database_url(registry_config.database_url, registry_config.home)
-    name = f"ragpipe_replay_{os.getpid()}_{int(time.time())}"
-    with connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield conninfo.make_conninfo(server_url, dbname=name)
-    finally:
-        if not keep:
-            with connect(server_url, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def check_against_fresh_build(registry: Registry, index: str, docs: Documents, embedder: Embedder) -> dict[str, int]:
@@ -109,7 +90,7 @@ def run_replay(
     def scan() -> Any:
         return scan_records(((d, t, m) for d, (t, m) in docs.items()), source)
 
-    with scratch_database(registry_config, keep_database) as url:
+    with scratch_database(registry_config.database_url, registry_config.home, keep_database) as url:
         with Registry.open(RegistryConfig(database_url=url, home=registry_config.home)) as registry:
             base = run_index(scan(), registry, embedder, config)
             result: dict[str, Any] = {

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg import conninfo, sql
 
 from registry.errors import MigrationError, RegistryUnavailable
 
@@ -150,3 +155,22 @@ def ensure_schema(url: str) -> None:
     with connect(url, autocommit=True) as conn:
         if current_version(conn) < latest:
             upgrade(conn)
+
+
+@contextmanager
+def scratch_database(database_url: str | None, home: Path, keep: bool = False) -> Iterator[str]:
+    """Create an empty database on the configured server, yield its URL, drop it afterwards.
+
+    Replays and benchmarks use one so that their counts start from an empty cache and never touch
+    real indexes.
+    """
+    server_url = resolve_database_url(database_url, home)
+    name = f"ragpipe_scratch_{os.getpid()}_{int(time.time() * 1000)}"
+    with connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield conninfo.make_conninfo(server_url, dbname=name)
+    finally:
+        if not keep:
+            with connect(server_url, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

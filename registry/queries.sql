@@ -11,6 +11,13 @@ INSERT INTO runs (index_name, source, status)
 VALUES (%(index)s, %(source)s, 'running')
 RETURNING run_id, started_at;
 
+-- name: abandon_runs
+-- Called by the holder of the index lock: any other 'running' run of the index died mid-way.
+UPDATE runs
+SET status = 'failed', finished_at = now(),
+    error = 'abandoned: the process ended before finishing (found by run ' || %(run_id)s || ')'
+WHERE index_name = %(index)s AND status = 'running' AND run_id <> %(run_id)s;
+
 -- name: finish_run
 UPDATE runs
 SET status = %(status)s, finished_at = now(), counts = %(counts)s, stage_seconds = %(stage_seconds)s,

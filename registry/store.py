@@ -140,9 +140,17 @@ class Registry:
             return {row[0]: DocumentState(*row) for row in cur}
 
     def start_run(self, index: str, source: str) -> int:
-        row = self.conn.execute(q("insert_run"), {"index": index, "source": source}).fetchone()
-        assert row is not None
-        return int(row[0])
+        """Record a new run; call it while holding the index lock.
+
+        Runs of the same index still marked 'running' can only belong to processes that died
+        (they would hold the lock otherwise): they are marked failed here.
+        """
+        with self.conn.transaction():
+            row = self.conn.execute(q("insert_run"), {"index": index, "source": source}).fetchone()
+            assert row is not None
+            run_id = int(row[0])
+            self.conn.execute(q("abandon_runs"), {"index": index, "run_id": run_id})
+        return run_id
 
     def finish_run(
         self,

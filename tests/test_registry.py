@@ -1,0 +1,150 @@
+"""The registry on a real PostgreSQL: migrations, the apply transaction, the cache and the lock."""
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from registry import IndexLocked, Registry, RegistryConfig
+from registry import db as registry_db
+from registry.queries import parse_queries
+
+pytestmark = pytest.mark.db
+
+
+def test_migrations_apply_once_and_record(empty_database_url):
+    with registry_db.connect(empty_database_url, autocommit=True) as conn:
+        assert registry_db.current_version(conn) == 0
+        first = registry_db.upgrade(conn)
+        assert first == [m.version for m in registry_db.list_migrations()]
+        assert registry_db.upgrade(conn) == []
+        rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version").fetchall()
+        assert [r[0] for r in rows] == first
+
+
+def test_migrations_are_safe_concurrently(empty_database_url):
+    errors = []
+
+    def migrate():
+        try:
+            with registry_db.connect(empty_database_url, autocommit=True) as conn:
+                registry_db.upgrade(conn)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with registry_db.connect(empty_database_url, autocommit=True) as conn:
+        count = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
+    assert count == len(registry_db.list_migrations())
+
+
+def test_open_migrates_on_first_use(empty_database_url, tmp_path):
+    with Registry.open(RegistryConfig(database_url=empty_database_url, home=tmp_path)) as reg:
+        assert registry_db.current_version(reg.conn) == registry_db.list_migrations()[-1].version
+
+
+def test_query_file_parses():
+    queries = parse_queries("-- name: a\nSELECT 1;\n\n-- name: b\n-- why\nSELECT 2;\n")
+    assert queries == {"a": "SELECT 1", "b": "-- why\nSELECT 2"}
+    with pytest.raises(ValueError):
+        parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
+
+
+def test_embedding_cache_round_trip_keeps_first_vector(registry):
+    vectors = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    registry.store_embeddings("m", ["h1", "h2", "h3"], vectors)
+    assert registry.missing_embeddings("m", ["h1", "h4", "h1", "h2"]) == ["h4"]
+    assert registry.missing_embeddings("other-model", ["h1"]) == ["h1"]
+    registry.store_embeddings("m", ["h1"], np.zeros((1, 8), dtype=np.float32))  # never overwrites
+    got = registry.fetch_embeddings("m", ["h1", "h2", "h9"])
+    assert set(got) == {"h1", "h2"}
+    np.testing.assert_array_equal(got["h1"], vectors[0])
+
+
+@dataclass
+class Doc:
+    doc_id: str
+    source_uri: str = "uri"
+    content_hash: str = "c"
+    metadata: dict = None  # type: ignore[assignment]
+    metadata_hash: str = "m"
+
+    def __post_init__(self):
+        self.metadata = self.metadata or {}
+
+
+@dataclass
+class Row:
+    doc_id: str
+    chunk_id: str
+    chunk_hash: str = "h"
+    ordinal: int = 0
+    heading_path: tuple = ("A", "B")
+    char_start: int = 0
+    char_end: int = 5
+    token_count: int = 2
+    text: str = "hello"
+
+
+def apply(reg, run_id, docs=(), chunks=(), rechunked=(), deleted=()):
+    return reg.apply_changes(
+        index="t",
+        run_id=run_id,
+        version=f"t_{run_id}",
+        documents=list(docs),
+        chunk_counts={d.doc_id: sum(1 for c in chunks if c.doc_id == d.doc_id) for d in docs},
+        chunker_version="v",
+        rechunked_doc_ids=list(rechunked),
+        chunks=list(chunks),
+        deleted_doc_ids=list(deleted),
+    )
+
+
+def test_apply_supersedes_keeps_and_deletes_exactly(registry):
+    r1 = registry.start_run("t", "src")
+    res = apply(registry, r1, [Doc("a"), Doc("b")], [Row("a", "a0"), Row("a", "a1"), Row("b", "b0")], ["a", "b"])
+    assert (res.chunks_added, res.chunks_superseded) == (3, 0)
+    assert registry.active_chunk_ids("t") == {"a0", "a1", "b0"}
+
+    r2 = registry.start_run("t", "src")
+    res = apply(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a0"), Row("a", "a2")], ["a"], deleted=["b"])
+    assert (res.chunks_added, res.chunks_superseded, res.chunks_deleted, res.documents_deleted) == (1, 1, 1, 1)
+    assert registry.active_chunk_ids("t") == {"a0", "a2"}
+    statuses = dict(registry.conn.execute("SELECT chunk_id, status FROM chunks WHERE index_name='t'").fetchall())
+    assert statuses == {"a0": "active", "a1": "superseded", "a2": "active", "b0": "deleted"}
+    states = registry.document_states("t")
+    assert states["a"].content_hash == "c2" and states["a"].chunk_count == 2
+    assert states["b"].status == "deleted"
+    # the kept row is the same row: its vector label did not change
+    keys = dict(registry.conn.execute("SELECT chunk_id, run_id FROM chunks WHERE status='active'").fetchall())
+    assert keys["a0"] == r1 and keys["a2"] == r2
+
+
+def test_apply_is_one_transaction(registry):
+    r1 = registry.start_run("t", "src")
+    apply(registry, r1, [Doc("a")], [Row("a", "a0")], ["a"])
+    r2 = registry.start_run("t", "src")
+    with pytest.raises(Exception):
+        # the second chunk violates CHECK (char_end > char_start) after the first statements ran
+        apply(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a5"), Row("a", "bad", char_end=0)], ["a"],
+              deleted=[])
+    assert registry.active_chunk_ids("t") == {"a0"}
+    assert registry.document_states("t")["a"].content_hash == "c"
+
+
+def test_index_lock_is_exclusive(registry_config):
+    with Registry.open(registry_config, migrate=False) as one, Registry.open(registry_config, migrate=False) as two:
+        with one.index_lock("t", timeout_s=1):
+            with pytest.raises(IndexLocked, match="nothing changed"):
+                with two.index_lock("t", timeout_s=0.2):
+                    pass
+            with two.index_lock("other", timeout_s=0.2):
+                pass
+        with two.index_lock("t", timeout_s=0.2):
+            pass
