@@ -9,12 +9,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 from pipeline.errors import SourceUnavailable
 from pipeline.hashing import content_hash, metadata_hash, normalize_text
@@ -128,28 +130,36 @@ def scan_source(
     raise SourceUnavailable(f"source {source} is neither a directory nor a .jsonl file; nothing was changed")
 
 
-def _matches(rel: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(rel, p) for p in patterns)
-
-
 def _scan_directory(root: Path, include: tuple[str, ...], exclude: tuple[str, ...], max_bytes: int) -> SourceScan:
-    documents: list[SourceDocument] = []
     skipped: list[SkippedDocument] = []
-    root_str = str(root)
-    for rel, entry in _walk(root, exclude, skipped):
-        if not _matches(rel, include):
-            continue
-        result = _read_file(root_str, rel, entry, max_bytes)
-        (documents if isinstance(result, SourceDocument) else skipped).append(result)  # type: ignore[arg-type]
-    documents.sort(key=lambda d: d.doc_id)
+    wanted = _compile(include)
+    files = [(rel, entry) for rel, entry in _walk(root, _compile(exclude), skipped) if wanted(rel)]
+    uri_prefix = root.as_uri().rstrip("/") + "/"
+
+    def read_slice(part: list[tuple[str, os.DirEntry[str]]]) -> list[SourceDocument | SkippedDocument]:
+        return [_read_file(uri_prefix, rel, entry, max_bytes) for rel, entry in part]
+
+    results = read_slice(files)
+    documents = sorted((r for r in results if isinstance(r, SourceDocument)), key=lambda d: d.doc_id)
+    skipped.extend(sorted((r for r in results if isinstance(r, SkippedDocument)), key=lambda d: d.doc_id))
     return SourceScan(source=root.as_uri(), documents=documents, skipped=skipped)
+
+
+def _compile(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """One regular expression for a list of globs (``*`` also crosses ``/``)."""
+    if not patterns:
+        return lambda rel: False
+    regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+    return lambda rel: regex.match(rel) is not None
 
 
 def _inside(root: str, real: str) -> bool:
     return real == root or real.startswith(root + os.sep)
 
 
-def _walk(root: Path, exclude: tuple[str, ...], skipped: list[SkippedDocument]) -> Iterator[tuple[str, os.DirEntry[str]]]:
+def _walk(
+    root: Path, excluded: Callable[[str], bool], skipped: list[SkippedDocument]
+) -> Iterator[tuple[str, os.DirEntry[str]]]:
     """Yield (relative posix path, entry) for files under root; symlinks may not leave it."""
     root_str = str(root)
     visited = {root_str}
@@ -163,7 +173,7 @@ def _walk(root: Path, exclude: tuple[str, ...], skipped: list[SkippedDocument]) 
             continue
         for entry in entries:
             rel = prefix + entry.name
-            if _matches(rel, exclude):
+            if excluded(rel):
                 continue
             try:
                 is_link = entry.is_symlink()
@@ -184,24 +194,39 @@ def _walk(root: Path, exclude: tuple[str, ...], skipped: list[SkippedDocument]) 
                 skipped.append(SkippedDocument(rel, f"unreadable: {exc.strerror}"))
 
 
-def _read_file(root: str, rel: str, entry: os.DirEntry[str], max_bytes: int) -> SourceDocument | SkippedDocument:
+def _read_at_most(path: str, limit: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = []
+        remaining = limit
+        while remaining > 0:
+            part = os.read(fd, remaining)
+            if not part:
+                break
+            parts.append(part)
+            remaining -= len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _read_file(uri_prefix: str, rel: str, entry: os.DirEntry[str], max_bytes: int) -> SourceDocument | SkippedDocument:
     try:
         size = entry.stat(follow_symlinks=True).st_size
         if size > max_bytes:
             return SkippedDocument(rel, f"larger than the {max_bytes}-byte limit ({size} bytes)")
-        with open(entry.path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
+        data = _read_at_most(entry.path, size + 1)  # sized by stat: no 10 MiB buffer for a 1 KiB file
     except OSError as exc:
         return SkippedDocument(rel, f"unreadable: {exc.strerror}")
-    if len(data) > max_bytes:
-        return SkippedDocument(rel, f"larger than the {max_bytes}-byte limit")
+    if len(data) > size:
+        return SkippedDocument(rel, "changed while being read; the next run will pick it up")
     if b"\x00" in data[:8192]:
         return SkippedDocument(rel, "binary file (NUL bytes)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         return SkippedDocument(rel, f"not valid UTF-8 text (byte {exc.start})")
-    return make_document(rel, text, Path(root, rel).as_uri())
+    return make_document(rel, text, uri_prefix + quote_from_bytes(os.fsencode(rel)))
 
 
 def _scan_jsonl(path: Path, max_bytes: int) -> SourceScan:

@@ -26,3 +26,15 @@ def test_chunk_id_depends_on_every_field():
         changed[i] = other
         ids.add(chunk_id_for(*changed))
     assert len(ids) == 7
+
+
+def test_fast_paths_match_the_general_forms():
+    import json
+
+    from pipeline.hashing import _TRAILING_WS, sha256_hex
+
+    for text in ["a \nb", "a\t\nb", "a\fb \n", "plain\ntext", "end ", "x\v\ny"]:
+        assert normalize_text(text) == _TRAILING_WS.sub("", text).rstrip("\n")
+    uri = "file:///tmp/ä b.md"
+    general = json.dumps([uri, {}], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    assert metadata_hash({}, uri) == sha256_hex(general)
