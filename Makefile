@@ -9,7 +9,7 @@ WHEELS  := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check $(WHEELS)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install run test test-fast bench-replay clean
+.PHONY: install run test test-fast bench-replay schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-fast: install
 
 bench-replay: install
 	$(VENV)/bin/ragpipe replay $${RAGPIPE_SHARED_DATA:-../shared/data}/peps-replay --embedder deterministic --json
+
+# Regenerate sql/schema.sql from the migrations (needs pg_dump and RAGPIPE_DATABASE_URL's server).
+schema: install
+	$(PY) -m registry.schema_dump > sql/schema.sql
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

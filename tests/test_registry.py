@@ -148,3 +148,31 @@ def test_index_lock_is_exclusive(registry_config):
                 pass
         with two.index_lock("t", timeout_s=0.2):
             pass
+
+
+def describe_schema(url):
+    """Tables, columns, constraints and indexes of the public schema, comparable across databases."""
+    with registry_db.connect(url, autocommit=True) as conn:
+        columns = conn.execute(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default, is_identity"
+            " FROM information_schema.columns WHERE table_schema = 'public' AND table_name <> 'schema_migrations'"
+            " ORDER BY 1, 2"
+        ).fetchall()
+        constraints = conn.execute(
+            "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE connamespace = 'public'::regnamespace AND conrelid::regclass::text <> 'schema_migrations'"
+            " ORDER BY 1, 2"
+        ).fetchall()
+        indexes = conn.execute(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+            " AND tablename <> 'schema_migrations' ORDER BY 1, 2"
+        ).fetchall()
+    return columns, constraints, indexes
+
+
+def test_migrations_equal_schema_sql(database_url, empty_database_url):
+    with registry_db.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute((registry_db.SQL_DIR / "schema.sql").read_text())
+        conn.execute("SET search_path TO public")
+    migrated, declared = describe_schema(database_url), describe_schema(empty_database_url)
+    assert migrated[0] and migrated == declared, "sql/schema.sql is out of date: run `make schema`"

