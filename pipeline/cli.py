@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay}
     from pipeline.errors import PipelineError
     from registry.errors import RegistryError

@@ -126,7 +126,9 @@ class SentenceTransformerEmbedder:
 
     @cached_property
     def dim(self) -> int:  # type: ignore[override]
-        size = self._model.get_sentence_embedding_dimension()
+        model = self._model
+        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        size = getter()
         if not size:
             raise EmbeddingError(f"model {self.model_id} does not report its embedding dimension")
         return int(size)

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,7 +69,9 @@ def _embedded_url(home: Path) -> str:
     server = _EMBEDDED.get(pgdata)
     if server is None:
         try:
-            import pgserver
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+                import pgserver
         except ImportError as exc:  # pragma: no cover - pgserver is a declared dependency
             raise RegistryUnavailable("no RAGPIPE_DATABASE_URL and the pgserver package is missing") from exc
         pgdata.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,18 @@
+# ragpipe on the official Airflow 3 image: the same image runs the `ragpipe` CLI and Airflow's services.
+FROM apache/airflow:3.3.2-python3.11
+
+USER airflow
+WORKDIR /opt/ragpipe
+# torch first and pinned, so that sentence-transformers finds it and pulls nothing bigger
+RUN pip install --no-cache-dir "torch==2.13.0"
+COPY --chown=airflow:root pyproject.toml README.md ./
+COPY --chown=airflow:root pipeline ./pipeline
+COPY --chown=airflow:root registry ./registry
+COPY --chown=airflow:root retrieval ./retrieval
+COPY --chown=airflow:root benchmarks ./benchmarks
+COPY --chown=airflow:root dags ./dags
+COPY --chown=airflow:root sql ./sql
+RUN pip install --no-cache-dir -e .
+
+ENV HF_HUB_OFFLINE=1 \
+    RAGPIPE_HOME=/opt/ragpipe/home

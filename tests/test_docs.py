@@ -1,0 +1,19 @@
+"""The README documents every setting and the test command CI runs."""
+
+from dataclasses import fields
+
+from conftest import REPO
+from pipeline.config import IndexConfig
+
+
+def test_readme_lists_every_setting():
+    readme = (REPO / "README.md").read_text()
+    for f in fields(IndexConfig):
+        assert f"`RAGPIPE_{f.name.upper()}`" in readme, f.name
+    for name in ["RAGPIPE_DATABASE_URL", "RAGPIPE_HOME"]:
+        assert f"`{name}`" in readme
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+    assert "make test" in (REPO / "README.md").read_text()
