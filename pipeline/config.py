@@ -32,6 +32,15 @@ class IndexConfig:
         max_document_bytes: larger documents are skipped with a reason.
         lock_timeout: seconds to wait for another run on the same index.
         allow_delete_all: let a run whose source is empty delete every document.
+        alias: the alias runs publish to (default: the index name).
+        artifacts: where versions' files live: a directory or a pyarrow.fs URL (default HOME/artifacts).
+        hnsw_m, hnsw_ef_construction: HNSW graph parameters.
+        hnsw_ef_search: HNSW search breadth used by validation.
+        min_recall: least HNSW recall@10 against exact search a version must reach.
+        golden_set: JSONL of {"query", "expected_doc_ids"} checked before publishing.
+        golden_k, golden_min_recall, golden_max_drop: the golden set's recall@k floor and the most it
+            may fall below the live version's.
+        retention: how many published versions to keep besides the live, shadow and head ones.
     """
 
     index: str = "docs"
@@ -43,8 +52,25 @@ class IndexConfig:
     max_document_bytes: int = DEFAULT_MAX_BYTES
     lock_timeout: float = 600.0
     allow_delete_all: bool = False
+    alias: str = ""
+    artifacts: str | None = None
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 100
+    min_recall: float = 0.95
+    golden_set: str | None = None
+    golden_k: int = 10
+    golden_min_recall: float = 0.0
+    golden_max_drop: float = 0.05
+    retention: int = 5
 
     def __post_init__(self) -> None:
+        if not self.alias:
+            object.__setattr__(self, "alias", self.index)
+        if not _INDEX_NAME.match(self.alias):
+            raise ConfigError(f"alias {self.alias!r} must match {_INDEX_NAME.pattern}")
+        if self.retention < 1:
+            raise ConfigError(f"retention must be at least 1, got {self.retention}")
         if not _INDEX_NAME.match(self.index):
             raise ConfigError(f"index name {self.index!r} must match {_INDEX_NAME.pattern}")
         if self.batch_size < 1:
@@ -64,7 +90,9 @@ class IndexConfig:
             if raw is None or raw == "":
                 continue
             try:
-                if f.type in ("int", int):
+                if f.type in ("str | None",):
+                    values[f.name] = raw
+                elif f.type in ("int", int):
                     values[f.name] = int(raw)
                 elif f.type in ("float", float):
                     values[f.name] = float(raw)
@@ -77,4 +105,6 @@ class IndexConfig:
             except ValueError as exc:
                 raise ConfigError(f"RAGPIPE_{f.name.upper()}={raw!r} is not a valid {f.type}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "index" in values and "alias" not in values:
+            values["alias"] = values["index"]
         return replace(cls(), **values)

@@ -23,3 +23,7 @@ class UnsafeDeletion(PipelineError):
 
 class EmbeddingError(PipelineError):
     """The embedding model failed or returned vectors of the wrong shape."""
+
+
+class VersionRejected(PipelineError):
+    """A built version failed validation; it is recorded as rejected and the alias did not move."""

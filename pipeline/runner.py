@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,12 +20,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import faults
+from pipeline.artifacts import ArtifactStore
+from pipeline.building import BuildPlan, HnswParams, build_version
 from pipeline.chunking import Chunk, chunk_document, chunker_version
 from pipeline.config import IndexConfig
 from pipeline.diff import ChangeSet, plan_changes
 from pipeline.embedding import Embedder, embed_in_batches
-from pipeline.errors import UnsafeDeletion
+from pipeline.errors import UnsafeDeletion, VersionRejected
 from pipeline.sources import SourceScan, scan_source
+from pipeline.validation import Thresholds, validate_version
 from registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,11 @@ class RunSummary:
     skipped: list[dict[str, str]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    full_build: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+    alias: dict[str, Any] | None = None
+    gc: dict[str, Any] = field(default_factory=dict)
+    recovered: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,7 +70,25 @@ class RunSummary:
             "skipped": self.skipped,
             "stage_seconds": self.stage_seconds,
             "error": self.error,
+            "full_build": self.full_build,
+            "metrics": self.metrics,
+            "alias": self.alias,
+            "gc": self.gc,
+            "recovered": self.recovered,
         }
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-run choices (flags of ``ragpipe index``), as opposed to the index's configuration.
+
+    Attributes:
+        full: rebuild the version from the registry instead of from the head version's files.
+        shadow: attach the version to the alias as its shadow instead of publishing it.
+    """
+
+    full: bool = False
+    shadow: bool = False
 
 
 class _Stages:
@@ -98,6 +125,7 @@ def run_index(
     config: IndexConfig,
     *,
     progress: bool = False,
+    options: RunOptions = RunOptions(),
 ) -> RunSummary:
     """Run one incremental indexing pass of ``source`` into ``config.index``.
 
@@ -115,6 +143,8 @@ def run_index(
         IndexLocked: another run held the index for ``config.lock_timeout`` seconds; nothing changed.
         SourceUnavailable: the source cannot be read at all; nothing changed.
         UnsafeDeletion: the source is empty but the index is not (see ``allow_delete_all``).
+        VersionRejected: the new version failed validation; it was recorded as rejected, the alias
+            did not move.
     """
     stages = _Stages()
     source_label = source.source if isinstance(source, SourceScan) else str(source)
@@ -122,7 +152,7 @@ def run_index(
         run_id = registry.start_run(config.index, source_label)
         summary = RunSummary(run_id=run_id, index=config.index, source=source_label, model_id=embedder.model_id)
         try:
-            _run(source, registry, embedder, config, summary, stages, progress)
+            _run(source, registry, embedder, config, summary, stages, progress, options)
             summary.status = "succeeded"
         except BaseException as exc:
             summary.status = "failed"
@@ -151,7 +181,12 @@ def _run(
     summary: RunSummary,
     stages: _Stages,
     progress: bool,
+    options: RunOptions,
 ) -> None:
+    store = artifact_store(config, registry.home)
+    with stages.stage("recover"):
+        summary.recovered = recover_unfinished(registry, store, config.index)
+
     with stages.stage("discover"):
         if isinstance(source, SourceScan):
             scan = source
@@ -177,6 +212,11 @@ def _run(
         "deleted": len(plan.deleted),
         "skipped": len(scan.skipped),
     }
+    head = registry.head_version(config.index)
+    if plan.is_empty and not options.full and head is not None:
+        summary.chunks = {"added": 0, "removed": 0, "kept": 0, "active": registry.count_active_chunks(config.index)}
+        summary.embedding = {"chunks_embedded": 0, "chunks_cached": 0, "chars_embedded": 0}
+        return
 
     chunks: list[Chunk] = []
     chunk_counts: dict[str, int] = {}
@@ -194,33 +234,136 @@ def _run(
                 bar.close()
     for doc in plan.metadata_only:
         chunk_counts[doc.doc_id] = known[doc.doc_id].chunk_count
+    valid_from = {doc.doc_id: doc.valid_from for doc in plan.to_write}
+
+    with stages.stage("stage"):
+        parent_ok = (
+            head is not None
+            and head.model_id == embedder.model_id
+            and store.exists(config.index, head.version)
+        )
+        full = options.full or not parent_ok
+        summary.version = version_name(config.index)
+        summary.full_build = full
+        seq = registry.create_version(
+            index=config.index, version=summary.version, parent=head.version if head else None,
+            run_id=summary.run_id, model_id=embedder.model_id, full_build=full,
+        )
+        added_rows, retired_rows = registry.stage_version(
+            index=config.index, version=summary.version, seq=seq, run_id=summary.run_id, chunks=chunks,
+            valid_from=valid_from, rechunked_doc_ids=[d.doc_id for d in plan.to_chunk], deleted_doc_ids=plan.deleted,
+        )
+        faults.checkpoint("staged")
+        added_keys, removed_keys = registry.version_changes(config.index, seq)
+        touched = {d.doc_id for d in plan.to_write} | set(plan.deleted)
+        rows = registry.member_rows(config.index, seq, None if full else sorted(touched))
+        by_key = {int(r["chunk_key"]): r for r in rows}
+        needed = rows if full else [by_key[k] for k in added_keys]
 
     with stages.stage("embed"):
-        summary.embedding = _embed_missing(chunks, registry, embedder, config, progress)
+        summary.embedding = _embed_missing(needed, registry, embedder, config, progress)
 
-    with stages.stage("apply"):
-        faults.checkpoint("before_apply")
-        if plan.is_empty:
-            summary.chunks = {"added": 0, "removed": 0, "kept": 0}
-        else:
-            summary.version = version_name(config.index)
-            result = registry.apply_changes(
-                index=config.index,
-                run_id=summary.run_id,
-                version=summary.version,
-                documents=plan.to_write,
-                chunk_counts=chunk_counts,
-                chunker_version=version_of_chunker,
-                rechunked_doc_ids=[d.doc_id for d in plan.to_chunk],
-                chunks=chunks,
-                deleted_doc_ids=plan.deleted,
-            )
-            summary.chunks = {
-                "added": result.chunks_added,
-                "removed": result.chunks_superseded + result.chunks_deleted,
-                "kept": len(chunks) - result.chunks_added,
-            }
-        summary.chunks["active"] = registry.count_active_chunks(config.index)
+    with stages.stage("build"):
+        hashes = list({r["chunk_hash"] for r in needed})
+        vectors = registry.fetch_embeddings(embedder.model_id, hashes)
+        dim = len(next(iter(vectors.values()))) if vectors else (head.manifest["model"]["dim"] if head and head.manifest else embedder.dim)
+        doc_fields = registry.document_fields(config.index) if full else {}
+        for doc_id in plan.deleted:
+            doc_fields.pop(doc_id, None)
+        doc_fields.update({d.doc_id: (d.source_uri, d.metadata, d.valid_from) for d in plan.to_write})
+        build_plan = BuildPlan(
+            index=config.index, version=summary.version, parent_version=head.version if head else None,
+            parent_dir=None if full else store.local_path(config.index, head.version),  # type: ignore[union-attr]
+            run_id=summary.run_id, model_id=embedder.model_id, dim=dim, chunker_version=version_of_chunker,
+            rows=rows, added_keys=added_keys, removed_keys=removed_keys, touched_docs=touched,
+            doc_fields=doc_fields, vectors=vectors,
+            hnsw=HnswParams(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction),
+        )
+        with store.writing(config.index, summary.version) as out:
+            manifest = build_version(out, build_plan)
+        registry.mark_version_built(summary.version, store.version_uri(config.index, summary.version), manifest)
+
+    with stages.stage("validate"):
+        live_version = _alias_version(registry, config.alias)
+        live = registry.get_version(live_version) if live_version else None
+        report = validate_version(
+            store.local_path(config.index, summary.version),
+            registry.member_keys(config.index, seq),
+            model_id=embedder.model_id,
+            live_doc_ids={d.doc_id for d in scan.documents},
+            thresholds=Thresholds(min_recall=config.min_recall, ef_search=config.hnsw_ef_search,
+                                  golden_k=config.golden_k, golden_min_recall=config.golden_min_recall,
+                                  golden_max_drop=config.golden_max_drop),
+            golden_set=Path(config.golden_set) if config.golden_set else None,
+            embed=lambda texts: embedder.embed(texts),
+            live_metrics=live["metrics"] if live and live["model_id"] == embedder.model_id else None,
+        )
+        summary.metrics = report.metrics
+        if not report.ok:
+            reason = "; ".join(report.problems)
+            registry.abandon_version(config.index, summary.version, seq, reason, report.metrics)
+            store.remove(config.index, summary.version)
+            raise VersionRejected(f"version {summary.version} rejected: {reason}; alias unchanged")
+        registry.mark_version_validated(summary.version, report.metrics)
+        faults.checkpoint("validated")
+
+    with stages.stage("publish"):
+        move = registry.publish(
+            index=config.index, alias=config.alias, version=summary.version, seq=seq, run_id=summary.run_id,
+            documents=plan.to_write, chunk_counts=chunk_counts, chunker_version=version_of_chunker,
+            valid_from=valid_from, deleted_doc_ids=plan.deleted, shadow=options.shadow,
+            before_commit=lambda: faults.checkpoint("publishing"),
+        )
+        summary.alias = {"alias": move.alias, "version": move.version, "previous": move.previous,
+                         "action": move.action}
+        summary.chunks = {"added": added_rows, "removed": retired_rows, "kept": len(chunks) - added_rows,
+                          "active": registry.count_active_chunks(config.index)}
+
+    with stages.stage("gc"):
+        summary.gc = collect_garbage(registry, store, config.index, config.retention)
+
+
+def _alias_version(registry: Registry, alias: str) -> str | None:
+    for row in registry.list_aliases():
+        if row["alias"] == alias:
+            return str(row["version"])
+    return None
+
+
+def artifact_store(config: IndexConfig, home: Path) -> ArtifactStore:
+    """The configured artifact store; by default a directory under the ragpipe home."""
+    return ArtifactStore(config.artifacts or str(home / "artifacts"), home / "cache")
+
+
+def recover_unfinished(registry: Registry, store: ArtifactStore, index: str) -> list[str]:
+    """Undo versions a killed run left half-done (call while holding the index lock)."""
+    recovered = []
+    for version, seq, _uri in registry.unfinished_versions(index):
+        registry.abandon_version(index, version, seq, "abandoned: the run building it ended before publishing")
+        store.remove(index, version)
+        recovered.append(version)
+        logger.warning("recovered unfinished version %s of index %s", version, index)
+    return recovered
+
+
+def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retention: int) -> dict[str, Any]:
+    """Remove versions beyond the newest ``retention`` (never the live, shadow or head one) and rows
+    no retained version contains."""
+    kept_count = 0
+    removed: list[str] = []
+    retained_seqs: list[int] = []
+    for v in registry.list_versions(index):  # newest first
+        if v["status"] not in ("published", "retired", "validated"):
+            continue
+        if v["live"] or v["shadow"] or v["head"] or kept_count < retention:
+            kept_count += 1
+            retained_seqs.append(int(v["version_seq"]))
+            continue
+        store.remove(index, v["version"])
+        registry.mark_removed(v["version"])
+        removed.append(v["version"])
+    rows = registry.gc_rows(index, min(retained_seqs)) if retained_seqs else 0
+    return {"versions_removed": removed, "rows_removed": rows}
 
 
 def _refuse_wiping(plan: ChangeSet, scan: SourceScan, known: dict[str, Any], config: IndexConfig) -> None:
@@ -233,12 +376,12 @@ def _refuse_wiping(plan: ChangeSet, scan: SourceScan, known: dict[str, Any], con
 
 
 def _embed_missing(
-    chunks: list[Chunk], registry: Registry, embedder: Embedder, config: IndexConfig, progress: bool
+    rows: list[dict[str, Any]], registry: Registry, embedder: Embedder, config: IndexConfig, progress: bool
 ) -> dict[str, int]:
     """Embed the chunk texts the cache lacks for this model; return the counts."""
     text_by_hash: dict[str, str] = {}
-    for chunk in chunks:
-        text_by_hash.setdefault(chunk.chunk_hash, chunk.text)
+    for row in rows:
+        text_by_hash.setdefault(row["chunk_hash"], row["text"])
     missing = registry.missing_embeddings(embedder.model_id, list(text_by_hash))
     items = [(h, text_by_hash[h]) for h in missing]
     bar = _progress(len(items), "embedding", progress)

@@ -13,6 +13,7 @@ import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ class SourceDocument:
     metadata: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
     metadata_hash: str = ""
+    valid_from: datetime | None = None  # from metadata["valid_from"]: hidden from retrieval before then
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ def make_document(
     metadata = dict(metadata or {})
     if not doc_id or len(doc_id) > MAX_DOC_ID_LENGTH or "\x00" in doc_id:
         return SkippedDocument(doc_id[:80], "invalid doc_id (empty, longer than 1024 characters or with NUL)")
+    valid_from = None
+    if metadata.get("valid_from") is not None:
+        valid_from = parse_timestamp(metadata["valid_from"])
+        if valid_from is None:
+            return SkippedDocument(doc_id, f"metadata.valid_from {metadata['valid_from']!r} is not an ISO 8601 timestamp")
     fmt = format_for(doc_id, metadata)
     if fmt == "html":
         raw_text = html_to_text(raw_text)
@@ -99,7 +106,19 @@ def make_document(
         metadata=metadata,
         content_hash=content_hash(text),
         metadata_hash=metadata_hash(metadata, source_uri),
+        valid_from=valid_from,
     )
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """An ISO 8601 timestamp as an aware datetime (naive ones are UTC), or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def scan_source(

@@ -2,10 +2,13 @@
 
 from registry.config import RegistryConfig
 from registry.errors import IndexLocked, MigrationError, RegistryError, RegistryUnavailable
-from registry.store import ApplyResult, DocumentState, Registry
+from registry.store import DocumentState, Registry
+from registry.versions import AliasError, AliasMove, VersionRef
 
 __all__ = [
-    "ApplyResult",
+    "AliasError",
+    "AliasMove",
+    "VersionRef",
     "DocumentState",
     "IndexLocked",
     "MigrationError",

@@ -55,62 +55,41 @@ WHERE model_id = %(model_id)s AND chunk_hash = ANY(%(hashes)s::text[]);
 -- name: create_stage_documents
 CREATE TEMP TABLE stage_documents (
     doc_id text, source_uri text, content_hash text, metadata jsonb, metadata_hash text,
-    chunker_version text, chunk_count integer
+    chunker_version text, chunk_count integer, valid_from timestamptz
 ) ON COMMIT DROP;
 
--- name: copy_stage_documents
-COPY stage_documents (doc_id, source_uri, content_hash, metadata, metadata_hash, chunker_version, chunk_count)
+-- name: copy_stage_documents_versioned
+COPY stage_documents (doc_id, source_uri, content_hash, metadata, metadata_hash, chunker_version, chunk_count,
+                      valid_from)
 FROM STDIN;
 
--- name: merge_documents
+-- name: merge_documents_versioned
 INSERT INTO documents AS d (index_name, doc_id, source_uri, content_hash, metadata, metadata_hash,
-                            chunker_version, chunk_count, status, last_run_id)
+                            chunker_version, chunk_count, status, last_run_id, valid_from)
 SELECT %(index)s, doc_id, source_uri, content_hash, metadata, metadata_hash, chunker_version, chunk_count,
-       'active', %(run_id)s
+       'active', %(run_id)s, valid_from
 FROM stage_documents
 ON CONFLICT (index_name, doc_id) DO UPDATE
 SET source_uri = excluded.source_uri, content_hash = excluded.content_hash, metadata = excluded.metadata,
     metadata_hash = excluded.metadata_hash, chunker_version = excluded.chunker_version,
     chunk_count = excluded.chunk_count, status = 'active', deleted_at = NULL, updated_at = now(),
-    last_run_id = excluded.last_run_id;
+    last_run_id = excluded.last_run_id, valid_from = excluded.valid_from;
 
 -- name: mark_documents_deleted
 UPDATE documents
 SET status = 'deleted', deleted_at = now(), updated_at = now(), last_run_id = %(run_id)s
 WHERE index_name = %(index)s AND doc_id = ANY(%(doc_ids)s::text[]) AND status = 'active';
 
--- name: mark_chunks_deleted
-UPDATE chunks
-SET status = 'deleted', retired_run_id = %(run_id)s, retired_at = now()
-WHERE index_name = %(index)s AND status = 'active' AND doc_id = ANY(%(doc_ids)s::text[]);
-
--- name: create_stage_chunks
+-- name: create_stage_chunks_versioned
 CREATE TEMP TABLE stage_chunks (
     doc_id text, chunk_id text, chunk_hash text, ordinal integer, heading_path text[],
-    char_start integer, char_end integer, token_count integer, text text
+    char_start integer, char_end integer, token_count integer, text text, valid_from timestamptz
 ) ON COMMIT DROP;
 
--- name: copy_stage_chunks
-COPY stage_chunks (doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text)
+-- name: copy_stage_chunks_versioned
+COPY stage_chunks (doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text,
+                   valid_from)
 FROM STDIN;
-
--- name: supersede_chunks
--- Active chunks of re-chunked documents that the new chunking no longer produces.
-UPDATE chunks c
-SET status = 'superseded', retired_run_id = %(run_id)s, retired_at = now()
-WHERE c.index_name = %(index)s AND c.status = 'active' AND c.doc_id = ANY(%(doc_ids)s::text[])
-  AND NOT EXISTS (SELECT 1 FROM stage_chunks s WHERE s.chunk_id = c.chunk_id);
-
--- name: insert_new_chunks
-INSERT INTO chunks (index_name, doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end,
-                    token_count, text, version, status, run_id)
-SELECT %(index)s, s.doc_id, s.chunk_id, s.chunk_hash, s.ordinal, s.heading_path, s.char_start, s.char_end,
-       s.token_count, s.text, %(version)s, 'active', %(run_id)s
-FROM stage_chunks s
-WHERE NOT EXISTS (
-    SELECT 1 FROM chunks c WHERE c.index_name = %(index)s AND c.status = 'active' AND c.chunk_id = s.chunk_id
-)
-ORDER BY s.doc_id, s.ordinal;
 
 -- name: count_active_chunks
 SELECT count(*) FROM chunks WHERE index_name = %(index)s AND status = 'active';
@@ -135,3 +114,164 @@ SELECT pg_try_advisory_lock(hashtextextended('ragpipe.index:' || %(index)s, 0));
 
 -- name: release_index_lock
 SELECT pg_advisory_unlock(hashtextextended('ragpipe.index:' || %(index)s, 0));
+
+-- ---------------------------------------------------------------------------------------------
+-- Versions and aliases (sql/002_versions.sql)
+
+-- name: head_version
+SELECT v.version, v.version_seq, v.model_id, v.artifact_uri, v.manifest
+FROM index_heads h JOIN index_versions v ON v.version = h.version
+WHERE h.index_name = %(index)s;
+
+-- name: create_version
+INSERT INTO index_versions (version, index_name, status, parent_version, run_id, model_id, full_build)
+VALUES (%(version)s, %(index)s, 'building', %(parent)s, %(run_id)s, %(model_id)s, %(full_build)s)
+RETURNING version_seq;
+
+-- name: unfinished_versions
+-- Versions a crashed run left behind: built or validated, never published, not a shadow.
+SELECT v.version, v.version_seq, v.artifact_uri
+FROM index_versions v
+WHERE v.index_name = %(index)s AND v.status IN ('building', 'validated')
+  AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.shadow_version = v.version);
+
+-- name: unstage_retired
+UPDATE chunks SET retired_seq = NULL
+WHERE index_name = %(index)s AND retired_seq = %(seq)s AND status = 'active';
+
+-- name: unstage_added
+UPDATE chunks SET status = 'discarded'
+WHERE index_name = %(index)s AND added_seq = %(seq)s AND status = 'pending';
+
+-- name: reject_version
+UPDATE index_versions SET status = 'rejected', reason = %(reason)s, metrics = metrics || %(metrics)s
+WHERE version = %(version)s;
+
+-- name: stage_new_chunks
+INSERT INTO chunks (index_name, doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end,
+                    token_count, text, version, status, run_id, added_seq, valid_from)
+SELECT %(index)s, s.doc_id, s.chunk_id, s.chunk_hash, s.ordinal, s.heading_path, s.char_start, s.char_end,
+       s.token_count, s.text, %(version)s, 'pending', %(run_id)s, %(seq)s, s.valid_from
+FROM stage_chunks s
+WHERE NOT EXISTS (
+    SELECT 1 FROM chunks c WHERE c.index_name = %(index)s AND c.status = 'active' AND c.chunk_id = s.chunk_id
+)
+ORDER BY s.doc_id, s.ordinal;
+
+-- name: stage_retire_replaced
+-- Active chunks of re-chunked documents that the new chunking no longer produces.
+UPDATE chunks c SET retired_seq = %(seq)s
+WHERE c.index_name = %(index)s AND c.status = 'active' AND c.doc_id = ANY(%(doc_ids)s::text[])
+  AND NOT EXISTS (SELECT 1 FROM stage_chunks s WHERE s.chunk_id = c.chunk_id);
+
+-- name: stage_retire_deleted
+UPDATE chunks SET retired_seq = %(seq)s
+WHERE index_name = %(index)s AND status = 'active' AND doc_id = ANY(%(doc_ids)s::text[]);
+
+-- name: version_changes
+-- Keys a staged version adds and removes relative to its parent.
+SELECT chunk_key, (added_seq = %(seq)s AND status = 'pending') AS added
+FROM chunks
+WHERE index_name = %(index)s
+  AND ((added_seq = %(seq)s AND status = 'pending') OR (retired_seq = %(seq)s AND status = 'active'));
+
+-- name: member_keys
+SELECT chunk_key FROM chunks
+WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
+  AND status <> 'discarded';
+
+-- name: member_rows
+SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text
+FROM chunks
+WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
+  AND status <> 'discarded' AND (%(all_docs)s OR doc_id = ANY(%(doc_ids)s::text[]))
+ORDER BY chunk_key;
+
+-- name: document_fields
+SELECT doc_id, source_uri, metadata, valid_from FROM documents
+WHERE index_name = %(index)s AND status = 'active';
+
+-- name: mark_version_built
+UPDATE index_versions SET artifact_uri = %(artifact_uri)s, manifest = %(manifest)s WHERE version = %(version)s;
+
+-- name: mark_version_validated
+UPDATE index_versions SET status = 'validated', validated_at = now(), metrics = metrics || %(metrics)s
+WHERE version = %(version)s;
+
+-- name: publish_retire_chunks
+UPDATE chunks
+SET status = CASE WHEN doc_id = ANY(%(deleted)s::text[]) THEN 'deleted' ELSE 'superseded' END,
+    retired_run_id = %(run_id)s, retired_at = now()
+WHERE index_name = %(index)s AND retired_seq = %(seq)s AND status = 'active';
+
+-- name: publish_activate_chunks
+UPDATE chunks SET status = 'active', indexed_at = now()
+WHERE index_name = %(index)s AND added_seq = %(seq)s AND status = 'pending';
+
+-- name: publish_valid_from
+UPDATE chunks c SET valid_from = d.valid_from
+FROM documents d
+WHERE c.index_name = %(index)s AND d.index_name = c.index_name AND d.doc_id = c.doc_id AND c.status = 'active'
+  AND d.doc_id = ANY(%(doc_ids)s::text[]) AND c.valid_from IS DISTINCT FROM d.valid_from;
+
+-- name: set_head
+INSERT INTO index_heads (index_name, version) VALUES (%(index)s, %(version)s)
+ON CONFLICT (index_name) DO UPDATE SET version = excluded.version, updated_at = now();
+
+-- name: lock_alias
+SELECT alias, index_name, version, shadow_version FROM aliases WHERE alias = %(alias)s FOR UPDATE;
+
+-- name: upsert_alias
+INSERT INTO aliases (alias, index_name, version, shadow_version)
+VALUES (%(alias)s, %(index)s, %(version)s, %(shadow)s)
+ON CONFLICT (alias) DO UPDATE
+SET version = excluded.version, shadow_version = excluded.shadow_version, updated_at = now();
+
+-- name: record_alias_move
+INSERT INTO alias_history (alias, version, previous, action)
+VALUES (%(alias)s, %(version)s, %(previous)s, %(action)s);
+
+-- name: set_version_status
+UPDATE index_versions
+SET status = %(status)s,
+    published_at = CASE WHEN %(status)s = 'published' THEN coalesce(published_at, now()) ELSE published_at END,
+    retired_at = CASE WHEN %(status)s = 'retired' THEN now() ELSE retired_at END
+WHERE version = %(version)s;
+
+-- name: get_version
+SELECT version, version_seq, index_name, status, parent_version, run_id, model_id, full_build, artifact_uri,
+       manifest, metrics, reason, created_at, validated_at, published_at, retired_at
+FROM index_versions WHERE version = %(version)s;
+
+-- name: list_versions
+SELECT v.version, v.version_seq, v.status, v.parent_version, v.model_id, v.full_build, v.artifact_uri,
+       v.metrics, v.reason, v.created_at, v.published_at,
+       (v.manifest -> 'counts' ->> 'chunks')::bigint AS chunks,
+       EXISTS (SELECT 1 FROM aliases a WHERE a.version = v.version) AS live,
+       EXISTS (SELECT 1 FROM aliases a WHERE a.shadow_version = v.version) AS shadow,
+       EXISTS (SELECT 1 FROM index_heads h WHERE h.version = v.version) AS head
+FROM index_versions v
+WHERE v.index_name = %(index)s
+ORDER BY v.version_seq DESC;
+
+-- name: list_aliases
+SELECT a.alias, a.index_name, a.version, a.shadow_version, a.updated_at, v.model_id,
+       (v.manifest -> 'counts' ->> 'chunks')::bigint AS chunks
+FROM aliases a JOIN index_versions v ON v.version = a.version
+ORDER BY a.alias;
+
+-- name: rollback_target
+-- The newest retained version older than the live one that was ever published.
+SELECT version FROM index_versions
+WHERE index_name = %(index)s AND version_seq < %(seq)s AND published_at IS NOT NULL
+  AND status IN ('published', 'retired')
+ORDER BY version_seq DESC LIMIT 1;
+
+-- name: notify_alias
+SELECT pg_notify('ragpipe_alias', %(payload)s);
+
+-- name: gc_rows
+-- Rows no retained version can contain any more.
+DELETE FROM chunks
+WHERE index_name = %(index)s
+  AND (status = 'discarded' OR (retired_seq IS NOT NULL AND retired_seq <= %(min_seq)s AND status <> 'active'));

@@ -1,8 +1,8 @@
 """The doc-chunk registry: documents, chunk placements, the embedding cache and runs in PostgreSQL.
 
-This module is the only code that speaks SQL. Writes that change what the index serves happen in
-one transaction (:meth:`Registry.apply_changes`); embeddings are committed batch by batch so that a
-crash loses at most the batch in flight.
+The registry package is the only code that speaks SQL. Writes that change what the index serves
+happen in one transaction (:meth:`Registry.publish`); embeddings are committed batch by batch so that
+a crash loses at most the batch in flight.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -22,6 +23,7 @@ from registry import db
 from registry.config import RegistryConfig
 from registry.errors import IndexLocked
 from registry.queries import q
+from registry.versions import VersionStore
 
 logger = logging.getLogger(__name__)
 
@@ -38,45 +40,17 @@ class DocumentState:
     chunk_count: int
 
 
-class DocumentRecord(Protocol):
-    doc_id: str
-    source_uri: str
-    content_hash: str
-    metadata: dict[str, Any]
-    metadata_hash: str
-
-
-class ChunkRecord(Protocol):
-    doc_id: str
-    chunk_id: str
-    chunk_hash: str
-    ordinal: int
-    heading_path: tuple[str, ...]
-    char_start: int
-    char_end: int
-    token_count: int
-    text: str
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    chunks_added: int
-    chunks_superseded: int
-    chunks_deleted: int
-    documents_written: int
-    documents_deleted: int
-
-
-class Registry:
+class Registry(VersionStore):
     """A connection to the registry database.
 
     Use :meth:`open` to connect (starting the embedded server and migrating on first use).
     The connection runs in autocommit mode; every multi-statement write is an explicit transaction.
     """
 
-    def __init__(self, conn: psycopg.Connection, url: str) -> None:
+    def __init__(self, conn: psycopg.Connection, url: str, home: Path = Path(".ragpipe")) -> None:
         self.conn = conn
         self.url = url
+        self.home = home
 
     @classmethod
     def open(cls, config: RegistryConfig | None = None, *, migrate: bool = True) -> "Registry":
@@ -93,7 +67,7 @@ class Registry:
         url = db.resolve_database_url(config.database_url, config.home)
         if migrate:
             db.ensure_schema(url)
-        return cls(db.connect(url, autocommit=True), url)
+        return cls(db.connect(url, autocommit=True), url, config.home)
 
     def close(self) -> None:
         self.conn.close()
@@ -211,86 +185,6 @@ class Registry:
             for chunk_hash, blob in cur:
                 out[chunk_hash] = np.frombuffer(blob, dtype="<f4")
         return out
-
-    # -- applying a run ------------------------------------------------------------------------
-
-    def apply_changes(
-        self,
-        *,
-        index: str,
-        run_id: int,
-        version: str,
-        documents: Iterable[DocumentRecord],
-        chunk_counts: dict[str, int],
-        chunker_version: str,
-        rechunked_doc_ids: Sequence[str],
-        chunks: Iterable[ChunkRecord],
-        deleted_doc_ids: Sequence[str],
-    ) -> ApplyResult:
-        """Make the registry reflect one run, in a single transaction.
-
-        Args:
-            documents: new, changed and metadata-only documents to upsert.
-            chunk_counts: the chunk count of every upserted document.
-            rechunked_doc_ids: documents whose chunks are replaced by ``chunks``.
-            chunks: the complete new chunk list of every re-chunked document.
-            deleted_doc_ids: documents gone from the source; their chunks become 'deleted'.
-
-        Returns:
-            How many rows changed.
-        """
-        params = {"index": index, "run_id": run_id, "version": version}
-        with self.conn.transaction(), self.conn.cursor() as cur:
-            cur.execute(q("create_stage_documents"))
-            written = 0
-            with cur.copy(q("copy_stage_documents")) as copy:
-                for doc in documents:
-                    copy.write_row(
-                        (
-                            doc.doc_id,
-                            doc.source_uri,
-                            doc.content_hash,
-                            Jsonb(doc.metadata),
-                            doc.metadata_hash,
-                            chunker_version,
-                            chunk_counts[doc.doc_id],
-                        )
-                    )
-                    written += 1
-            cur.execute(q("merge_documents"), params)
-
-            cur.execute(q("mark_documents_deleted"), {**params, "doc_ids": list(deleted_doc_ids)})
-            documents_deleted = cur.rowcount
-            cur.execute(q("mark_chunks_deleted"), {**params, "doc_ids": list(deleted_doc_ids)})
-            chunks_deleted = cur.rowcount
-
-            cur.execute(q("create_stage_chunks"))
-            with cur.copy(q("copy_stage_chunks")) as copy:
-                for chunk in chunks:
-                    copy.write_row(
-                        (
-                            chunk.doc_id,
-                            chunk.chunk_id,
-                            chunk.chunk_hash,
-                            chunk.ordinal,
-                            list(chunk.heading_path),
-                            chunk.char_start,
-                            chunk.char_end,
-                            chunk.token_count,
-                            chunk.text,
-                        )
-                    )
-            cur.execute(q("supersede_chunks"), {**params, "doc_ids": list(rechunked_doc_ids)})
-            superseded = cur.rowcount
-            cur.execute(q("insert_new_chunks"), params)
-            added = cur.rowcount
-        return ApplyResult(
-            chunks_added=added,
-            chunks_superseded=superseded,
-            chunks_deleted=chunks_deleted,
-            documents_written=written,
-            documents_deleted=documents_deleted,
-        )
 
     # -- reading the live state ----------------------------------------------------------------
 

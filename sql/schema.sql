@@ -1,5 +1,38 @@
 -- The current schema, generated from the migrations (make schema); a test keeps the two equal.
 
+-- Name: alias_history; Type: TABLE; Schema: public; Owner: -
+
+CREATE TABLE public.alias_history (
+    id bigint NOT NULL,
+    alias text NOT NULL,
+    version text NOT NULL,
+    previous text,
+    action text NOT NULL,
+    moved_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT alias_history_action_check CHECK ((action = ANY (ARRAY['publish'::text, 'swap'::text, 'rollback'::text, 'promote'::text, 'shadow'::text])))
+);
+
+-- Name: alias_history_id_seq; Type: SEQUENCE; Schema: public; Owner: -
+
+ALTER TABLE public.alias_history ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.alias_history_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+-- Name: aliases; Type: TABLE; Schema: public; Owner: -
+
+CREATE TABLE public.aliases (
+    alias text NOT NULL,
+    index_name text NOT NULL,
+    version text NOT NULL,
+    shadow_version text,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
 -- Name: chunks; Type: TABLE; Schema: public; Owner: -
 
 CREATE TABLE public.chunks (
@@ -20,8 +53,11 @@ CREATE TABLE public.chunks (
     retired_run_id bigint,
     indexed_at timestamp with time zone DEFAULT now() NOT NULL,
     retired_at timestamp with time zone,
+    added_seq bigint,
+    retired_seq bigint,
+    valid_from timestamp with time zone,
     CONSTRAINT chunks_check CHECK (((char_start >= 0) AND (char_end > char_start))),
-    CONSTRAINT chunks_status_check CHECK ((status = ANY (ARRAY['active'::text, 'superseded'::text, 'deleted'::text])))
+    CONSTRAINT chunks_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'active'::text, 'superseded'::text, 'deleted'::text, 'discarded'::text])))
 );
 
 -- Name: chunks_chunk_key_seq; Type: SEQUENCE; Schema: public; Owner: -
@@ -51,6 +87,7 @@ CREATE TABLE public.documents (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     deleted_at timestamp with time zone,
     last_run_id bigint,
+    valid_from timestamp with time zone,
     CONSTRAINT documents_status_check CHECK ((status = ANY (ARRAY['active'::text, 'deleted'::text])))
 );
 
@@ -63,6 +100,47 @@ CREATE TABLE public.embeddings (
     vector bytea NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT embeddings_check CHECK ((octet_length(vector) = (4 * dim)))
+);
+
+-- Name: index_heads; Type: TABLE; Schema: public; Owner: -
+
+CREATE TABLE public.index_heads (
+    index_name text NOT NULL,
+    version text NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
+-- Name: index_versions; Type: TABLE; Schema: public; Owner: -
+
+CREATE TABLE public.index_versions (
+    version text NOT NULL,
+    version_seq bigint NOT NULL,
+    index_name text NOT NULL,
+    status text NOT NULL,
+    parent_version text,
+    run_id bigint,
+    model_id text NOT NULL,
+    full_build boolean DEFAULT false NOT NULL,
+    artifact_uri text,
+    manifest jsonb,
+    metrics jsonb DEFAULT '{}'::jsonb NOT NULL,
+    reason text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    validated_at timestamp with time zone,
+    published_at timestamp with time zone,
+    retired_at timestamp with time zone,
+    CONSTRAINT index_versions_status_check CHECK ((status = ANY (ARRAY['building'::text, 'validated'::text, 'rejected'::text, 'published'::text, 'retired'::text, 'removed'::text])))
+);
+
+-- Name: index_versions_version_seq_seq; Type: SEQUENCE; Schema: public; Owner: -
+
+ALTER TABLE public.index_versions ALTER COLUMN version_seq ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.index_versions_version_seq_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
 );
 
 -- Name: runs; Type: TABLE; Schema: public; Owner: -
@@ -92,6 +170,16 @@ ALTER TABLE public.runs ALTER COLUMN run_id ADD GENERATED ALWAYS AS IDENTITY (
     CACHE 1
 );
 
+-- Name: alias_history alias_history_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.alias_history
+    ADD CONSTRAINT alias_history_pkey PRIMARY KEY (id);
+
+-- Name: aliases aliases_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.aliases
+    ADD CONSTRAINT aliases_pkey PRIMARY KEY (alias);
+
 -- Name: chunks chunks_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 
 ALTER TABLE ONLY public.chunks
@@ -107,10 +195,29 @@ ALTER TABLE ONLY public.documents
 ALTER TABLE ONLY public.embeddings
     ADD CONSTRAINT embeddings_pkey PRIMARY KEY (model_id, chunk_hash);
 
+-- Name: index_heads index_heads_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.index_heads
+    ADD CONSTRAINT index_heads_pkey PRIMARY KEY (index_name);
+
+-- Name: index_versions index_versions_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.index_versions
+    ADD CONSTRAINT index_versions_pkey PRIMARY KEY (version);
+
+-- Name: index_versions index_versions_version_seq_key; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.index_versions
+    ADD CONSTRAINT index_versions_version_seq_key UNIQUE (version_seq);
+
 -- Name: runs runs_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 
 ALTER TABLE ONLY public.runs
     ADD CONSTRAINT runs_pkey PRIMARY KEY (run_id);
+
+-- Name: alias_history_alias; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX alias_history_alias ON public.alias_history USING btree (alias, id DESC);
 
 -- Name: chunks_active_chunk_id; Type: INDEX; Schema: public; Owner: -
 
@@ -120,6 +227,48 @@ CREATE UNIQUE INDEX chunks_active_chunk_id ON public.chunks USING btree (index_n
 
 CREATE INDEX chunks_active_doc ON public.chunks USING btree (index_name, doc_id) WHERE (status = 'active'::text);
 
+-- Name: chunks_added_seq; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX chunks_added_seq ON public.chunks USING btree (index_name, added_seq);
+
+-- Name: chunks_retired_seq; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX chunks_retired_seq ON public.chunks USING btree (index_name, retired_seq) WHERE (retired_seq IS NOT NULL);
+
+-- Name: index_versions_index; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX index_versions_index ON public.index_versions USING btree (index_name, version_seq DESC);
+
 -- Name: runs_index_started; Type: INDEX; Schema: public; Owner: -
 
 CREATE INDEX runs_index_started ON public.runs USING btree (index_name, started_at DESC);
+
+-- Name: alias_history alias_history_previous_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.alias_history
+    ADD CONSTRAINT alias_history_previous_fkey FOREIGN KEY (previous) REFERENCES public.index_versions(version);
+
+-- Name: alias_history alias_history_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.alias_history
+    ADD CONSTRAINT alias_history_version_fkey FOREIGN KEY (version) REFERENCES public.index_versions(version);
+
+-- Name: aliases aliases_shadow_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.aliases
+    ADD CONSTRAINT aliases_shadow_version_fkey FOREIGN KEY (shadow_version) REFERENCES public.index_versions(version);
+
+-- Name: aliases aliases_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.aliases
+    ADD CONSTRAINT aliases_version_fkey FOREIGN KEY (version) REFERENCES public.index_versions(version);
+
+-- Name: index_heads index_heads_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.index_heads
+    ADD CONSTRAINT index_heads_version_fkey FOREIGN KEY (version) REFERENCES public.index_versions(version);
+
+-- Name: index_versions index_versions_parent_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.index_versions
+    ADD CONSTRAINT index_versions_parent_version_fkey FOREIGN KEY (parent_version) REFERENCES public.index_versions(version);

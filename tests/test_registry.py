@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from registry import IndexLocked, Registry, RegistryConfig
+from registry import AliasError, IndexLocked, Registry, RegistryConfig
 from registry import db as registry_db
 from registry.queries import parse_queries
 
@@ -92,50 +92,88 @@ class Row:
     text: str = "hello"
 
 
-def apply(reg, run_id, docs=(), chunks=(), rechunked=(), deleted=()):
-    return reg.apply_changes(
-        index="t",
-        run_id=run_id,
-        version=f"t_{run_id}",
-        documents=list(docs),
-        chunk_counts={d.doc_id: sum(1 for c in chunks if c.doc_id == d.doc_id) for d in docs},
-        chunker_version="v",
-        rechunked_doc_ids=list(rechunked),
-        chunks=list(chunks),
-        deleted_doc_ids=list(deleted),
-    )
+def build(reg, run_id, docs=(), chunks=(), rechunked=(), deleted=(), fail_inside=False):
+    """Stage and publish one version the way a run does, without files."""
+    version = f"t_{run_id}"
+    head = reg.head_version("t")
+    seq = reg.create_version(index="t", version=version, parent=head.version if head else None, run_id=run_id,
+                             model_id="m", full_build=False)
+    staged = reg.stage_version(index="t", version=version, seq=seq, run_id=run_id, chunks=list(chunks),
+                               valid_from={}, rechunked_doc_ids=list(rechunked), deleted_doc_ids=list(deleted))
+    reg.mark_version_validated(version, {})
+
+    def explode():
+        raise RuntimeError("killed inside the publish transaction")
+
+    reg.publish(index="t", alias="t", version=version, seq=seq, run_id=run_id, documents=list(docs),
+                chunk_counts={d.doc_id: sum(1 for c in chunks if c.doc_id == d.doc_id) for d in docs},
+                chunker_version="v", valid_from={}, deleted_doc_ids=list(deleted),
+                before_commit=explode if fail_inside else None)
+    return seq, staged
 
 
-def test_apply_supersedes_keeps_and_deletes_exactly(registry):
+def test_versions_supersede_keep_and_delete_exactly(registry):
     r1 = registry.start_run("t", "src")
-    res = apply(registry, r1, [Doc("a"), Doc("b")], [Row("a", "a0"), Row("a", "a1"), Row("b", "b0")], ["a", "b"])
-    assert (res.chunks_added, res.chunks_superseded) == (3, 0)
+    seq1, staged = build(registry, r1, [Doc("a"), Doc("b")], [Row("a", "a0"), Row("a", "a1"), Row("b", "b0")],
+                         ["a", "b"])
+    assert staged == (3, 0)
     assert registry.active_chunk_ids("t") == {"a0", "a1", "b0"}
 
     r2 = registry.start_run("t", "src")
-    res = apply(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a0"), Row("a", "a2")], ["a"], deleted=["b"])
-    assert (res.chunks_added, res.chunks_superseded, res.chunks_deleted, res.documents_deleted) == (1, 1, 1, 1)
+    seq2, staged = build(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a0"), Row("a", "a2")], ["a"],
+                         deleted=["b"])
+    assert staged == (1, 2)
     assert registry.active_chunk_ids("t") == {"a0", "a2"}
     statuses = dict(registry.conn.execute("SELECT chunk_id, status FROM chunks WHERE index_name='t'").fetchall())
     assert statuses == {"a0": "active", "a1": "superseded", "a2": "active", "b0": "deleted"}
     states = registry.document_states("t")
     assert states["a"].content_hash == "c2" and states["a"].chunk_count == 2
     assert states["b"].status == "deleted"
-    # the kept row is the same row: its vector label did not change
-    keys = dict(registry.conn.execute("SELECT chunk_id, run_id FROM chunks WHERE status='active'").fetchall())
-    assert keys["a0"] == r1 and keys["a2"] == r2
+    # each version's chunk set stays queryable: the registry side of "one version, one chunk set"
+    keys = dict(registry.conn.execute("SELECT chunk_id, chunk_key FROM chunks").fetchall())
+    assert registry.member_keys("t", seq1) == {keys["a0"], keys["a1"], keys["b0"]}
+    assert registry.member_keys("t", seq2) == {keys["a0"], keys["a2"]}
+    assert registry.head_version("t").version == "t_%d" % r2
+    aliases = registry.list_aliases()
+    assert [(a["alias"], a["version"]) for a in aliases] == [("t", "t_%d" % r2)]
+    assert registry.get_version("t_%d" % r1)["status"] == "retired"
 
 
-def test_apply_is_one_transaction(registry):
+def test_publish_is_one_transaction(registry):
     r1 = registry.start_run("t", "src")
-    apply(registry, r1, [Doc("a")], [Row("a", "a0")], ["a"])
+    build(registry, r1, [Doc("a")], [Row("a", "a0")], ["a"])
     r2 = registry.start_run("t", "src")
-    with pytest.raises(Exception):
-        # the second chunk violates CHECK (char_end > char_start) after the first statements ran
-        apply(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a5"), Row("a", "bad", char_end=0)], ["a"],
-              deleted=[])
+    with pytest.raises(RuntimeError, match="killed inside"):
+        build(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a5")], ["a"], fail_inside=True)
     assert registry.active_chunk_ids("t") == {"a0"}
     assert registry.document_states("t")["a"].content_hash == "c"
+    assert registry.list_aliases()[0]["version"] == "t_%d" % r1
+    # the half-published version is left staged; a run abandons it before doing anything else
+    [(version, seq, _)] = registry.unfinished_versions("t")
+    registry.abandon_version("t", version, seq, "abandoned")
+    assert registry.get_version(version)["status"] == "rejected"
+    assert registry.conn.execute("SELECT status FROM chunks WHERE chunk_id = 'a5'").fetchone() == ("discarded",)
+    assert registry.conn.execute("SELECT retired_seq FROM chunks WHERE chunk_id = 'a0'").fetchone() == (None,)
+
+
+def test_swap_rollback_and_their_errors(registry):
+    runs = [registry.start_run("t", "src") for _ in range(3)]
+    build(registry, runs[0], [Doc("a")], [Row("a", "a0")], ["a"])
+    build(registry, runs[1], [Doc("a", content_hash="c2")], [Row("a", "a1")], ["a"])
+    build(registry, runs[2], [Doc("a", content_hash="c3")], [Row("a", "a2")], ["a"])
+    v = ["t_%d" % r for r in runs]
+    assert registry.rollback_alias("t").version == v[1]
+    assert registry.rollback_alias("t").version == v[0]
+    with pytest.raises(AliasError, match="no older retained version"):
+        registry.rollback_alias("t")
+    move = registry.swap_alias("t", v[2])
+    assert (move.version, move.previous, move.action) == (v[2], v[0], "swap")
+    with pytest.raises(AliasError, match="does not exist"):
+        registry.swap_alias("t", "nope")
+    with pytest.raises(AliasError, match="alias 'x' does not exist"):
+        registry.swap_alias("x", v[0])
+    history = registry.conn.execute("SELECT action FROM alias_history ORDER BY id").fetchall()
+    assert [h[0] for h in history] == ["publish", "publish", "publish", "rollback", "rollback", "swap"]
 
 
 def test_index_lock_is_exclusive(registry_config):

@@ -1,0 +1,125 @@
+"""Artifact store: where each version's immutable files live (a directory, or any pyarrow.fs URL).
+
+Layout: ``ROOT/INDEX/VERSION/{manifest.json, chunks.parquet, vectors.hnsw, bm25_postings.parquet,
+bm25_vocab.parquet}``. A version is written into a temporary directory and appears under its final
+name only when complete (a rename locally, an upload followed by the manifest remotely), so a reader
+never sees a partial version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ArtifactStore:
+    """Versions' files under ``uri`` (a local path, ``file://`` URL, or any URL pyarrow.fs opens).
+
+    Remote versions are downloaded once into ``cache_dir`` for reading.
+    """
+
+    def __init__(self, uri: str, cache_dir: Path) -> None:
+        self.uri = uri.rstrip("/")
+        self.cache_dir = cache_dir
+        self._local_root: Path | None = None
+        if "://" not in uri:
+            self._local_root = Path(uri)
+        elif uri.startswith("file://"):
+            self._local_root = Path(uri[len("file://") :])
+
+    @property
+    def is_local(self) -> bool:
+        return self._local_root is not None
+
+    def version_uri(self, index: str, version: str) -> str:
+        if self._local_root is not None:
+            return str((self._local_root / index / version).resolve())
+        return f"{self.uri}/{index}/{version}"
+
+    @contextmanager
+    def writing(self, index: str, version: str) -> Iterator[Path]:
+        """Yield an empty local directory; on success it becomes the version's files."""
+        if self._local_root is not None:
+            parent = self._local_root / index
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
+            try:
+                yield tmp
+                tmp.rename(parent / version)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.cache_dir))
+        try:
+            yield tmp
+            self._upload(tmp, index, version)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _upload(self, local: Path, index: str, version: str) -> None:
+        from pyarrow import fs
+
+        filesystem, base = fs.FileSystem.from_uri(self.version_uri(index, version))
+        filesystem.create_dir(base, recursive=True)
+        # the manifest goes last: a version without one is incomplete and never read
+        names = sorted(p.name for p in local.iterdir() if p.name != MANIFEST) + [MANIFEST]
+        for name in names:
+            fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=filesystem)
+
+    def local_path(self, index: str, version: str) -> Path:
+        """A local directory holding the version's files (downloaded first when remote)."""
+        if self._local_root is not None:
+            return self._local_root / index / version
+        target = self.cache_dir / index / version
+        if not (target / MANIFEST).is_file():
+            from pyarrow import fs
+
+            filesystem, base = fs.FileSystem.from_uri(self.version_uri(index, version))
+            partial = target.with_name(f".{version}.download")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            fs.copy_files(base, str(partial), source_filesystem=filesystem)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+        return target
+
+    def exists(self, index: str, version: str) -> bool:
+        if self._local_root is not None:
+            return (self._local_root / index / version / MANIFEST).is_file()
+        from pyarrow import fs
+
+        filesystem, base = fs.FileSystem.from_uri(self.version_uri(index, version))
+        return filesystem.get_file_info(f"{base}/{MANIFEST}").type == fs.FileType.File
+
+    def remove(self, index: str, version: str) -> None:
+        if self._local_root is not None:
+            shutil.rmtree(self._local_root / index / version, ignore_errors=True)
+        else:
+            from pyarrow import fs
+
+            filesystem, base = fs.FileSystem.from_uri(self.version_uri(index, version))
+            try:
+                filesystem.delete_dir(base)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(self.cache_dir / index / version, ignore_errors=True)
+
+    def read_manifest(self, index: str, version: str) -> dict[str, Any]:
+        return json.loads((self.local_path(index, version) / MANIFEST).read_text())

@@ -1,0 +1,194 @@
+"""Build stage: write a version's files — HNSW vectors, BM25 statistics, the chunk table, the manifest.
+
+An incremental build starts from its parent's files: the HNSW graph is loaded and changed in place
+(removed chunks tombstoned, new ones added into freed slots), the BM25 tables and the chunk table are
+copied minus what left plus what entered. A full build makes everything from the registry alone.
+Either way the HNSW labels are the registry's chunk keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import faults
+from pipeline.artifacts import MANIFEST, sha256_file
+from retrieval.bm25 import B, K1, Analyzer, BM25Tables
+
+MANIFEST_FORMAT = 1
+CHUNKS_FILE = "chunks.parquet"
+VECTORS_FILE = "vectors.hnsw"
+METRIC = "ip"  # inner product on L2-normalized vectors = cosine
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        ("chunk_key", pa.int64()),
+        ("chunk_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("chunk_hash", pa.string()),
+        ("ordinal", pa.int32()),
+        ("heading_path", pa.list_(pa.string())),
+        ("char_start", pa.int32()),
+        ("char_end", pa.int32()),
+        ("token_count", pa.int32()),
+        ("text", pa.string()),
+        ("source_uri", pa.string()),
+        ("metadata", pa.string()),  # JSON object
+        ("valid_from", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    m: int = 16
+    ef_construction: int = 200
+
+
+@dataclass
+class BuildPlan:
+    """Everything a build needs, gathered from the registry and the run.
+
+    Attributes:
+        rows: chunk rows to (re)write into the chunk table: all members for a full build, the members
+            of ``touched_docs`` for an incremental one.
+        added_keys / removed_keys: the HNSW and BM25 changes relative to the parent (incremental).
+        touched_docs: documents whose rows in the parent's chunk table are replaced by ``rows``.
+        doc_fields: doc_id -> (source_uri, metadata, valid_from) for every document in ``rows``.
+        vectors: chunk_hash -> vector for every added key (all members for a full build).
+    """
+
+    index: str
+    version: str
+    parent_version: str | None
+    parent_dir: Path | None
+    run_id: int
+    model_id: str
+    dim: int
+    chunker_version: str
+    rows: list[dict[str, Any]]
+    added_keys: list[int] = field(default_factory=list)
+    removed_keys: list[int] = field(default_factory=list)
+    touched_docs: set[str] = field(default_factory=set)
+    doc_fields: dict[str, tuple[str, dict[str, Any], datetime | None]] = field(default_factory=dict)
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    hnsw: HnswParams = field(default_factory=HnswParams)
+
+    @property
+    def full(self) -> bool:
+        return self.parent_dir is None
+
+
+def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) -> dict[str, Any]:
+    """Write the version's files into ``out`` and return its manifest (also written)."""
+    analyzer = analyzer or Analyzer()
+    chunks = _chunk_table(plan)
+    pq.write_table(chunks, out / CHUNKS_FILE, compression="zstd")
+
+    by_key = {int(r["chunk_key"]): r for r in plan.rows}
+    if plan.full:
+        keys = [int(k) for k in chunks.column("chunk_key").to_pylist()]
+        bm25 = BM25Tables.empty().update([], [(k, by_key[k]["text"]) for k in keys], analyzer)
+    else:
+        assert plan.parent_dir is not None
+        keys = plan.added_keys
+        bm25 = BM25Tables.read(plan.parent_dir).update(
+            plan.removed_keys, [(k, by_key[k]["text"]) for k in plan.added_keys], analyzer
+        )
+    bm25_files = bm25.write(out)
+
+    hnsw_info = _write_hnsw(out / VECTORS_FILE, plan, keys, by_key, chunks.num_rows)
+    faults.checkpoint("hnsw_written")
+
+    files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
+             for name in [CHUNKS_FILE, VECTORS_FILE, *bm25_files]}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "index": plan.index,
+        "version": plan.version,
+        "parent_version": plan.parent_version,
+        "run_id": plan.run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "full_build": plan.full,
+        "model": {"id": plan.model_id, "dim": plan.dim},
+        "metric": METRIC,
+        "hnsw": {"M": plan.hnsw.m, "ef_construction": plan.hnsw.ef_construction, **hnsw_info},
+        "bm25": {"analyzer": analyzer.version, "k1": K1, "b": B, "avgdl": bm25.avgdl,
+                 "vocabulary": len(bm25.terms)},
+        "chunker_version": plan.chunker_version,
+        "hash_algorithm": "sha256",
+        "counts": {"chunks": chunks.num_rows, "documents": len(set(chunks.column("doc_id").to_pylist()))},
+        "files": files,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def _chunk_table(plan: BuildPlan) -> pa.Table:
+    rows = plan.rows
+    fresh = pa.Table.from_pydict(
+        {
+            "chunk_key": [r["chunk_key"] for r in rows],
+            "chunk_id": [r["chunk_id"] for r in rows],
+            "doc_id": [r["doc_id"] for r in rows],
+            "chunk_hash": [r["chunk_hash"] for r in rows],
+            "ordinal": [r["ordinal"] for r in rows],
+            "heading_path": [list(r["heading_path"]) for r in rows],
+            "char_start": [r["char_start"] for r in rows],
+            "char_end": [r["char_end"] for r in rows],
+            "token_count": [r["token_count"] for r in rows],
+            "text": [r["text"] for r in rows],
+            "source_uri": [plan.doc_fields[r["doc_id"]][0] for r in rows],
+            "metadata": [json.dumps(plan.doc_fields[r["doc_id"]][1], sort_keys=True) for r in rows],
+            "valid_from": [plan.doc_fields[r["doc_id"]][2] for r in rows],
+        },
+        schema=CHUNK_SCHEMA,
+    )
+    if plan.full:
+        return fresh
+    assert plan.parent_dir is not None
+    parent = pq.read_table(plan.parent_dir / CHUNKS_FILE, schema=CHUNK_SCHEMA)
+    if plan.touched_docs:
+        touched = pc.is_in(parent.column("doc_id"), value_set=pa.array(sorted(plan.touched_docs), pa.string()))
+        parent = parent.filter(pc.invert(touched))
+    return pa.concat_tables([parent, fresh]).combine_chunks()
+
+
+def _vector_matrix(keys: Sequence[int], by_key: dict[int, dict[str, Any]], plan: BuildPlan) -> np.ndarray:
+    matrix = np.empty((len(keys), plan.dim), dtype=np.float32)
+    for i, key in enumerate(keys):
+        matrix[i] = plan.vectors[by_key[key]["chunk_hash"]]
+    return matrix
+
+
+def _write_hnsw(path: Path, plan: BuildPlan, keys: Sequence[int], by_key: dict[int, dict[str, Any]],
+                live: int) -> dict[str, int]:
+    import hnswlib
+
+    index = hnswlib.Index(space=METRIC, dim=plan.dim)
+    if plan.full:
+        index.init_index(max_elements=max(1, len(keys)), M=plan.hnsw.m, ef_construction=plan.hnsw.ef_construction,
+                         allow_replace_deleted=True)
+    else:
+        assert plan.parent_dir is not None
+        index.load_index(str(plan.parent_dir / VECTORS_FILE), allow_replace_deleted=True)
+        for key in plan.removed_keys:
+            index.mark_deleted(key)
+        needed = index.get_current_count() + len(keys)  # freed slots are reused, but never counted on
+        if needed > index.get_max_elements():
+            index.resize_index(max(needed, int(index.get_max_elements() * 1.25)))
+    if keys:
+        index.add_items(_vector_matrix(keys, by_key, plan), np.asarray(keys, dtype=np.int64),
+                        replace_deleted=not plan.full)
+    index.save_index(str(path))
+    stored = index.get_current_count()
+    return {"max_elements": int(index.get_max_elements()), "stored": int(stored), "tombstones": int(stored - live)}

@@ -1,0 +1,274 @@
+"""Index versions and aliases in the registry: staging, publishing, swapping, rolling back.
+
+A version's chunk set is the range ``added_seq <= seq < retired_seq`` over chunk rows (see
+sql/002_versions.sql). Staging writes a version's new rows as 'pending' and marks the rows it drops
+with ``retired_seq``; nothing a reader sees changes until :meth:`VersionStore.publish` flips them,
+moves the alias and notifies listeners — all in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from registry.errors import RegistryError
+from registry.queries import q
+
+NOTIFY_CHANNEL = "ragpipe_alias"
+
+
+class AliasError(RegistryError):
+    """An alias operation names something that does not exist or cannot be served."""
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    version: str
+    version_seq: int
+    model_id: str
+    artifact_uri: str | None
+    manifest: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    alias: str
+    version: str
+    previous: str | None
+    action: str
+
+
+class VersionStore:
+    """Version and alias operations; mixed into :class:`registry.Registry`."""
+
+    conn: psycopg.Connection
+
+    # -- building --------------------------------------------------------------------------------
+
+    def head_version(self, index: str) -> VersionRef | None:
+        row = self.conn.execute(q("head_version"), {"index": index}).fetchone()
+        return VersionRef(*row) if row else None
+
+    def create_version(
+        self, *, index: str, version: str, parent: str | None, run_id: int, model_id: str, full_build: bool
+    ) -> int:
+        row = self.conn.execute(
+            q("create_version"),
+            {"index": index, "version": version, "parent": parent, "run_id": run_id, "model_id": model_id,
+             "full_build": full_build},
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def unfinished_versions(self, index: str) -> list[tuple[str, int, str | None]]:
+        return [tuple(r) for r in self.conn.execute(q("unfinished_versions"), {"index": index}).fetchall()]  # type: ignore[misc]
+
+    def abandon_version(self, index: str, version: str, seq: int, reason: str, metrics: dict[str, Any] | None = None) -> None:
+        """Undo a version's staging and record it as rejected (one transaction)."""
+        with self.conn.transaction():
+            self.conn.execute(q("unstage_retired"), {"index": index, "seq": seq})
+            self.conn.execute(q("unstage_added"), {"index": index, "seq": seq})
+            self.conn.execute(q("reject_version"), {"version": version, "reason": reason, "metrics": Jsonb(metrics or {})})
+
+    def stage_version(
+        self,
+        *,
+        index: str,
+        version: str,
+        seq: int,
+        run_id: int,
+        chunks: Iterable[Any],
+        valid_from: dict[str, datetime | None],
+        rechunked_doc_ids: Sequence[str],
+        deleted_doc_ids: Sequence[str],
+    ) -> tuple[int, int]:
+        """Write a version's new chunk rows as 'pending' and mark the rows it drops.
+
+        Returns:
+            (rows added, rows marked for retirement).
+        """
+        params = {"index": index, "version": version, "seq": seq, "run_id": run_id}
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.execute(q("create_stage_chunks_versioned"))
+            with cur.copy(q("copy_stage_chunks_versioned")) as copy:
+                for c in chunks:
+                    copy.write_row(
+                        (c.doc_id, c.chunk_id, c.chunk_hash, c.ordinal, list(c.heading_path), c.char_start,
+                         c.char_end, c.token_count, c.text, valid_from.get(c.doc_id))
+                    )
+            cur.execute(q("stage_new_chunks"), params)
+            added = cur.rowcount
+            cur.execute(q("stage_retire_replaced"), {**params, "doc_ids": list(rechunked_doc_ids)})
+            retired = cur.rowcount
+            cur.execute(q("stage_retire_deleted"), {**params, "doc_ids": list(deleted_doc_ids)})
+            retired += cur.rowcount
+        return added, retired
+
+    def version_changes(self, index: str, seq: int) -> tuple[list[int], list[int]]:
+        """Return (added keys, removed keys) of a staged version relative to its parent."""
+        added: list[int] = []
+        removed: list[int] = []
+        for key, is_added in self.conn.execute(q("version_changes"), {"index": index, "seq": seq}):
+            (added if is_added else removed).append(int(key))
+        return sorted(added), sorted(removed)
+
+    def member_keys(self, index: str, seq: int) -> set[int]:
+        with self.conn.cursor() as cur:
+            cur.execute(q("member_keys"), {"index": index, "seq": seq})
+            return {int(r[0]) for r in cur}
+
+    def member_rows(self, index: str, seq: int, doc_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Chunk rows of a version (all, or only those of ``doc_ids``), by chunk_key."""
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                q("member_rows"),
+                {"index": index, "seq": seq, "all_docs": doc_ids is None, "doc_ids": list(doc_ids or [])},
+            )
+            return cur.fetchall()
+
+    def document_fields(self, index: str) -> dict[str, tuple[str, dict[str, Any], datetime | None]]:
+        with self.conn.cursor() as cur:
+            cur.execute(q("document_fields"), {"index": index})
+            return {r[0]: (r[1], r[2], r[3]) for r in cur}
+
+    def mark_version_built(self, version: str, artifact_uri: str, manifest: dict[str, Any]) -> None:
+        self.conn.execute(q("mark_version_built"),
+                          {"version": version, "artifact_uri": artifact_uri, "manifest": Jsonb(manifest)})
+
+    def mark_version_validated(self, version: str, metrics: dict[str, Any]) -> None:
+        self.conn.execute(q("mark_version_validated"), {"version": version, "metrics": Jsonb(metrics)})
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        *,
+        index: str,
+        alias: str,
+        version: str,
+        seq: int,
+        run_id: int,
+        documents: Iterable[Any],
+        chunk_counts: dict[str, int],
+        chunker_version: str,
+        valid_from: dict[str, datetime | None],
+        deleted_doc_ids: Sequence[str],
+        shadow: bool = False,
+        before_commit: Any = None,
+    ) -> AliasMove:
+        """Make a validated version live in one transaction.
+
+        Document rows are updated, the version's pending rows become active and the rows it drops
+        superseded (or deleted, for deleted documents), the index head moves, and the alias points
+        at the version — or, with ``shadow``, the version becomes the alias's shadow. Listeners on
+        the ``ragpipe_alias`` channel are notified when the transaction commits.
+        """
+        params = {"index": index, "run_id": run_id, "seq": seq, "version": version}
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.execute(q("create_stage_documents"))
+            with cur.copy(q("copy_stage_documents_versioned")) as copy:
+                for doc in documents:
+                    copy.write_row((doc.doc_id, doc.source_uri, doc.content_hash, Jsonb(doc.metadata), doc.metadata_hash,
+                                    chunker_version, chunk_counts[doc.doc_id], valid_from.get(doc.doc_id)))
+            cur.execute(q("merge_documents_versioned"), params)
+            cur.execute(q("mark_documents_deleted"), {**params, "doc_ids": list(deleted_doc_ids)})
+            cur.execute(q("publish_retire_chunks"), {**params, "deleted": list(deleted_doc_ids)})
+            cur.execute(q("publish_activate_chunks"), params)
+            cur.execute(q("publish_valid_from"), {**params, "doc_ids": list(valid_from)})
+            cur.execute(q("set_head"), params)
+            move = self._move_alias(alias, index, version, "shadow" if shadow else "publish")
+            if before_commit:
+                before_commit()
+        return move
+
+    def _move_alias(self, alias: str, index: str, version: str, action: str) -> AliasMove:
+        """Point ``alias`` (or its shadow) at ``version``; the caller holds a transaction."""
+        current = self.conn.execute(q("lock_alias"), {"alias": alias}).fetchone()
+        if current and current[1] != index:
+            raise AliasError(f"alias {alias!r} serves index {current[1]!r}, not {index!r}")
+        previous = current[2] if current else None
+        if action == "shadow":
+            if current is None:
+                raise AliasError(f"alias {alias!r} has no live version yet; publish one before a shadow")
+            self.conn.execute(q("upsert_alias"), {"alias": alias, "index": index, "version": previous,
+                                                  "shadow": version})
+            self.conn.execute(q("set_version_status"), {"version": version, "status": "validated"})
+            previous = current[3]
+        else:
+            shadow = current[3] if current and current[3] != version else None
+            self.conn.execute(q("upsert_alias"), {"alias": alias, "index": index, "version": version,
+                                                  "shadow": shadow})
+            self.conn.execute(q("set_version_status"), {"version": version, "status": "published"})
+            if previous and previous != version:
+                self.conn.execute(q("set_version_status"), {"version": previous, "status": "retired"})
+        self.conn.execute(q("record_alias_move"),
+                          {"alias": alias, "version": version, "previous": previous, "action": action})
+        payload = json.dumps({"alias": alias, "index": index, "version": version, "action": action})
+        self.conn.execute(q("notify_alias"), {"payload": payload})
+        return AliasMove(alias, version, previous, action)
+
+    def get_version(self, version: str) -> dict[str, Any] | None:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(q("get_version"), {"version": version})
+            return cur.fetchone()
+
+    def swap_alias(self, alias: str, version: str, action: str = "swap") -> AliasMove:
+        """Point an existing alias at another retained, validated version of its index."""
+        target = self.get_version(version)
+        if target is None:
+            raise AliasError(f"version {version!r} does not exist")
+        if target["status"] not in ("validated", "published", "retired"):
+            raise AliasError(f"version {version} is {target['status']}; only validated versions can be served")
+        with self.conn.transaction():
+            current = self.conn.execute(q("lock_alias"), {"alias": alias}).fetchone()
+            if current is None:
+                raise AliasError(f"alias {alias!r} does not exist")
+            return self._move_alias(alias, current[1], version, action)
+
+    def rollback_alias(self, alias: str) -> AliasMove:
+        """Point an alias at the newest retained version older than its live one."""
+        with self.conn.transaction():
+            current = self.conn.execute(q("lock_alias"), {"alias": alias}).fetchone()
+            if current is None:
+                raise AliasError(f"alias {alias!r} does not exist")
+            live = self.get_version(current[2])
+            assert live is not None
+            row = self.conn.execute(q("rollback_target"), {"index": current[1], "seq": live["version_seq"]}).fetchone()
+            if row is None:
+                raise AliasError(f"alias {alias!r} is on {current[2]}; no older retained version to roll back to")
+            return self._move_alias(alias, current[1], row[0], "rollback")
+
+    def promote_shadow(self, alias: str) -> AliasMove:
+        """Make the alias's shadow version its live one."""
+        with self.conn.transaction():
+            current = self.conn.execute(q("lock_alias"), {"alias": alias}).fetchone()
+            if current is None:
+                raise AliasError(f"alias {alias!r} does not exist")
+            if current[3] is None:
+                raise AliasError(f"alias {alias!r} has no shadow version to promote")
+            return self._move_alias(alias, current[1], current[3], "promote")
+
+    def list_aliases(self) -> list[dict[str, Any]]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(q("list_aliases"))
+            return cur.fetchall()
+
+    def list_versions(self, index: str) -> list[dict[str, Any]]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(q("list_versions"), {"index": index})
+            return cur.fetchall()
+
+    def mark_removed(self, version: str) -> None:
+        self.conn.execute(q("set_version_status"), {"version": version, "status": "removed"})
+
+    def gc_rows(self, index: str, min_seq: int) -> int:
+        """Delete chunk rows that no retained version (all of seq >= min_seq) contains."""
+        cur = self.conn.execute(q("gc_rows"), {"index": index, "min_seq": min_seq})
+        return cur.rowcount

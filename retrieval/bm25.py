@@ -1,0 +1,139 @@
+"""BM25 data of a version: the analyzer, per-chunk term statistics, and their incremental update.
+
+A version stores, for every chunk, its term ids and term frequencies and its length in terms, plus
+the vocabulary with document frequencies. An incremental version copies its parent's tables, drops
+the removed chunks (subtracting their terms from the document frequencies) and appends the added
+ones — cost proportional to the change plus one sequential copy, never a rebuild from all texts.
+Term ids are stable across versions: new terms are appended to the vocabulary.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+ANALYZER_VERSION = "lower-alnum;stop-en-v1;snowball-english"
+K1 = 1.5  # rank-bm25's BM25Okapi defaults
+B = 0.75
+POSTINGS_FILE = "bm25_postings.parquet"
+VOCAB_FILE = "bm25_vocab.parquet"
+
+# A small English stop list: function words only, so that content terms (even short ones) survive.
+STOPWORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each few for from further had has have
+    having he her here hers herself him himself his how i if in into is it its itself just me more most my
+    myself no nor not now of off on once only or other our ours ourselves out over own same she should so
+    some such than that the their theirs them themselves then there these they this those through to too
+    under until up very was we were what when where which while who whom why will with would you your
+    yours yourself yourselves""".split()
+)
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+class Analyzer:
+    """Lowercase alphanumeric terms, stop words removed, Snowball English stemming (PyStemmer)."""
+
+    version = ANALYZER_VERSION
+
+    @cached_property
+    def _stemmer(self):  # type: ignore[no-untyped-def]
+        import Stemmer
+
+        return Stemmer.Stemmer("english")
+
+    def terms(self, text: str) -> list[str]:
+        words = [w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS]
+        return self._stemmer.stemWords(words)
+
+
+_POSTINGS_SCHEMA = pa.schema(
+    [("chunk_key", pa.int64()), ("term_ids", pa.list_(pa.int32())), ("tfs", pa.list_(pa.int32())),
+     ("length", pa.int32())]
+)
+
+
+@dataclass
+class BM25Tables:
+    """Per-chunk term statistics and the vocabulary with document frequencies."""
+
+    postings: pa.Table  # chunk_key, term_ids, tfs, length
+    terms: list[str]  # term id -> term
+    df: np.ndarray  # term id -> number of chunks containing it
+
+    @classmethod
+    def empty(cls) -> "BM25Tables":
+        return cls(_POSTINGS_SCHEMA.empty_table(), [], np.zeros(0, dtype=np.int64))
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.postings.column("chunk_key").to_numpy()
+
+    @property
+    def avgdl(self) -> float:
+        n = self.postings.num_rows
+        return float(pc.sum(self.postings.column("length")).as_py() or 0) / n if n else 0.0
+
+    def update(self, removed_keys: Sequence[int], added: Sequence[tuple[int, str]], analyzer: Analyzer) -> "BM25Tables":
+        """Return new tables: these minus ``removed_keys`` plus ``added`` (chunk_key, text) pairs."""
+        postings = self.postings
+        df = self.df.copy()
+        if len(removed_keys):
+            gone = pc.is_in(postings.column("chunk_key"), value_set=pa.array(removed_keys, pa.int64()))
+            dropped = postings.filter(gone)
+            flat = pc.list_flatten(dropped.column("term_ids")).to_numpy()
+            if len(flat):
+                df -= np.bincount(flat, minlength=len(df)).astype(np.int64)
+            postings = postings.filter(pc.invert(gone))
+        terms = list(self.terms)
+        term_id = {t: i for i, t in enumerate(terms)}
+        keys: list[int] = []
+        term_lists: list[list[int]] = []
+        tf_lists: list[list[int]] = []
+        lengths: list[int] = []
+        for key, text in added:
+            counts = Counter(analyzer.terms(text))
+            ids = []
+            for term in counts:
+                tid = term_id.get(term)
+                if tid is None:
+                    tid = term_id[term] = len(terms)
+                    terms.append(term)
+                ids.append(tid)
+            keys.append(key)
+            term_lists.append(ids)
+            tf_lists.append(list(counts.values()))
+            lengths.append(sum(counts.values()))
+        if len(terms) > len(df):
+            df = np.concatenate([df, np.zeros(len(terms) - len(df), dtype=np.int64)])
+        for ids in term_lists:
+            df[ids] += 1
+        if keys:
+            new = pa.table(
+                {"chunk_key": pa.array(keys, pa.int64()), "term_ids": pa.array(term_lists, pa.list_(pa.int32())),
+                 "tfs": pa.array(tf_lists, pa.list_(pa.int32())), "length": pa.array(lengths, pa.int32())},
+                schema=_POSTINGS_SCHEMA,
+            )
+            postings = pa.concat_tables([postings, new]).combine_chunks()
+        return BM25Tables(postings, terms, df)
+
+    def write(self, directory: Path) -> list[str]:
+        pq.write_table(self.postings, directory / POSTINGS_FILE, compression="zstd")
+        vocab = pa.table({"term": pa.array(self.terms, pa.string()), "df": pa.array(self.df, pa.int64())})
+        pq.write_table(vocab, directory / VOCAB_FILE, compression="zstd")
+        return [POSTINGS_FILE, VOCAB_FILE]
+
+    @classmethod
+    def read(cls, directory: Path) -> "BM25Tables":
+        postings = pq.read_table(directory / POSTINGS_FILE, schema=_POSTINGS_SCHEMA)
+        vocab = pq.read_table(directory / VOCAB_FILE)
+        return cls(postings, vocab.column("term").to_pylist(), vocab.column("df").to_numpy().astype(np.int64))
