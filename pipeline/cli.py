@@ -48,9 +48,45 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--lock-timeout", type=float, help="seconds to wait for another run (default 600)")
     index.add_argument("--allow-delete-all", action="store_true", default=None,
                        help="let an empty source delete every document of the index")
+    index.add_argument("--full", action="store_true", help="rebuild the version from the registry alone")
+    index.add_argument("--shadow", action="store_true",
+                       help="with --full and --model: attach the version to the alias as its shadow")
+    index.add_argument("--artifacts", help="where versions' files live (env RAGPIPE_ARTIFACTS)")
+    index.add_argument("--golden-set", help="JSONL golden queries checked before publishing")
     index.add_argument("--json", action="store_true", help="print the run summary as JSON")
     _add_model_flags(index)
     _add_registry_flags(index)
+
+    alias = sub.add_parser("alias", help="aliases: list, swap, rollback, promote")
+    alias_sub = alias.add_subparsers(dest="alias_command", required=True)
+    for name, help_text in [("list", "aliases and the versions they serve"),
+                            ("swap", "point ALIAS at VERSION (any retained, validated version)"),
+                            ("rollback", "point ALIAS at the previous retained version"),
+                            ("promote", "make ALIAS's shadow version its live one")]:
+        cmd = alias_sub.add_parser(name, help=help_text)
+        if name != "list":
+            cmd.add_argument("alias")
+        if name == "swap":
+            cmd.add_argument("version")
+        cmd.add_argument("--json", action="store_true")
+        _add_registry_flags(cmd)
+
+    versions = sub.add_parser("versions", help="index versions: list, gc")
+    versions_sub = versions.add_subparsers(dest="versions_command", required=True)
+    for name, help_text in [("list", "versions with status and metrics"),
+                            ("gc", "remove versions beyond the retention count")]:
+        cmd = versions_sub.add_parser(name, help=help_text)
+        cmd.add_argument("--index", help="index name (env RAGPIPE_INDEX; default docs)")
+        cmd.add_argument("--retention", type=int, help="versions to keep (env RAGPIPE_RETENTION; default 5)")
+        cmd.add_argument("--artifacts", help="where versions' files live (env RAGPIPE_ARTIFACTS)")
+        cmd.add_argument("--json", action="store_true")
+        _add_registry_flags(cmd)
+
+    verify = sub.add_parser("verify", help="check the invariants against registry and artifacts")
+    verify.add_argument("--index", help="index name (env RAGPIPE_INDEX; default docs)")
+    verify.add_argument("--artifacts", help="where versions' files live (env RAGPIPE_ARTIFACTS)")
+    verify.add_argument("--json", action="store_true")
+    _add_registry_flags(verify)
 
     replay = sub.add_parser("replay", help="replay a recorded edit history and check every step")
     replay.add_argument("replay_dir", type=Path, help="directory with base.jsonl and changes.jsonl")
@@ -76,9 +112,12 @@ def _index_config(args: argparse.Namespace) -> Any:
 
     return IndexConfig.from_env(
         index=getattr(args, "index", None),
-        model=args.model,
-        device=args.device,
-        batch_size=args.batch_size,
+        model=getattr(args, "model", None),
+        device=getattr(args, "device", None),
+        batch_size=getattr(args, "batch_size", None),
+        artifacts=getattr(args, "artifacts", None),
+        golden_set=getattr(args, "golden_set", None),
+        retention=getattr(args, "retention", None),
         include=tuple(args.include) if getattr(args, "include", None) else None,
         exclude=tuple(args.exclude) if getattr(args, "exclude", None) else None,
         max_document_bytes=getattr(args, "max_document_bytes", None),
@@ -106,13 +145,17 @@ def _model_embedder(config: Any) -> Any:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_index
+    from pipeline.errors import ConfigError
+    from pipeline.runner import RunOptions, run_index
     from registry import Registry
 
     config = _index_config(args)
+    if args.shadow and not (args.full and args.model):
+        raise ConfigError("--shadow builds a version with another model: use it with --full and --model")
     embedder = _model_embedder(config)
     with Registry.open(_registry_config(args)) as registry:
-        summary = run_index(args.source, registry, embedder, config, progress=not args.json)
+        summary = run_index(args.source, registry, embedder, config, progress=not args.json,
+                            options=RunOptions(full=args.full, shadow=args.shadow))
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -133,12 +176,95 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  [{s['model_id']}]",
         "  seconds    " + "  ".join(f"{k} {v:.3f}" for k, v in s["stage_seconds"].items()),
     ]
+    if s.get("alias"):
+        a = s["alias"]
+        role = "shadow of" if a["action"] == "shadow" else "live on"
+        lines.append(f"  alias      {a['version']} is {role} {a['alias']!r}"
+                     + (f" (was {a['previous']})" if a["previous"] else "")
+                     + ("  [full build]" if s.get("full_build") else ""))
+    if s.get("metrics"):
+        lines.append("  validated  " + "  ".join(f"{k} {v}" for k, v in s["metrics"].items()))
+    if s.get("recovered"):
+        lines.append(f"  recovered  unfinished versions {', '.join(s['recovered'])}")
     if s["skipped"]:
         lines.append(f"  skipped ({len(s['skipped'])}):")
         lines.extend(f"    {item['doc_id']}: {item['reason']}" for item in s["skipped"][:50])
         if len(s["skipped"]) > 50:
             lines.append(f"    ... and {len(s['skipped']) - 50} more (--json lists all)")
     return "\n".join(lines)
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    if hasattr(value, "strftime"):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def _cmd_alias(args: argparse.Namespace) -> int:
+    from registry import Registry
+
+    with Registry.open(_registry_config(args)) as registry:
+        if args.alias_command == "list":
+            _print_rows(registry.list_aliases(),
+                        ["alias", "index_name", "version", "shadow_version", "model_id", "chunks", "updated_at"],
+                        args.json)
+            return 0
+        if args.alias_command == "swap":
+            move = registry.swap_alias(args.alias, args.version)
+        elif args.alias_command == "rollback":
+            move = registry.rollback_alias(args.alias)
+        else:
+            move = registry.promote_shadow(args.alias)
+    result = {"alias": move.alias, "version": move.version, "previous": move.previous, "action": move.action}
+    print(json.dumps(result) if args.json else f"alias {move.alias}: {move.previous} -> {move.version} ({move.action})")
+    return 0
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from pipeline.runner import artifact_store, collect_garbage
+    from registry import Registry
+
+    config = _index_config(args)
+    with Registry.open(_registry_config(args)) as registry:
+        if args.versions_command == "list":
+            rows = registry.list_versions(config.index)
+            for r in rows:
+                r["role"] = ",".join(k for k in ("live", "shadow", "head") if r.pop(k)) or None
+            _print_rows(rows, ["version", "status", "role", "chunks", "model_id", "full_build", "created_at",
+                               "metrics", "reason"], args.json)
+            return 0
+        with registry.index_lock(config.index, config.lock_timeout):
+            result = collect_garbage(registry, artifact_store(config, registry.home), config.index, config.retention)
+    print(json.dumps(result) if args.json else
+          f"removed {len(result['versions_removed'])} versions and {result['rows_removed']} registry rows")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.runner import artifact_store
+    from pipeline.verify import verify_index
+    from registry import Registry
+
+    config = _index_config(args)
+    with Registry.open(_registry_config(args)) as registry:
+        report = verify_index(registry, artifact_store(config, registry.home), config.index, config.alias)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return 0 if report.ok else EXIT_TERMINAL
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -182,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay}
+    handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
+                "versions": _cmd_versions, "verify": _cmd_verify}
     from pipeline.errors import PipelineError
     from registry.errors import RegistryError
 

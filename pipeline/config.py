@@ -40,7 +40,7 @@ class IndexConfig:
         golden_set: JSONL of {"query", "expected_doc_ids"} checked before publishing.
         golden_k, golden_min_recall, golden_max_drop: the golden set's recall@k floor and the most it
             may fall below the live version's.
-        retention: how many published versions to keep besides the live, shadow and head ones.
+        retention: how many of the newest versions gc keeps (live, shadow and head ones always stay).
     """
 
     index: str = "docs"

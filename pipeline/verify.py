@@ -1,0 +1,75 @@
+"""``ragpipe verify``: check the design's invariants against the registry and every retained version's files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.artifacts import ArtifactStore
+from pipeline.validation import check_structure
+from registry import Registry
+
+
+@dataclass
+class VerifyReport:
+    index: str
+    checked: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "ok": self.ok, "checked": self.checked, "violations": self.violations}
+
+    def render(self) -> str:
+        lines = [f"index {self.index!r}: {len(self.checked)} versions checked, "
+                 f"{'no violations' if self.ok else f'{len(self.violations)} violations'}"]
+        lines += [f"  ok  {v}" for v in self.checked if not any(x.startswith(v) for x in self.violations)]
+        lines += [f"  !!  {v}" for v in self.violations]
+        return "\n".join(lines)
+
+
+def verify_index(registry: Registry, store: ArtifactStore, index: str, alias: str) -> VerifyReport:
+    """Check every retained version of ``index`` and the alias that serves it."""
+    report = VerifyReport(index)
+    versions = registry.list_versions(index)
+    aliases = {a["alias"]: a for a in registry.list_aliases()}
+    live = aliases.get(alias)
+    if live is None and versions:
+        report.violations.append(f"alias {alias!r} does not exist though index {index!r} has versions")
+    for name in ([live["version"]] if live else []) + ([live["shadow_version"]] if live and live["shadow_version"] else []):
+        row = registry.get_version(name)
+        if row is None or row["status"] not in ("published", "validated", "retired"):
+            report.violations.append(f"{name}: alias {alias!r} names a version that is {row and row['status']}")
+    head = registry.head_version(index)
+    active = registry.active_chunk_ids(index)
+    for v in versions:
+        if v["status"] not in ("published", "retired", "validated"):
+            continue
+        name = v["version"]
+        report.checked.append(name)
+        if not store.exists(index, name):
+            report.violations.append(f"{name}: manifest missing from {store.version_uri(index, name)}")
+            continue
+        directory = store.local_path(index, name)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        problems, _, _ = check_structure(
+            directory, manifest, registry.member_keys(index, int(v["version_seq"])), model_id=v["model_id"]
+        )
+        report.violations.extend(f"{name}: {p}" for p in problems)
+        if head is not None and name == head.version:
+            import pyarrow.parquet as pq
+
+            ids = set(pq.read_table(directory / "chunks.parquet", columns=["chunk_id"]).column("chunk_id").to_pylist())
+            if ids != active:
+                report.violations.append(
+                    f"{name}: head version's chunks differ from the registry's active rows "
+                    f"({len(ids - active)} only in the version, {len(active - ids)} only active)"
+                )
+    deleted_with_chunks = registry.active_chunks_of_deleted_documents(index)
+    if deleted_with_chunks:
+        report.violations.append(f"registry: {deleted_with_chunks} active chunks belong to deleted documents")
+    return report
