@@ -7,13 +7,15 @@ a fresh full chunking of the current documents: ``stale`` chunks are active but 
 build, ``missing`` chunks the other way round.
 
 The replay runs in a database of its own (created on the configured server and dropped afterwards)
-so that its embedding counts start from an empty cache and never touch real indexes.
+and writes its versions to a temporary directory, so that its embedding counts start from an empty
+cache and never touch real indexes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -83,7 +85,8 @@ def run_replay(
         raise ConfigError(f"check_every must be at least 1, got {check_every}")
     docs, steps = load_replay(replay_dir)
     step_numbers = list(steps)[:max_steps] if max_steps is not None else list(steps)
-    config = IndexConfig(index="replay", lock_timeout=0)
+    artifacts = tempfile.TemporaryDirectory(prefix="ragpipe-replay-")
+    config = IndexConfig(index="replay", lock_timeout=0, artifacts=artifacts.name, retention=2)
     source = replay_dir.resolve().as_uri()
     started = time.perf_counter()
 
@@ -130,6 +133,7 @@ def run_replay(
             result["noop_seconds"] = round(time.perf_counter() - noop_started, 4)
             result["noop_stage_seconds"] = noop.stage_seconds
             result["final_chunks"] = noop.chunks["active"]
+    artifacts.cleanup()
     checks = result["checks"]
     result["stale"] = max((c["stale"] for c in checks), default=0)
     result["missing"] = max((c["missing"] for c in checks), default=0)
