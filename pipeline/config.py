@@ -65,14 +65,14 @@ class IndexConfig:
     retention: int = 5
 
     def __post_init__(self) -> None:
+        if not _INDEX_NAME.match(self.index):
+            raise ConfigError(f"index name {self.index!r} must match {_INDEX_NAME.pattern}")
         if not self.alias:
             object.__setattr__(self, "alias", self.index)
         if not _INDEX_NAME.match(self.alias):
             raise ConfigError(f"alias {self.alias!r} must match {_INDEX_NAME.pattern}")
         if self.retention < 1:
             raise ConfigError(f"retention must be at least 1, got {self.retention}")
-        if not _INDEX_NAME.match(self.index):
-            raise ConfigError(f"index name {self.index!r} must match {_INDEX_NAME.pattern}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if self.max_document_bytes < 1:
