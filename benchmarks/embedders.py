@@ -1,13 +1,18 @@
-"""A deterministic embedder for counting runs: fast, reproducible, and meaningless as a retriever.
+"""A deterministic embedder for counting runs: fast, reproducible, and a weak retriever by design.
 
-It tokenizes like the default model (so chunk boundaries match a real run) but derives each vector
-from the SHA-256 of the text. It lives here, outside the product, and is chosen only explicitly
-(``ragpipe replay --embedder deterministic``).
+It tokenizes like the default model (so chunk boundaries match a real run) and embeds by feature
+hashing: every lowercase word adds +1 or -1 to one of ``dim`` coordinates chosen by its CRC-32, and
+the sum is L2-normalized. Texts that share words are near each other, so vector indexes see data
+with real neighbourhoods (random vectors would be an unrealistic worst case for HNSW), and identical
+texts get identical vectors. It lives here, outside the product, and is chosen only explicitly
+(``ragpipe replay --embedder deterministic``, benchmarks, tests).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,11 +21,14 @@ from pipeline.chunking import TokenCounter
 from pipeline.embedding import DEFAULT_MODEL, SentenceTransformerEmbedder
 
 
+_WORD = re.compile(r"\w+")
+
+
 class DeterministicEmbedder:
-    """Vectors from text hashes; ``calls`` and ``texts_embedded`` count the work asked of it."""
+    """Feature-hashed bag-of-words vectors; ``texts_embedded`` counts the work asked of it."""
 
     def __init__(self, dim: int = 384, tokenizer_model: str = DEFAULT_MODEL) -> None:
-        self.model_id = f"deterministic-sha256-{dim}"
+        self.model_id = f"deterministic-hashing-{dim}"
         self.dim = dim
         self._tokenizer_source = SentenceTransformerEmbedder(tokenizer_model)
         self.max_tokens = self._tokenizer_source.max_tokens
@@ -30,10 +38,16 @@ class DeterministicEmbedder:
         return self._tokenizer_source.token_counter()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, text in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
-            vec = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            out[i] = vec / np.linalg.norm(vec)
+            for word in _WORD.findall(text.lower()):
+                h = zlib.crc32(word.encode("utf-8"))
+                out[i, h % self.dim] += 1.0 if (h >> 16) & 1 else -1.0
+            norm = float(np.linalg.norm(out[i]))
+            if norm == 0.0:  # no words: a fixed pseudo-random direction from the text's hash
+                seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+                out[i] = np.random.default_rng(seed).standard_normal(self.dim)
+                norm = float(np.linalg.norm(out[i]))
+            out[i] /= norm
         self.texts_embedded += len(texts)
         return out

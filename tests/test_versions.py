@@ -103,7 +103,7 @@ def test_golden_set_gates_publishing(tmp_path, registry, embedder):
     gate = {"golden_set": str(golden), "golden_k": 1, "golden_min_recall": 1.0}
     ok, config = run(root, registry, embedder, **gate)
     assert ok.metrics["golden_recall"] == 1.0  # hash vectors: the identical text is its own nearest neighbour
-    (root / "c.txt").write_text("Rewritten note.\n")
+    (root / "c.txt").write_text("Completely different words.\n")
     with pytest.raises(VersionRejected, match="golden recall@1 0.000 < 1.00"):
         run(root, registry, embedder, **gate)
     # a drop below the live version's score is refused even when the floor allows it
@@ -156,7 +156,7 @@ def test_shadow_version_with_another_model_then_promote(tmp_path, registry, embe
     alias = registry.list_aliases()[0]
     assert (alias["version"], alias["shadow_version"]) == (live.version, shadow.version)
     manifest = json.loads((version_dir(registry, config, shadow.version) / "manifest.json").read_text())
-    assert manifest["model"] == {"id": "deterministic-sha256-64", "dim": 64}
+    assert manifest["model"] == {"id": "deterministic-hashing-64", "dim": 64}
     assert verify_index(registry, artifact_store(config, registry.home), "docs", "docs").ok
     move = registry.promote_shadow("docs")
     assert (move.version, move.previous) == (shadow.version, live.version)
