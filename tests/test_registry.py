@@ -214,3 +214,20 @@ def test_migrations_equal_schema_sql(database_url, empty_database_url):
         conn.execute("SET search_path TO public")
     migrated, declared = describe_schema(database_url), describe_schema(empty_database_url)
     assert migrated[0] and migrated == declared, "sql/schema.sql is out of date: run `make schema`"
+
+
+def test_publish_and_swap_notify_listeners(registry, registry_config):
+    import json as _json
+
+    from registry.db import connect
+
+    with connect(registry.url, autocommit=True) as listener:
+        listener.execute("LISTEN ragpipe_alias")
+        r1 = registry.start_run("t", "src")
+        build(registry, r1, [Doc("a")], [Row("a", "a0")], ["a"])
+        r2 = registry.start_run("t", "src")
+        build(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a1")], ["a"])
+        registry.rollback_alias("t")
+        got = [_json.loads(n.payload) for n in listener.notifies(timeout=1.0, stop_after=3)]
+    assert [(n["action"], n["version"]) for n in got] == [
+        ("publish", f"t_{r1}"), ("publish", f"t_{r2}"), ("rollback", f"t_{r1}")]
