@@ -48,3 +48,33 @@ def test_human_and_json_summaries(tmp_path, database_url):
 def test_bad_index_name_is_a_usage_error(tmp_path, database_url):
     result = ragpipe(["index", str(tmp_path), "--index", "Bad Name"], database_url, tmp_path / "home")
     assert result.returncode == 1 and "index name 'Bad Name' must match" in result.stderr
+
+
+def test_alias_versions_and_verify_commands(tmp_path, database_url, embedder):
+    from pipeline.config import IndexConfig
+    from pipeline.runner import run_index
+
+    home = tmp_path / "home"
+    src = write_tree(tmp_path / "src", {"a.md": "# A\n\nAlpha.\n", "b.md": "# B\n\nBeta.\n"})
+    with Registry.open(RegistryConfig(database_url=database_url, home=home), migrate=False) as reg:
+        first = run_index(str(src), reg, embedder, IndexConfig())
+        (src / "b.md").write_text("# B\n\nBeta, revised.\n")
+        second = run_index(str(src), reg, embedder, IndexConfig())
+
+    listed = json.loads(ragpipe(["alias", "list", "--json"], database_url, home).stdout)
+    assert [(a["alias"], a["version"]) for a in listed] == [("docs", second.version)]
+    rolled = ragpipe(["alias", "rollback", "docs"], database_url, home)
+    assert rolled.returncode == 0 and rolled.stdout.strip() == (
+        f"alias docs: {second.version} -> {first.version} (rollback)")
+    swapped = json.loads(ragpipe(["alias", "swap", "docs", second.version, "--json"], database_url, home).stdout)
+    assert swapped == {"alias": "docs", "version": second.version, "previous": first.version, "action": "swap"}
+    missing = ragpipe(["alias", "swap", "docs", "docs_nope"], database_url, home)
+    assert missing.returncode == 1 and "version 'docs_nope' does not exist" in missing.stderr
+    versions = ragpipe(["versions", "list"], database_url, home)
+    assert second.version in versions.stdout and "live,head" in versions.stdout
+
+    assert ragpipe(["verify"], database_url, home).returncode == 0
+    (home / "artifacts" / "docs" / first.version / "vectors.hnsw").write_bytes(b"garbage")
+    broken = ragpipe(["verify"], database_url, home)
+    assert broken.returncode == 1
+    assert f"!!  {first.version}: file vectors.hnsw does not match its manifest checksum" in broken.stdout
