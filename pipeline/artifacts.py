@@ -121,5 +121,13 @@ class ArtifactStore:
                 pass
         shutil.rmtree(self.cache_dir / index / version, ignore_errors=True)
 
+    def remove_partials(self, index: str) -> None:
+        """Delete temporary directories a killed build left behind (local stores)."""
+        if self._local_root is not None:
+            for path in (self._local_root / index).glob(".*"):
+                shutil.rmtree(path, ignore_errors=True)
+        for path in (self.cache_dir / index).glob(".*") if (self.cache_dir / index).is_dir() else []:
+            shutil.rmtree(path, ignore_errors=True)
+
     def read_manifest(self, index: str, version: str) -> dict[str, Any]:
         return json.loads((self.local_path(index, version) / MANIFEST).read_text())

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("alias")
         if name == "swap":
             cmd.add_argument("version")
+        cmd.add_argument("--artifacts", help="where versions' files live (env RAGPIPE_ARTIFACTS)")
         cmd.add_argument("--json", action="store_true")
         _add_registry_flags(cmd)
 
@@ -216,6 +217,8 @@ def _cell(value: Any) -> str:
 
 
 def _cmd_alias(args: argparse.Namespace) -> int:
+    from pipeline.errors import ConfigError
+    from pipeline.runner import artifact_store
     from registry import Registry
 
     with Registry.open(_registry_config(args)) as registry:
@@ -225,11 +228,18 @@ def _cmd_alias(args: argparse.Namespace) -> int:
                         args.json)
             return 0
         if args.alias_command == "swap":
-            move = registry.swap_alias(args.alias, args.version)
+            target = args.version
         elif args.alias_command == "rollback":
-            move = registry.rollback_alias(args.alias)
+            target = registry.rollback_candidate(args.alias)
         else:
-            move = registry.promote_shadow(args.alias)
+            target = registry.shadow_of(args.alias)
+        row = registry.get_version(target)
+        if row is not None:  # the registry names a missing version itself
+            store = artifact_store(_index_config(args), registry.home)
+            if not store.exists(row["index_name"], target):
+                raise ConfigError(f"version {target}'s files are missing from {store.version_uri(row['index_name'], target)}; "
+                                  f"alias {args.alias!r} unchanged")
+        move = registry.swap_alias(args.alias, target, action=args.alias_command)
     result = {"alias": move.alias, "version": move.version, "previous": move.previous, "action": move.action}
     print(json.dumps(result) if args.json else f"alias {move.alias}: {move.previous} -> {move.version} ({move.action})")
     return 0

@@ -19,6 +19,8 @@ class ChangeSet:
         metadata_only: same text, other metadata or source uri (update the registry row only).
         unchanged: nothing to do.
         deleted: doc_ids active in the registry but gone from the source.
+        kept: doc_ids active in the registry that the source holds but could not be read this run;
+            their indexed version stays (see ``SkippedDocument.gone``).
     """
 
     new: tuple[SourceDocument, ...]
@@ -26,6 +28,7 @@ class ChangeSet:
     metadata_only: tuple[SourceDocument, ...]
     unchanged: tuple[str, ...]
     deleted: tuple[str, ...]
+    kept: tuple[str, ...] = ()
 
     @property
     def to_chunk(self) -> tuple[SourceDocument, ...]:
@@ -40,15 +43,25 @@ class ChangeSet:
         return not (self.new or self.changed or self.metadata_only or self.deleted)
 
 
+def document_chunker(chunker_version: str, fmt: str) -> str:
+    """What decides one document's chunks: the chunker configuration and the document's format."""
+    return f"{chunker_version};format={fmt}"
+
+
 def plan_changes(
-    known: Mapping[str, DocumentState], incoming: Iterable[SourceDocument], chunker_version: str
+    known: Mapping[str, DocumentState],
+    incoming: Iterable[SourceDocument],
+    chunker_version: str,
+    unreadable: Iterable[str] = (),
 ) -> ChangeSet:
     """Partition ``incoming`` against ``known`` (the registry's document states).
 
     Args:
         known: the registry's documents of this index by doc_id (active and deleted).
         incoming: every document the source holds now (doc_ids unique).
-        chunker_version: the current chunker configuration; a document cut by another one is changed.
+        chunker_version: the current chunker configuration; a document cut by another one, or in
+            another format, is changed.
+        unreadable: doc_ids the source holds but could not be read this run (kept as indexed).
 
     Returns:
         The change set; doc_ids of each list keep the order of ``incoming``.
@@ -65,11 +78,17 @@ def plan_changes(
         state = known.get(doc.doc_id)
         if state is None or state.status != "active":
             new.append(doc)
-        elif state.content_hash != doc.content_hash or state.chunker_version != chunker_version:
+        elif state.content_hash != doc.content_hash or state.chunker_version != document_chunker(
+            chunker_version, doc.format
+        ):
             changed.append(doc)
         elif state.metadata_hash != doc.metadata_hash:
             metadata_only.append(doc)
         else:
             unchanged.append(doc.doc_id)
-    deleted = sorted(doc_id for doc_id, state in known.items() if state.status == "active" and doc_id not in seen)
-    return ChangeSet(tuple(new), tuple(changed), tuple(metadata_only), tuple(unchanged), tuple(deleted))
+    held = set(unreadable) - seen
+    kept = sorted(d for d in held if d in known and known[d].status == "active")
+    deleted = sorted(
+        doc_id for doc_id, state in known.items() if state.status == "active" and doc_id not in seen and doc_id not in held
+    )
+    return ChangeSet(tuple(new), tuple(changed), tuple(metadata_only), tuple(unchanged), tuple(deleted), tuple(kept))

@@ -24,12 +24,13 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.building import BuildPlan, HnswParams, build_version
 from pipeline.chunking import Chunk, chunk_document, chunker_version
 from pipeline.config import IndexConfig
-from pipeline.diff import ChangeSet, plan_changes
+from pipeline.diff import ChangeSet, document_chunker, plan_changes
 from pipeline.embedding import Embedder, embed_in_batches
 from pipeline.errors import UnsafeDeletion, VersionRejected
 from pipeline.sources import SourceScan, scan_source
 from pipeline.validation import Thresholds, validate_version
 from registry import Registry
+from retrieval.bm25 import ANALYZER_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,8 @@ def _run(
     with stages.stage("diff"):
         known = registry.document_states(config.index)
         version_of_chunker = chunker_version(embedder.model_id, embedder.max_tokens)
-        plan = plan_changes(known, scan.documents, version_of_chunker)
+        plan = plan_changes(known, scan.documents, version_of_chunker,
+                            unreadable=[s.doc_id for s in scan.skipped if not s.gone])
         _refuse_wiping(plan, scan, known, config)
     summary.documents = {
         "seen": len(scan.documents),
@@ -211,6 +213,7 @@ def _run(
         "unchanged": len(plan.unchanged),
         "deleted": len(plan.deleted),
         "skipped": len(scan.skipped),
+        "kept_on_error": len(plan.kept),
     }
     head = registry.head_version(config.index)
     if plan.is_empty and not options.full and head is not None:
@@ -240,6 +243,7 @@ def _run(
         parent_ok = (
             head is not None
             and head.model_id == embedder.model_id
+            and _same_build_settings(head.manifest or {}, config)
             and store.exists(config.index, head.version)
         )
         full = options.full or not parent_ok
@@ -266,7 +270,12 @@ def _run(
     with stages.stage("build"):
         hashes = list({r["chunk_hash"] for r in needed})
         vectors = registry.fetch_embeddings(embedder.model_id, hashes)
-        dim = len(next(iter(vectors.values()))) if vectors else (head.manifest["model"]["dim"] if head and head.manifest else embedder.dim)
+        if vectors:
+            dim = len(next(iter(vectors.values())))
+        elif not full and head is not None and head.manifest:
+            dim = int(head.manifest["model"]["dim"])  # same model as the parent: nothing new to embed
+        else:
+            dim = embedder.dim
         doc_fields = registry.document_fields(config.index) if full else {}
         for doc_id in plan.deleted:
             doc_fields.pop(doc_id, None)
@@ -290,7 +299,7 @@ def _run(
             store.local_path(config.index, summary.version),
             registry.member_keys(config.index, seq),
             model_id=embedder.model_id,
-            live_doc_ids={d.doc_id for d in scan.documents},
+            live_doc_ids={d.doc_id for d in scan.documents} | set(plan.kept),
             thresholds=Thresholds(min_recall=config.min_recall, ef_search=config.hnsw_ef_search,
                                   golden_k=config.golden_k, golden_min_recall=config.golden_min_recall,
                                   golden_max_drop=config.golden_max_drop),
@@ -301,8 +310,8 @@ def _run(
         summary.metrics = report.metrics
         if not report.ok:
             reason = "; ".join(report.problems)
-            registry.abandon_version(config.index, summary.version, seq, reason, report.metrics)
             store.remove(config.index, summary.version)
+            registry.abandon_version(config.index, summary.version, seq, reason, report.metrics)
             raise VersionRejected(f"version {summary.version} rejected: {reason}; alias unchanged")
         registry.mark_version_validated(summary.version, report.metrics)
         faults.checkpoint("validated")
@@ -310,7 +319,8 @@ def _run(
     with stages.stage("publish"):
         move = registry.publish(
             index=config.index, alias=config.alias, version=summary.version, seq=seq, run_id=summary.run_id,
-            documents=plan.to_write, chunk_counts=chunk_counts, chunker_version=version_of_chunker,
+            documents=plan.to_write, chunk_counts=chunk_counts,
+            chunker_versions={d.doc_id: document_chunker(version_of_chunker, d.format) for d in plan.to_write},
             valid_from=valid_from, deleted_doc_ids=plan.deleted, shadow=options.shadow,
             before_commit=lambda: faults.checkpoint("publishing"),
         )
@@ -321,6 +331,15 @@ def _run(
 
     with stages.stage("gc"):
         summary.gc = collect_garbage(registry, store, config.index, config.retention)
+
+
+def _same_build_settings(manifest: dict[str, Any], config: IndexConfig) -> bool:
+    """Whether a version can be extended: same BM25 analyzer and HNSW graph parameters."""
+    return (
+        manifest.get("bm25", {}).get("analyzer") == ANALYZER_VERSION
+        and manifest.get("hnsw", {}).get("M") == config.hnsw_m
+        and manifest.get("hnsw", {}).get("ef_construction") == config.hnsw_ef_construction
+    )
 
 
 def _alias_version(registry: Registry, alias: str) -> str | None:
@@ -336,32 +355,45 @@ def artifact_store(config: IndexConfig, home: Path) -> ArtifactStore:
 
 
 def recover_unfinished(registry: Registry, store: ArtifactStore, index: str) -> list[str]:
-    """Undo versions a killed run left half-done (call while holding the index lock)."""
+    """Undo versions a killed run left half-done (call while holding the index lock).
+
+    Files go first: a kill between the two steps leaves a version that is still unfinished, and the
+    next run removes it again.
+    """
+    store.remove_partials(index)
     recovered = []
     for version, seq, _uri in registry.unfinished_versions(index):
-        registry.abandon_version(index, version, seq, "abandoned: the run building it ended before publishing")
         store.remove(index, version)
+        registry.abandon_version(index, version, seq, "abandoned: the run building it ended before publishing")
         recovered.append(version)
         logger.warning("recovered unfinished version %s of index %s", version, index)
     return recovered
 
 
 def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retention: int) -> dict[str, Any]:
-    """Remove versions beyond the newest ``retention`` (never the live, shadow or head one) and rows
-    no retained version contains."""
-    kept_count = 0
-    removed: list[str] = []
+    """Keep the newest ``retention`` versions (and always the live, shadow and head ones); remove the
+    others' files and the registry rows that no retained version contains.
+
+    A version is marked removed before its files are deleted, in a transaction that serializes with
+    alias moves, so an alias can never be moved onto files that are going away.
+    """
+    versions = registry.list_versions(index)  # newest first
+    kept = 0
     retained_seqs: list[int] = []
-    for v in registry.list_versions(index):  # newest first
+    candidates: list[str] = []
+    for v in versions:
         if v["status"] not in ("published", "retired", "validated"):
             continue
-        if v["live"] or v["shadow"] or v["head"] or kept_count < retention:
-            kept_count += 1
+        if v["live"] or v["shadow"] or v["head"] or kept < retention:
+            kept += 1
             retained_seqs.append(int(v["version_seq"]))
-            continue
-        store.remove(index, v["version"])
-        registry.mark_removed(v["version"])
-        removed.append(v["version"])
+        else:
+            candidates.append(v["version"])
+    removed = registry.mark_removed(index, candidates)
+    gone = set(removed) | {v["version"] for v in versions if v["status"] in ("removed", "rejected")}
+    for version in sorted(gone):
+        if store.exists(index, version):  # also files a killed gc or rejection left behind
+            store.remove(index, version)
     rows = registry.gc_rows(index, min(retained_seqs)) if retained_seqs else 0
     return {"versions_removed": removed, "rows_removed": rows}
 

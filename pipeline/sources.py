@@ -56,8 +56,16 @@ class SourceDocument:
 
 @dataclass(frozen=True)
 class SkippedDocument:
+    """A document the source holds but this run cannot index.
+
+    ``gone`` is true when the document has no content any more (it is then deleted from the index
+    like a removed file); otherwise an already indexed version of it is kept, so that a transient
+    failure or a bad edit never removes what readers are served.
+    """
+
     doc_id: str
     reason: str
+    gone: bool = False
 
     def to_dict(self) -> dict[str, str]:
         return {"doc_id": self.doc_id, "reason": self.reason}
@@ -97,7 +105,7 @@ def make_document(
         fmt = "markdown"
     text = normalize_text(raw_text)
     if not text.strip():
-        return SkippedDocument(doc_id, "empty document")
+        return SkippedDocument(doc_id, "empty document", gone=True)
     return SourceDocument(
         doc_id=doc_id,
         text=text,
@@ -276,7 +284,7 @@ def _scan_jsonl(path: Path, max_bytes: int) -> SourceScan:
             uri = metadata.get("source_uri") if isinstance(metadata.get("source_uri"), str) else None
             result = make_document(doc_id, text, uri or f"{path.as_uri()}#{doc_id}", metadata)
             if isinstance(result, SkippedDocument):
-                result = SkippedDocument(result.doc_id, f"line {lineno}: {result.reason}")
+                result = SkippedDocument(result.doc_id, f"line {lineno}: {result.reason}", result.gone)
                 skipped.append(result)
             else:
                 documents.append(result)

@@ -260,6 +260,19 @@ SELECT a.alias, a.index_name, a.version, a.shadow_version, a.updated_at, v.model
 FROM aliases a JOIN index_versions v ON v.version = a.version
 ORDER BY a.alias;
 
+-- name: lock_version
+SELECT version, index_name, status FROM index_versions WHERE version = %(version)s FOR UPDATE;
+
+-- name: lock_index_aliases
+SELECT alias FROM aliases WHERE index_name = %(index)s FOR UPDATE;
+
+-- name: mark_removed
+-- Only versions no alias serves; callers hold the index's alias rows locked.
+UPDATE index_versions SET status = 'removed'
+WHERE version = %(version)s AND status IN ('published', 'retired', 'validated', 'rejected')
+  AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.version = %(version)s OR a.shadow_version = %(version)s)
+RETURNING version;
+
 -- name: rollback_target
 -- The newest retained version older than the live one that was ever published.
 SELECT version FROM index_versions

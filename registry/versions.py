@@ -157,7 +157,7 @@ class VersionStore:
         run_id: int,
         documents: Iterable[Any],
         chunk_counts: dict[str, int],
-        chunker_version: str,
+        chunker_versions: dict[str, str],
         valid_from: dict[str, datetime | None],
         deleted_doc_ids: Sequence[str],
         shadow: bool = False,
@@ -176,7 +176,8 @@ class VersionStore:
             with cur.copy(q("copy_stage_documents_versioned")) as copy:
                 for doc in documents:
                     copy.write_row((doc.doc_id, doc.source_uri, doc.content_hash, Jsonb(doc.metadata), doc.metadata_hash,
-                                    chunker_version, chunk_counts[doc.doc_id], valid_from.get(doc.doc_id)))
+                                    chunker_versions[doc.doc_id], chunk_counts[doc.doc_id],
+                                    valid_from.get(doc.doc_id)))
             cur.execute(q("merge_documents_versioned"), params)
             cur.execute(q("mark_documents_deleted"), {**params, "doc_ids": list(deleted_doc_ids)})
             cur.execute(q("publish_retire_chunks"), {**params, "deleted": list(deleted_doc_ids)})
@@ -201,6 +202,8 @@ class VersionStore:
                                                   "shadow": version})
             self.conn.execute(q("set_version_status"), {"version": version, "status": "validated"})
             previous = current[3]
+            if previous and previous != version:  # a replaced shadow is kept for gc like any old version
+                self.conn.execute(q("set_version_status"), {"version": previous, "status": "retired"})
         else:
             shadow = current[3] if current and current[3] != version else None
             self.conn.execute(q("upsert_alias"), {"alias": alias, "index": index, "version": version,
@@ -220,40 +223,52 @@ class VersionStore:
             return cur.fetchone()
 
     def swap_alias(self, alias: str, version: str, action: str = "swap") -> AliasMove:
-        """Point an existing alias at another retained, validated version of its index."""
-        target = self.get_version(version)
-        if target is None:
-            raise AliasError(f"version {version!r} does not exist")
-        if target["status"] not in ("validated", "published", "retired"):
-            raise AliasError(f"version {version} is {target['status']}; only validated versions can be served")
+        """Point an existing alias at another retained version of its index.
+
+        Servable are versions that were published before (status published or retired) and the
+        alias's own shadow. The alias row and the version row are locked, so a concurrent gc cannot
+        remove the version while the alias moves onto it.
+        """
         with self.conn.transaction():
             current = self.conn.execute(q("lock_alias"), {"alias": alias}).fetchone()
             if current is None:
                 raise AliasError(f"alias {alias!r} does not exist")
+            target = self.conn.execute(q("lock_version"), {"version": version}).fetchone()
+            if target is None:
+                raise AliasError(f"version {version!r} does not exist")
+            if target[1] != current[1]:
+                raise AliasError(f"version {version} belongs to index {target[1]!r}; alias {alias!r} serves {current[1]!r}")
+            if target[2] not in ("published", "retired") and version != current[3]:
+                raise AliasError(f"version {version} is {target[2]}; only versions that were published can be served")
             return self._move_alias(alias, current[1], version, action)
+
+    def rollback_candidate(self, alias: str) -> str:
+        """The newest retained version older than the alias's live one."""
+        current = self.conn.execute("SELECT index_name, version FROM aliases WHERE alias = %s", (alias,)).fetchone()
+        if current is None:
+            raise AliasError(f"alias {alias!r} does not exist")
+        live = self.get_version(current[1])
+        assert live is not None
+        row = self.conn.execute(q("rollback_target"), {"index": current[0], "seq": live["version_seq"]}).fetchone()
+        if row is None:
+            raise AliasError(f"alias {alias!r} is on {current[1]}; no older retained version to roll back to")
+        return str(row[0])
 
     def rollback_alias(self, alias: str) -> AliasMove:
         """Point an alias at the newest retained version older than its live one."""
-        with self.conn.transaction():
-            current = self.conn.execute(q("lock_alias"), {"alias": alias}).fetchone()
-            if current is None:
-                raise AliasError(f"alias {alias!r} does not exist")
-            live = self.get_version(current[2])
-            assert live is not None
-            row = self.conn.execute(q("rollback_target"), {"index": current[1], "seq": live["version_seq"]}).fetchone()
-            if row is None:
-                raise AliasError(f"alias {alias!r} is on {current[2]}; no older retained version to roll back to")
-            return self._move_alias(alias, current[1], row[0], "rollback")
+        return self.swap_alias(alias, self.rollback_candidate(alias), action="rollback")
+
+    def shadow_of(self, alias: str) -> str:
+        row = self.conn.execute("SELECT shadow_version FROM aliases WHERE alias = %s", (alias,)).fetchone()
+        if row is None:
+            raise AliasError(f"alias {alias!r} does not exist")
+        if row[0] is None:
+            raise AliasError(f"alias {alias!r} has no shadow version to promote")
+        return str(row[0])
 
     def promote_shadow(self, alias: str) -> AliasMove:
         """Make the alias's shadow version its live one."""
-        with self.conn.transaction():
-            current = self.conn.execute(q("lock_alias"), {"alias": alias}).fetchone()
-            if current is None:
-                raise AliasError(f"alias {alias!r} does not exist")
-            if current[3] is None:
-                raise AliasError(f"alias {alias!r} has no shadow version to promote")
-            return self._move_alias(alias, current[1], current[3], "promote")
+        return self.swap_alias(alias, self.shadow_of(alias), action="promote")
 
     def list_aliases(self) -> list[dict[str, Any]]:
         with self.conn.cursor(row_factory=dict_row) as cur:
@@ -265,8 +280,15 @@ class VersionStore:
             cur.execute(q("list_versions"), {"index": index})
             return cur.fetchall()
 
-    def mark_removed(self, version: str) -> None:
-        self.conn.execute(q("set_version_status"), {"version": version, "status": "removed"})
+    def mark_removed(self, index: str, versions: Sequence[str]) -> list[str]:
+        """Mark versions removed unless an alias serves them (serialized with alias moves)."""
+        removed = []
+        with self.conn.transaction():
+            self.conn.execute(q("lock_index_aliases"), {"index": index})
+            for version in versions:
+                if self.conn.execute(q("mark_removed"), {"version": version}).fetchone():
+                    removed.append(version)
+        return removed
 
     def gc_rows(self, index: str, min_seq: int) -> int:
         """Delete chunk rows that no retained version (all of seq >= min_seq) contains."""

@@ -43,7 +43,7 @@ CREATE TABLE aliases (
     updated_at     timestamptz NOT NULL DEFAULT now()
 );
 
--- Every alias move, newest last: rollback walks it back.
+-- Every alias move, newest last (an audit trail: who served what, when).
 CREATE TABLE alias_history (
     id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     alias      text        NOT NULL,
@@ -68,4 +68,6 @@ CREATE INDEX chunks_added_seq ON chunks (index_name, added_seq);
 CREATE INDEX chunks_retired_seq ON chunks (index_name, retired_seq) WHERE retired_seq IS NOT NULL;
 
 ALTER TABLE documents ADD COLUMN valid_from timestamptz;
-UPDATE chunks SET added_seq = 0 WHERE status = 'active';  -- rows from before versions belong to every version
+-- Rows from before versions: active ones belong to every version, retired ones to none (gc drops them).
+UPDATE chunks SET added_seq = 0 WHERE status = 'active';
+UPDATE chunks SET added_seq = 0, retired_seq = 0 WHERE status IN ('superseded', 'deleted');

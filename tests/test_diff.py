@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.diff import plan_changes
+from pipeline.diff import document_chunker, plan_changes
 from pipeline.sources import SourceDocument
 from registry.store import DocumentState
 
@@ -13,7 +13,7 @@ def doc(doc_id: str, text: str = "t", meta: str = "m") -> SourceDocument:
 
 
 def state(doc_id: str, text: str = "t", meta: str = "m", status: str = "active", chunker: str = V) -> DocumentState:
-    return DocumentState(doc_id, f"c-{text}", f"m-{meta}", chunker, status, 1)
+    return DocumentState(doc_id, f"c-{text}", f"m-{meta}", document_chunker(chunker, "text"), status, 1)
 
 
 def test_plan_categories():
@@ -34,6 +34,13 @@ def test_plan_categories():
     assert plan.unchanged == ("same",)
     assert plan.deleted == ("gone",)
     assert not plan.is_empty
+
+
+def test_format_change_rechunks_and_unreadable_documents_are_kept():
+    as_rst = SourceDocument("a", "t", "uri", "rst", {}, content_hash="c-t", metadata_hash="m-m")
+    assert [d.doc_id for d in plan_changes({"a": state("a")}, [as_rst], V).changed] == ["a"]
+    plan = plan_changes({"a": state("a"), "b": state("b")}, [doc("a")], V, unreadable=["b", "never-seen"])
+    assert plan.kept == ("b",) and plan.deleted == () and plan.is_empty
 
 
 def test_plan_nothing_changed_is_empty():

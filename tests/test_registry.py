@@ -107,7 +107,7 @@ def build(reg, run_id, docs=(), chunks=(), rechunked=(), deleted=(), fail_inside
 
     reg.publish(index="t", alias="t", version=version, seq=seq, run_id=run_id, documents=list(docs),
                 chunk_counts={d.doc_id: sum(1 for c in chunks if c.doc_id == d.doc_id) for d in docs},
-                chunker_version="v", valid_from={}, deleted_doc_ids=list(deleted),
+                chunker_versions={d.doc_id: "v" for d in docs}, valid_from={}, deleted_doc_ids=list(deleted),
                 before_commit=explode if fail_inside else None)
     return seq, staged
 

@@ -59,7 +59,7 @@ def test_first_run_then_noop(tmp_path, registry, embedder):
     first, config = index(root, registry, embedder)
     assert first.status == "succeeded" and first.version.startswith("docs_")
     assert first.documents == {"seen": 3, "new": 3, "changed": 0, "metadata_only": 0, "unchanged": 0,
-                               "deleted": 0, "skipped": 0}
+                               "deleted": 0, "skipped": 0, "kept_on_error": 0}
     assert first.chunks["added"] == first.chunks["active"] > 0
     assert first.embedding["chunks_embedded"] + first.embedding["chunks_cached"] == first.chunks["added"]
     assert registry.active_chunk_ids("docs") == fresh_chunk_ids(root, embedder, config)
@@ -199,3 +199,18 @@ def test_indexes_are_independent(tmp_path, registry, embedder):
     b, _ = index(root, registry, embedder, name="b")
     assert b.documents["new"] == 3 and b.embedding["chunks_embedded"] == 0
     assert registry.active_chunk_ids("a") == registry.active_chunk_ids("b")
+
+
+def test_a_document_that_turns_bad_keeps_its_indexed_version(tmp_path, registry, embedder):
+    root = corpus(tmp_path / "src")
+    index(root, registry, embedder)
+    before = registry.active_chunk_ids("docs")
+    (root / "guide.md").write_bytes(b"# Guide\n\ncaf\xe9 broken encoding\n")  # a bad edit
+    (root / "notes" / "notes.rst").write_text("   \n")  # emptied: its content is gone
+    summary, _ = index(root, registry, embedder)
+    assert summary.documents["kept_on_error"] == 1 and summary.documents["deleted"] == 1
+    reasons = {s["doc_id"]: s["reason"] for s in summary.skipped}
+    assert reasons["guide.md"].startswith("not valid UTF-8") and reasons["notes/notes.rst"] == "empty document"
+    guide = {r["chunk_id"] for r in registry.active_chunks("docs") if r["doc_id"] == "guide.md"}
+    assert guide and guide <= before  # still served as last indexed
+    assert not any(r["doc_id"] == "notes/notes.rst" for r in registry.active_chunks("docs"))

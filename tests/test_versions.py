@@ -16,7 +16,7 @@ from pipeline.config import IndexConfig
 from pipeline.errors import VersionRejected
 from pipeline.runner import RunOptions, artifact_store, run_index
 from pipeline.verify import verify_index
-from registry import IndexLocked, Registry
+from registry import AliasError, IndexLocked, Registry
 from retrieval.bm25 import BM25Tables
 
 pytestmark = pytest.mark.db
@@ -144,7 +144,7 @@ def test_gc_keeps_live_head_and_retention(tmp_path, registry, embedder):
         "SELECT count(*) FROM chunks WHERE retired_seq IS NOT NULL AND retired_seq <= %s", (seqs[names[2]],)
     ).fetchone()[0] == 0
     assert verify_index(registry, store, "docs", "docs").ok
-    with pytest.raises(Exception, match="only validated versions"):
+    with pytest.raises(AliasError, match="is removed; only versions that were published can be served"):
         registry.swap_alias("docs", names[0])
 
 
@@ -235,3 +235,17 @@ def test_second_run_gives_up_after_lock_timeout(tmp_path, registry_config, regis
         with pytest.raises(IndexLocked, match="waited 0.2 s, nothing changed"):
             run(root, registry, embedder, lock_timeout=0.2)
     assert registry.list_versions("docs") == []
+
+
+def test_alias_moves_are_checked(tmp_path, registry, embedder):
+    root = corpus(tmp_path / "src")
+    a, _ = run(root, registry, embedder)
+    b, _ = run(root, registry, embedder, index="other")
+    with pytest.raises(AliasError, match=f"version {b.version} belongs to index 'other'"):
+        registry.swap_alias("docs", b.version)
+    first_shadow, _ = run(root, registry, DeterministicEmbedder(dim=64), full=True, shadow=True)
+    second_shadow, _ = run(root, registry, DeterministicEmbedder(dim=32), full=True, shadow=True)
+    assert registry.get_version(first_shadow.version)["status"] == "retired"  # replaced, kept for rollback
+    assert registry.list_aliases()[0]["shadow_version"] == second_shadow.version
+    later, _ = run(root, registry, embedder)  # a run finds nothing unfinished
+    assert later.recovered == [] and registry.get_version(first_shadow.version)["status"] == "retired"
