@@ -1,8 +1,8 @@
 """A deterministic embedder for counting runs: fast, reproducible, and a weak retriever by design.
 
 It tokenizes like the default model (so chunk boundaries match a real run) and embeds by feature
-hashing: every lowercase word adds +1 or -1 to one of ``dim`` coordinates chosen by its CRC-32, and
-the sum is L2-normalized. Texts that share words are near each other, so vector indexes see data
+hashing: every lowercase word that is not a stop word adds +1 or -1 to one of ``dim`` coordinates
+chosen by its CRC-32, and the sum is L2-normalized. Texts that share words are near each other, so vector indexes see data
 with real neighbourhoods (random vectors would be an unrealistic worst case for HNSW), and identical
 texts get identical vectors. It lives here, outside the product, and is chosen only explicitly
 (``ragpipe replay --embedder deterministic``, benchmarks, tests).
@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.chunking import TokenCounter
 from pipeline.embedding import DEFAULT_MODEL, SentenceTransformerEmbedder
+from retrieval.bm25 import STOPWORDS
 
 
 _WORD = re.compile(r"\w+")
@@ -41,6 +42,8 @@ class DeterministicEmbedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, text in enumerate(texts):
             for word in _WORD.findall(text.lower()):
+                if word in STOPWORDS:
+                    continue
                 h = zlib.crc32(word.encode("utf-8"))
                 out[i, h % self.dim] += 1.0 if (h >> 16) & 1 else -1.0
             norm = float(np.linalg.norm(out[i]))

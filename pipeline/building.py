@@ -21,32 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import faults
-from pipeline.artifacts import MANIFEST, sha256_file
+from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, MANIFEST_FORMAT, METRIC, VECTORS_FILE, sha256_file
 from retrieval.bm25 import B, K1, Analyzer, BM25Tables
-
-MANIFEST_FORMAT = 1
-CHUNKS_FILE = "chunks.parquet"
-VECTORS_FILE = "vectors.hnsw"
-METRIC = "ip"  # inner product on L2-normalized vectors = cosine
-
-CHUNK_SCHEMA = pa.schema(
-    [
-        ("chunk_key", pa.int64()),
-        ("chunk_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("chunk_hash", pa.string()),
-        ("ordinal", pa.int32()),
-        ("heading_path", pa.list_(pa.string())),
-        ("char_start", pa.int32()),
-        ("char_end", pa.int32()),
-        ("token_count", pa.int32()),
-        ("text", pa.string()),
-        ("source_uri", pa.string()),
-        ("metadata", pa.string()),  # JSON object
-        ("valid_from", pa.timestamp("us", tz="UTC")),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class HnswParams:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import faults
-from pipeline.artifacts import ArtifactStore
+from retrieval.artifacts import ArtifactStore
 from pipeline.building import BuildPlan, HnswParams, build_version
 from pipeline.chunking import Chunk, chunk_document, chunker_version
 from pipeline.config import IndexConfig

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import MANIFEST, sha256_file
-from pipeline.building import CHUNKS_FILE, VECTORS_FILE
+from retrieval.artifacts import MANIFEST, sha256_file
+from retrieval.artifacts import CHUNKS_FILE, VECTORS_FILE
 from retrieval.bm25 import BM25Tables
 
 RECALL_SAMPLE = 200

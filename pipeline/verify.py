@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.artifacts import ArtifactStore
+from retrieval.artifacts import ArtifactStore
 from pipeline.validation import check_structure
 from registry import Registry
 

@@ -137,3 +137,65 @@ class BM25Tables:
         postings = pq.read_table(directory / POSTINGS_FILE, schema=_POSTINGS_SCHEMA)
         vocab = pq.read_table(directory / VOCAB_FILE)
         return cls(postings, vocab.column("term").to_pylist(), vocab.column("df").to_numpy().astype(np.int64))
+
+
+EPSILON = 0.25  # rank-bm25's floor for negative idf: EPSILON * mean idf
+
+
+class BM25Scorer:
+    """Serves BM25 queries over a version's tables: an inverted index built once at load.
+
+    Scores are those of rank-bm25's ``BM25Okapi`` (same idf with its epsilon floor, same k1, b and
+    length normalization, repeated query terms counted again), computed with numpy over posting
+    lists instead of a Python loop over every chunk.
+    """
+
+    def __init__(self, tables: BM25Tables, analyzer: Analyzer | None = None, k1: float = K1, b: float = B) -> None:
+        self.analyzer = analyzer or Analyzer()
+        postings = tables.postings
+        self.keys = postings.column("chunk_key").to_numpy()
+        self.size = len(self.keys)
+        lengths = postings.column("length").to_numpy().astype(np.float32)
+        avgdl = float(lengths.mean()) if self.size else 1.0
+        term_lists = postings.column("term_ids")
+        flat_terms = pc.list_flatten(term_lists).to_numpy().astype(np.int64)
+        flat_tfs = pc.list_flatten(postings.column("tfs")).to_numpy().astype(np.float32)
+        counts = pc.list_value_length(term_lists).to_numpy(zero_copy_only=False).astype(np.int64)
+        rows = np.repeat(np.arange(self.size, dtype=np.int64), counts)
+        order = np.argsort(flat_terms, kind="stable")
+        self._rows = rows[order]
+        tf = flat_tfs[order]
+        norm = k1 * (1.0 - b + b * lengths[self._rows] / avgdl)
+        self._weights = (tf * (k1 + 1.0) / (tf + norm)).astype(np.float32)
+        vocab = len(tables.terms)
+        self._offsets = np.zeros(vocab + 1, dtype=np.int64)
+        np.cumsum(np.bincount(flat_terms, minlength=vocab), out=self._offsets[1:])
+        df = tables.df.astype(np.float64)
+        present = df > 0
+        idf = np.log(self.size - df + 0.5) - np.log(df + 0.5)
+        mean_idf = float(idf[present].mean()) if present.any() else 0.0
+        idf[present & (idf < 0)] = EPSILON * mean_idf
+        self._idf = idf.astype(np.float32)
+        self._term_id = {t: i for i, t in enumerate(tables.terms)}
+
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every chunk (row order of the tables) for ``query``."""
+        out = np.zeros(self.size, dtype=np.float32)
+        for term in self.analyzer.terms(query):
+            tid = self._term_id.get(term)
+            if tid is None:
+                continue
+            start, end = self._offsets[tid], self._offsets[tid + 1]
+            out[self._rows[start:end]] += self._idf[tid] * self._weights[start:end]
+        return out
+
+    def top(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chunk keys, scores, all scores) of the ``n`` best chunks with a positive score."""
+        scores = self.scores(query)
+        n = min(n, self.size)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), scores
+        best = np.argpartition(-scores, n - 1)[:n]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        best = best[scores[best] > 0]
+        return self.keys[best], scores[best], scores

@@ -1,7 +1,6 @@
 """Import direction (dags → pipeline → {retrieval, registry}) and no pickle anywhere."""
 
 import ast
-from pathlib import Path
 
 from conftest import REPO
 

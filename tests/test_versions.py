@@ -4,14 +4,13 @@ verify, gc, shadow versions, staged visibility, remote artifact stores, concurre
 import json
 import threading
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.embedders import DeterministicEmbedder
 from conftest import write_tree
-from pipeline.artifacts import ArtifactStore
-from pipeline.building import CHUNKS_FILE
+from retrieval.artifacts import ArtifactStore
+from retrieval.artifacts import CHUNKS_FILE
 from pipeline.config import IndexConfig
 from pipeline.errors import VersionRejected
 from pipeline.runner import RunOptions, artifact_store, run_index

@@ -17,7 +17,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+CHUNKS_FILE = "chunks.parquet"
+VECTORS_FILE = "vectors.hnsw"
+METRIC = "ip"  # inner product on L2-normalized vectors = cosine
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        ("chunk_key", pa.int64()),
+        ("chunk_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("chunk_hash", pa.string()),
+        ("ordinal", pa.int32()),
+        ("heading_path", pa.list_(pa.string())),
+        ("char_start", pa.int32()),
+        ("char_end", pa.int32()),
+        ("token_count", pa.int32()),
+        ("text", pa.string()),
+        ("source_uri", pa.string()),
+        ("metadata", pa.string()),  # JSON object
+        ("valid_from", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
 
 
 def sha256_file(path: Path) -> str:
