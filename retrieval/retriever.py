@@ -27,7 +27,7 @@ import numpy as np
 
 from registry import Registry, RegistryConfig
 from retrieval import telemetry
-from retrieval.errors import AliasNotFound, ModelMismatch, RetrievalError
+from retrieval.errors import AliasNotFound, ModelError, ModelMismatch, RetrievalError
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
 from retrieval.hit import Hit, StageScore
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
@@ -50,7 +50,8 @@ class RetrievalConfig:
         reranker: ``exact`` (default), ``none``, ``exact:W``, or a cross-encoder name or path.
         rerank_depth: how many fused candidates the reranker rescores.
         model: the query encoder's model; None uses the model the version's manifest names.
-        device: the query encoder's device.
+        encoder_backend: ``auto`` (ONNX Runtime when the model allows it, else torch), ``onnx``, ``torch``.
+        device: the torch encoder's device.
         query_cache_size / result_cache_size: LRU sizes (0 turns a cache off).
         follow: follow the alias (LISTEN/NOTIFY plus a poll every ``poll_interval`` seconds).
         mirror_fraction: share of queries also run against the alias's shadow version.
@@ -66,6 +67,7 @@ class RetrievalConfig:
     reranker: str | None = "exact"
     rerank_depth: int = 50
     model: str | None = None
+    encoder_backend: str = "auto"
     device: str = "cpu"
     query_cache_size: int = 1024
     result_cache_size: int = 1024
@@ -75,6 +77,8 @@ class RetrievalConfig:
     threads: int = 4
 
     def __post_init__(self) -> None:
+        if self.encoder_backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"encoder_backend must be 'auto', 'onnx' or 'torch', got {self.encoder_backend!r}")
         if self.retrievers not in ("hybrid", "bm25", "vector"):
             raise ValueError(f"retrievers must be 'hybrid', 'bm25' or 'vector', got {self.retrievers!r}")
         if self.fusion not in ("rrf", "weighted"):
@@ -284,13 +288,25 @@ class Retriever:
         with self._encoder_lock:
             encoder = self._encoders.get(model_id)
             if encoder is None:
-                from retrieval.models import SentenceTransformerEmbedder
-
-                encoder = SentenceTransformerEmbedder(self.config.model or model_id, device=self.config.device)
+                encoder = self._new_encoder(self.config.model or model_id)
                 if encoder.model_id != model_id:
                     raise ModelMismatch(f"the version was embedded with {model_id!r}; the encoder is {encoder.model_id!r}")
                 self._encoders[model_id] = encoder
             return encoder
+
+    def _new_encoder(self, model: str) -> Any:
+        if self.config.encoder_backend in ("auto", "onnx"):
+            try:
+                from retrieval.onnx import OnnxEncoder
+
+                return OnnxEncoder(model, self._cache_dir)
+            except (ModelError, ImportError) as exc:
+                if self.config.encoder_backend == "onnx":
+                    raise ModelError(f"cannot run {model!r} on ONNX Runtime: {exc}") from exc
+                logger.info("encoding queries with torch: %s", exc)
+        from retrieval.models import SentenceTransformerEmbedder
+
+        return SentenceTransformerEmbedder(model, device=self.config.device)
 
     def _embed(self, queries: Sequence[str], model_id: str) -> np.ndarray:
         with telemetry.span("embedding.query", {"embedding.model": model_id, "embedding.queries": len(queries)}):

@@ -47,3 +47,15 @@ def test_local_model_path_gets_a_content_derived_id(tmp_path):
     v = SentenceTransformerEmbedder(str(copy), device="cpu").embed(["same text"])
     w = SentenceTransformerEmbedder(DEFAULT_MODEL, device="cpu").embed(["same text"])
     np.testing.assert_allclose(v, w, atol=1e-5)
+
+
+def test_onnx_encoder_gives_sentence_transformers_vectors(model, tmp_path):
+    from retrieval.onnx import OnnxEncoder
+
+    onnx = OnnxEncoder(DEFAULT_MODEL, tmp_path)
+    assert onnx.model_id == model.model_id and onnx.dim == 384
+    texts = ["boundary layer transition at Mach 3", "x", "a longer query " * 40]
+    a, b = onnx.embed(texts), model.embed(texts)
+    cosines = (a * b).sum(axis=1)
+    assert cosines.min() >= 0.99999, cosines
+    assert OnnxEncoder(DEFAULT_MODEL, tmp_path).onnx_path == onnx.onnx_path  # exported once, then reused

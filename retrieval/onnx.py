@@ -1,0 +1,114 @@
+"""An ONNX Runtime encoder for queries: the same vectors as sentence-transformers, several times faster.
+
+The model's transformer is exported once with ``torch.onnx`` into the ragpipe cache and run with
+onnxruntime; tokenization uses the model's fast tokenizer, pooling and normalization follow the
+model's sentence-transformers configuration (mean or CLS pooling). A test proves the vectors equal
+sentence-transformers' (cosine >= 0.99999), so the model id is the same and versions built with the
+torch model are served without re-embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import ModelError
+from retrieval.models import resolve_model
+
+logger = logging.getLogger(__name__)
+_EXPORT_LOCK = threading.Lock()
+
+
+def _pooling(model_path: Path) -> str:
+    config_file = model_path / "1_Pooling" / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{model_path} has no 1_Pooling/config.json; use the torch encoder")
+    config = json.loads(config_file.read_text())
+    if config.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if config.get("pooling_mode_cls_token"):
+        return "cls"
+    raise ModelError(f"{model_path}: only mean or CLS pooling run on ONNX; use the torch encoder")
+
+
+def export_onnx(model_path: Path, target: Path) -> None:
+    """Export the model's transformer (input ids, attention mask, token types -> token embeddings)."""
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_path)).eval()
+
+    class TokenEmbeddings(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    sample = torch.ones((1, 8), dtype=torch.long)
+    axes = {0: "batch", 1: "tokens"}
+    partial = target.with_name(target.name + f".{os.getpid()}.tmp")
+    with torch.no_grad():
+        torch.onnx.export(
+            TokenEmbeddings(model), (sample, sample, torch.zeros_like(sample)), str(partial),
+            input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["token_embeddings"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes, "token_embeddings": axes},
+            opset_version=17, dynamo=False,
+        )
+    partial.rename(target)
+
+
+class OnnxEncoder:
+    """Encode texts with an ONNX export of a sentence-transformers model (mean or CLS pooling)."""
+
+    def __init__(self, model: str, cache_dir: Path, *, threads: int | None = None, batch_size: int = 32) -> None:
+        self.model_id, load_from = resolve_model(model)
+        self._path = Path(load_from)
+        if not self._path.is_dir():
+            raise ModelError(f"model {model!r} is not a local directory; ONNX export needs its files")
+        self._pooling = _pooling(self._path)
+        st_config = self._path / "sentence_bert_config.json"
+        self.max_length = int(json.loads(st_config.read_text()).get("max_seq_length", 512)) if st_config.is_file() else 512
+        self.batch_size = batch_size
+        digest = hashlib.sha256(f"{self.model_id}\0{self._path}".encode()).hexdigest()[:16]
+        self.onnx_path = cache_dir / "onnx" / digest / "model.onnx"
+        with _EXPORT_LOCK:
+            if not self.onnx_path.is_file():
+                self.onnx_path.parent.mkdir(parents=True, exist_ok=True)
+                logger.info("exporting %s to ONNX at %s", self.model_id, self.onnx_path)
+                export_onnx(self._path, self.onnx_path)
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+        self._tokenizer = Tokenizer.from_file(str(self._path / "tokenizer.json"))
+        self._tokenizer.enable_truncation(self.max_length)
+        self._tokenizer.enable_padding()
+        self.dim = int(self.embed(["dimension probe"]).shape[1])
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            encoded = self._tokenizer.encode_batch(list(texts[i : i + self.batch_size]))
+            ids = np.array([e.ids for e in encoded], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+            types = np.array([e.type_ids for e in encoded], dtype=np.int64)
+            tokens = self._session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+            if self._pooling == "mean":
+                pooled = (tokens * mask[..., None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
+            else:
+                pooled = tokens[:, 0]
+            out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), dtype=np.float32)
