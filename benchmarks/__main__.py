@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-BENCHMARKS = {"noop": "benchmarks.noop", "publish": "benchmarks.publish"}
+BENCHMARKS = {"noop": "benchmarks.noop", "publish": "benchmarks.publish", "query": "benchmarks.query"}
 
 
 def main() -> int:

@@ -1,0 +1,123 @@
+"""Query benchmark: hybrid search latency and throughput over a large published version.
+
+The version holds N chunks of real sentences (from the shared data) embedded with the deterministic
+embedder, so that building it takes minutes, not hours. Queries are the Cranfield queries, encoded by
+the real all-MiniLM-L6-v2 (ONNX Runtime or torch) and relabelled with the version's model id: the
+timings are those of a real query path (real encoder, HNSW over N vectors of the same dimension,
+BM25 over N chunks, fusion, reranking), while the results themselves mean nothing. No caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.embedders import DeterministicEmbedder
+from benchmarks.noop import _sentences
+from benchmarks.publish import make_docs
+from pipeline.config import IndexConfig
+from pipeline.runner import run_index
+from pipeline.sources import scan_records
+from registry import Registry, RegistryConfig
+from registry.db import scratch_database
+
+
+class Relabelled:
+    """A real encoder presented under another model id (timing only)."""
+
+    def __init__(self, inner: Any, model_id: str) -> None:
+        self.inner = inner
+        self.model_id = model_id
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self.inner.embed(texts)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"p50_ms": round(statistics.median(ordered), 2),
+            "p95_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 2)}
+
+
+def run(shared: Path, size: int, registry_config: RegistryConfig) -> dict[str, Any]:
+    from retrieval import Retriever
+    from retrieval.models import SentenceTransformerEmbedder
+    from retrieval.onnx import OnnxEncoder
+
+    queries = [json.loads(line)["text"] for line in open(shared / "cranfield" / "queries.jsonl", encoding="utf-8")]
+    docs = make_docs(_sentences(shared), size, seed=size)
+    embedder = DeterministicEmbedder()
+    out: dict[str, Any] = {"benchmark": "query", "chunks": None, "queries": len(queries),
+                           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory(prefix="ragpipe-query-") as tmp, \
+            scratch_database(registry_config.database_url, registry_config.home) as url:
+        config = IndexConfig(index="bench", artifacts=str(Path(tmp) / "artifacts"), min_recall=0.9)
+        with Registry.open(RegistryConfig(database_url=url, home=Path(tmp))) as registry:
+            started = time.perf_counter()
+            summary = run_index(scan_records(((d, t, {}) for d, t in docs.items()), "bench"), registry, embedder, config)
+            out["chunks"] = summary.chunks["active"]
+            out["build_seconds"] = round(time.perf_counter() - started, 1)
+        encoders = {"onnx": OnnxEncoder("sentence-transformers/all-MiniLM-L6-v2", Path(tmp) / "cache"),
+                    "torch": SentenceTransformerEmbedder(device="cpu")}
+        cases = [("onnx", "exact"), ("onnx", "none"), ("torch", "exact")]
+        for backend, reranker in cases:
+            encoder = Relabelled(encoders[backend], embedder.model_id)
+            with Retriever.open("bench", url, home=tmp, encoder=encoder, follow=False, reranker=reranker,
+                                result_cache_size=0, query_cache_size=0) as retriever:
+                for q in queries[:5]:
+                    retriever.search(q, k=10)  # warm up
+                latency = []
+                for q in queries:
+                    started = time.perf_counter()
+                    retriever.search(q, k=10)
+                    latency.append((time.perf_counter() - started) * 1000)
+                entry: dict[str, Any] = {"single": percentiles(latency)}
+                if backend == "onnx":
+                    batch = queries[:32]
+                    started = time.perf_counter()
+                    for q in batch:
+                        retriever.search(q, k=10)
+                    sequential = time.perf_counter() - started
+                    started = time.perf_counter()
+                    retriever.search_many(batch, k=10)
+                    many = time.perf_counter() - started
+                    entry["sequential_32_qps"] = round(32 / sequential, 1)
+                    entry["search_many_32_qps"] = round(32 / many, 1)
+                    entry["search_many_speedup"] = round(sequential / many, 2)
+                out[f"{backend}+{reranker}"] = entry
+                if backend == "onnx" and reranker == "exact":
+                    out["hnsw_recall_at_10"] = _query_recall(retriever, encoder, queries)
+    return out
+
+
+def _query_recall(retriever: Any, encoder: Any, queries: list[str], k: int = 10) -> dict[str, float]:
+    """Recall@k of the served HNSW search against exact search, for the benchmark's real query vectors."""
+    version = retriever._current
+    vectors = version.vectors(version.keys.tolist())
+    q = encoder.embed(queries)
+    exact = q @ vectors.T
+    kth = -np.partition(-exact, k - 1, axis=1)[:, k - 1]
+    ef = max(retriever.config.ef, retriever.config.candidates)
+    version.hnsw.set_ef(ef)
+    _, distances = version.hnsw.knn_query(q, k=k)
+    hits = ((1.0 - distances) >= kth[:, None] - 1e-5).sum()
+    return {"ef": ef, "recall": round(float(hits) / (len(queries) * k), 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks query", description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", type=int, default=100_000)
+    parser.add_argument("--shared-data", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from benchmarks import shared_data_dir
+
+    print(json.dumps(run(shared_data_dir(args.shared_data), args.chunks, RegistryConfig.from_env()), indent=2))
+    return 0
