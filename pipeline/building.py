@@ -21,7 +21,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import faults
-from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, MANIFEST_FORMAT, METRIC, VECTORS_FILE, sha256_file
+from retrieval.artifacts import (
+    CHUNK_SCHEMA,
+    CHUNKS_FILE,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MATRIX_FILE,
+    METRIC,
+    VECTORS_FILE,
+    sha256_file,
+)
 from retrieval.bm25 import B, K1, Analyzer, BM25Tables
 
 @dataclass(frozen=True)
@@ -67,10 +76,11 @@ class BuildPlan:
 def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) -> dict[str, Any]:
     """Write the version's files into ``out`` and return its manifest (also written)."""
     analyzer = analyzer or Analyzer()
-    chunks = _chunk_table(plan)
+    chunks, parent_mask = _chunk_table(plan)
     pq.write_table(chunks, out / CHUNKS_FILE, compression="zstd")
 
     by_key = {int(r["chunk_key"]): r for r in plan.rows}
+    _write_matrix(out / MATRIX_FILE, plan, chunks, parent_mask, by_key)
     if plan.full:
         keys = [int(k) for k in chunks.column("chunk_key").to_pylist()]
         bm25 = BM25Tables.empty().update([], [(k, by_key[k]["text"]) for k in keys], analyzer)
@@ -86,7 +96,7 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
     faults.checkpoint("hnsw_written")
 
     files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
-             for name in [CHUNKS_FILE, VECTORS_FILE, *bm25_files]}
+             for name in [CHUNKS_FILE, MATRIX_FILE, VECTORS_FILE, *bm25_files]}
     manifest = {
         "format": MANIFEST_FORMAT,
         "index": plan.index,
@@ -109,7 +119,8 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
     return manifest
 
 
-def _chunk_table(plan: BuildPlan) -> pa.Table:
+def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None]:
+    """The version's chunk table, and for an incremental build which parent rows it kept."""
     rows = plan.rows
     fresh = pa.Table.from_pydict(
         {
@@ -130,13 +141,40 @@ def _chunk_table(plan: BuildPlan) -> pa.Table:
         schema=CHUNK_SCHEMA,
     )
     if plan.full:
-        return fresh
+        return fresh, None
     assert plan.parent_dir is not None
     parent = pq.read_table(plan.parent_dir / CHUNKS_FILE, schema=CHUNK_SCHEMA)
+    keep = np.ones(parent.num_rows, dtype=bool)
     if plan.touched_docs:
         touched = pc.is_in(parent.column("doc_id"), value_set=pa.array(sorted(plan.touched_docs), pa.string()))
-        parent = parent.filter(pc.invert(touched))
-    return pa.concat_tables([parent, fresh]).combine_chunks()
+        keep = ~touched.to_numpy(zero_copy_only=False)
+        parent = parent.filter(pa.array(keep))
+    return pa.concat_tables([parent, fresh]).combine_chunks(), keep
+
+
+def _write_matrix(path: Path, plan: BuildPlan, chunks: pa.Table, parent_mask: np.ndarray | None,
+                  by_key: dict[int, dict[str, Any]]) -> None:
+    """Full-precision vectors aligned with the chunk table: the parent's kept rows copied in one pass,
+    then the rewritten rows (from the cache when new, from the parent when kept)."""
+    fresh_keys = [int(r["chunk_key"]) for r in plan.rows]
+    matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(chunks.num_rows, plan.dim))
+    start = 0
+    parent_of: dict[int, int] = {}
+    if parent_mask is not None:
+        assert plan.parent_dir is not None
+        parent_matrix = np.load(plan.parent_dir / MATRIX_FILE, mmap_mode="r")
+        kept = int(parent_mask.sum())
+        matrix[:kept] = parent_matrix[parent_mask]
+        start = kept
+        missing = [k for k in fresh_keys if by_key[k]["chunk_hash"] not in plan.vectors]
+        if missing:
+            parent_keys = pq.read_table(plan.parent_dir / CHUNKS_FILE, columns=["chunk_key"]).column("chunk_key")
+            parent_of = {int(k): i for i, k in enumerate(parent_keys.to_numpy().tolist())}
+    for i, key in enumerate(fresh_keys):
+        vector = plan.vectors.get(by_key[key]["chunk_hash"])
+        matrix[start + i] = vector if vector is not None else parent_matrix[parent_of[key]]
+    matrix.flush()
+    del matrix
 
 
 def _vector_matrix(keys: Sequence[int], by_key: dict[int, dict[str, Any]], plan: BuildPlan) -> np.ndarray:

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from retrieval.artifacts import MANIFEST, sha256_file
-from retrieval.artifacts import CHUNKS_FILE, VECTORS_FILE
-from retrieval.bm25 import BM25Tables
+from retrieval.artifacts import CHUNKS_FILE, MATRIX_FILE, VECTORS_FILE
+from retrieval.bm25 import POSTINGS_FILE
 
 RECALL_SAMPLE = 200
 
@@ -72,9 +72,16 @@ def check_structure(
     *,
     model_id: str,
     live_doc_ids: Collection[str] | None = None,
+    checksums: bool = True,
 ) -> tuple[list[str], Any, np.ndarray]:
-    """Structural invariants; returns (problems, the loaded HNSW index, the chunk keys)."""
-    problems = check_files(directory, manifest)
+    """Structural invariants; returns (problems, the loaded HNSW index, the chunk keys).
+
+    ``checksums=False`` only checks that the files exist (right after a build that computed them).
+    """
+    if checksums:
+        problems = check_files(directory, manifest)
+    else:
+        problems = [f"file {name} is missing" for name in manifest.get("files", {}) if not (directory / name).is_file()]
     if problems:
         return problems, None, np.zeros(0, dtype=np.int64)
     chunks = pq.read_table(directory / CHUNKS_FILE, columns=["chunk_key", "doc_id"])
@@ -87,7 +94,7 @@ def check_structure(
             f"chunk table and registry differ: {len(table_keys - registry_keys)} keys only in the table, "
             f"{len(registry_keys - table_keys)} only in the registry"
         )
-    bm25_keys = set(BM25Tables.read(directory).keys.tolist())
+    bm25_keys = set(pq.read_table(directory / POSTINGS_FILE, columns=["chunk_key"]).column("chunk_key").to_pylist())
     if bm25_keys != table_keys:
         problems.append(f"BM25 and chunk table differ by {len(bm25_keys ^ table_keys)} keys")
     index = load_hnsw(directory, manifest)
@@ -104,6 +111,14 @@ def check_structure(
         problems.append(f"manifest names model {manifest['model']['id']!r}, the version was built with {model_id!r}")
     if index.dim != manifest["model"]["dim"]:
         problems.append(f"HNSW dimension {index.dim} differs from the manifest's {manifest['model']['dim']}")
+    matrix = np.load(directory / MATRIX_FILE, mmap_mode="r")
+    if matrix.shape != (len(keys), manifest["model"]["dim"]):
+        problems.append(f"full-precision vectors have shape {matrix.shape}, expected ({len(keys)}, {manifest['model']['dim']})")
+    elif len(keys) and table_keys <= stored:
+        rows = np.random.default_rng(1).choice(len(keys), size=min(64, len(keys)), replace=False)
+        hnsw = np.asarray(index.get_items(keys[rows].tolist()), dtype=np.float32)
+        if not np.allclose(hnsw, matrix[rows], atol=1e-6):
+            problems.append("full-precision vectors differ from the HNSW index's vectors")
     if live_doc_ids is not None:
         gone = set(chunks.column("doc_id").to_pylist()) - set(live_doc_ids)
         if gone:
@@ -119,20 +134,21 @@ def _retrievable(index: Any, key: int) -> bool:
         return False
 
 
-def hnsw_recall(index: Any, keys: np.ndarray, ef: int, k: int = 10, sample: int = RECALL_SAMPLE) -> float:
+def hnsw_recall(index: Any, keys: np.ndarray, vectors: np.ndarray, ef: int, k: int = 10,
+                sample: int = RECALL_SAMPLE) -> float:
     """Recall@k of HNSW against exact inner-product search, queries sampled from the version's vectors.
 
-    A returned neighbour counts when its score reaches the exact k-th best score, so that ties
-    (duplicate texts, equally near neighbours) never count as misses.
+    ``vectors`` are the version's full-precision vectors, row i for ``keys[i]``. A returned neighbour
+    counts when its score reaches the exact k-th best score, so that ties (duplicate texts, equally
+    near neighbours) never count as misses.
     """
     if len(keys) == 0:
         return 1.0
     k = min(k, len(keys))
-    vectors = np.asarray(index.get_items(keys.tolist()), dtype=np.float32)
     rng = np.random.default_rng(0)
     rows = rng.choice(len(keys), size=min(sample, len(keys)), replace=False)
-    queries = vectors[rows]
-    exact = queries @ vectors.T
+    queries = np.asarray(vectors[rows], dtype=np.float32)
+    exact = queries @ np.asarray(vectors, dtype=np.float32).T
     kth = -np.partition(-exact, k - 1, axis=1)[:, k - 1]
     index.set_ef(max(ef, k))
     _, distances = index.knn_query(queries, k=k)
@@ -183,11 +199,11 @@ def validate_version(
     manifest = json.loads((directory / MANIFEST).read_text())
     report = ValidationReport()
     problems, index, keys = check_structure(directory, manifest, registry_keys, model_id=model_id,
-                                            live_doc_ids=live_doc_ids)
+                                            live_doc_ids=live_doc_ids, checksums=False)
     report.problems.extend(problems)
-    if index is None:
+    if index is None or problems:
         return report
-    recall = hnsw_recall(index, keys, thresholds.ef_search)
+    recall = hnsw_recall(index, keys, np.load(directory / MATRIX_FILE, mmap_mode="r"), thresholds.ef_search)
     report.metrics["hnsw_recall_at_10"] = round(recall, 4)
     if recall < thresholds.min_recall:
         report.problems.append(f"HNSW recall@10 {recall:.3f} < {thresholds.min_recall:.2f}")

@@ -23,6 +23,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 CHUNKS_FILE = "chunks.parquet"
 VECTORS_FILE = "vectors.hnsw"
+MATRIX_FILE = "vectors.npy"  # full-precision vectors, row i = row i of the chunk table
 METRIC = "ip"  # inner product on L2-normalized vectors = cosine
 
 CHUNK_SCHEMA = pa.schema(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, VECTORS_FILE
+from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, MATRIX_FILE, VECTORS_FILE
 from retrieval.bm25 import ANALYZER_VERSION, Analyzer, BM25Scorer, BM25Tables
 from retrieval.errors import VersionUnavailable
 
@@ -80,6 +80,7 @@ class LoadedVersion:
         self.size = chunks.num_rows
         self.keys = chunks.column("chunk_key").to_numpy()
         self.row = {int(k): i for i, k in enumerate(self.keys.tolist())}
+        self.matrix = np.load(directory / MATRIX_FILE, mmap_mode="r")
         self.columns = {name: chunks.column(name).to_pylist() for name in CHUNK_SCHEMA.names if name != "chunk_key"}
         self._metadata_cache: dict[int, dict[str, Any]] = {}
 
@@ -91,7 +92,7 @@ class LoadedVersion:
         return cached
 
     def vectors(self, keys: list[int]) -> np.ndarray:
-        """Full-precision vectors of chunks, from the HNSW index's own storage."""
+        """Full-precision vectors of chunks (the version's vector matrix, memory-mapped)."""
         if not keys:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.asarray(self.hnsw.get_items(keys), dtype=np.float32)
+        return np.asarray(self.matrix[[self.row[k] for k in keys]], dtype=np.float32)

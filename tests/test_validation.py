@@ -22,12 +22,12 @@ def unit(rows, dim, seed):
 def test_recall_separates_sound_from_poor_indexes():
     vectors = unit(3000, 32, 0)
     good, keys = index_of(vectors, 16, 200)
-    assert hnsw_recall(good, keys, ef=200) >= 0.97
+    assert hnsw_recall(good, keys, vectors, ef=200) >= 0.97
     poor, keys = index_of(vectors, 2, 4)
-    assert hnsw_recall(poor, keys, ef=10) < 0.8
+    assert hnsw_recall(poor, keys, vectors, ef=10) < 0.8
 
 
 def test_duplicates_are_not_misses():
     vectors = np.repeat(unit(50, 16, 1), 20, axis=0)  # every vector twenty times: ties everywhere
     index, keys = index_of(vectors, 16, 100)
-    assert hnsw_recall(index, keys, ef=100) == 1.0
+    assert hnsw_recall(index, keys, vectors, ef=100) == 1.0

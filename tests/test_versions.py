@@ -58,6 +58,15 @@ def bm25_by_chunk(registry, config, version):
     return out, df
 
 
+def vectors_by_chunk(registry, config, version):
+    import numpy as np
+
+    directory = version_dir(registry, config, version)
+    ids = pq.read_table(directory / CHUNKS_FILE).column("chunk_id").to_pylist()
+    matrix = np.load(directory / "vectors.npy")
+    return {chunk_id: tuple(matrix[i].round(6).tolist()) for i, chunk_id in enumerate(ids)}
+
+
 def test_incremental_versions_equal_a_full_rebuild(tmp_path, registry, embedder):
     root = corpus(tmp_path / "src")
     first, config = run(root, registry, embedder)
@@ -73,9 +82,11 @@ def test_incremental_versions_equal_a_full_rebuild(tmp_path, registry, embedder)
     assert full.full_build and full.documents["unchanged"] == 3
     assert table(registry, config, third.version) == table(registry, config, full.version)
     assert bm25_by_chunk(registry, config, third.version) == bm25_by_chunk(registry, config, full.version)
+    assert vectors_by_chunk(registry, config, third.version) == vectors_by_chunk(registry, config, full.version)
     manifest = json.loads((version_dir(registry, config, third.version) / "manifest.json").read_text())
     assert manifest["parent_version"] == second.version and manifest["model"]["id"] == embedder.model_id
-    assert set(manifest["files"]) == {"chunks.parquet", "vectors.hnsw", "bm25_postings.parquet", "bm25_vocab.parquet"}
+    assert set(manifest["files"]) == {"chunks.parquet", "vectors.npy", "vectors.hnsw", "bm25_postings.parquet",
+                                      "bm25_vocab.parquet"}
     assert verify_index(registry, artifact_store(config, registry.home), "docs", "docs").ok
 
 
