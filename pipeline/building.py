@@ -73,8 +73,8 @@ class BuildPlan:
         return self.parent_dir is None
 
 
-def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) -> dict[str, Any]:
-    """Write the version's files into ``out`` and return its manifest (also written)."""
+def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) -> tuple[dict[str, Any], Any]:
+    """Write the version's files into ``out``; return its manifest (also written) and the HNSW index."""
     analyzer = analyzer or Analyzer()
     chunks, parent_mask = _chunk_table(plan)
     pq.write_table(chunks, out / CHUNKS_FILE, compression="zstd")
@@ -92,7 +92,7 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
         )
     bm25_files = bm25.write(out)
 
-    hnsw_info = _write_hnsw(out / VECTORS_FILE, plan, keys, by_key, chunks.num_rows)
+    hnsw_info, index = _write_hnsw(out / VECTORS_FILE, plan, keys, by_key, chunks.num_rows)
     faults.checkpoint("hnsw_written")
 
     files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
@@ -116,7 +116,7 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
         "files": files,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
+    return manifest, index
 
 
 def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None]:
@@ -185,7 +185,7 @@ def _vector_matrix(keys: Sequence[int], by_key: dict[int, dict[str, Any]], plan:
 
 
 def _write_hnsw(path: Path, plan: BuildPlan, keys: Sequence[int], by_key: dict[int, dict[str, Any]],
-                live: int) -> dict[str, int]:
+                live: int) -> tuple[dict[str, int], Any]:
     import hnswlib
 
     index = hnswlib.Index(space=METRIC, dim=plan.dim)
@@ -205,4 +205,5 @@ def _write_hnsw(path: Path, plan: BuildPlan, keys: Sequence[int], by_key: dict[i
                         replace_deleted=not plan.full)
     index.save_index(str(path))
     stored = index.get_current_count()
-    return {"max_elements": int(index.get_max_elements()), "stored": int(stored), "tombstones": int(stored - live)}
+    info = {"max_elements": int(index.get_max_elements()), "stored": int(stored), "tombstones": int(stored - live)}
+    return info, index

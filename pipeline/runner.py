@@ -289,7 +289,7 @@ def _run(
             hnsw=HnswParams(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction),
         )
         with store.writing(config.index, summary.version) as out:
-            manifest = build_version(out, build_plan)
+            manifest, hnsw_index = build_version(out, build_plan)
         registry.mark_version_built(summary.version, store.version_uri(config.index, summary.version), manifest)
 
     with stages.stage("validate"):
@@ -306,7 +306,9 @@ def _run(
             golden_set=Path(config.golden_set) if config.golden_set else None,
             embed=lambda texts: embedder.embed(texts),
             live_metrics=live["metrics"] if live and live["model_id"] == embedder.model_id else None,
+            index=hnsw_index,
         )
+        del hnsw_index
         summary.metrics = report.metrics
         if not report.ok:
             reason = "; ".join(report.problems)

@@ -73,6 +73,7 @@ def check_structure(
     model_id: str,
     live_doc_ids: Collection[str] | None = None,
     checksums: bool = True,
+    index: Any = None,
 ) -> tuple[list[str], Any, np.ndarray]:
     """Structural invariants; returns (problems, the loaded HNSW index, the chunk keys).
 
@@ -97,7 +98,8 @@ def check_structure(
     bm25_keys = set(pq.read_table(directory / POSTINGS_FILE, columns=["chunk_key"]).column("chunk_key").to_pylist())
     if bm25_keys != table_keys:
         problems.append(f"BM25 and chunk table differ by {len(bm25_keys ^ table_keys)} keys")
-    index = load_hnsw(directory, manifest)
+    if index is None:
+        index = load_hnsw(directory, manifest)
     stored = set(int(k) for k in index.get_ids_list())
     if not table_keys <= stored:
         problems.append(f"{len(table_keys - stored)} chunk keys have no vector in the HNSW index")
@@ -194,12 +196,13 @@ def validate_version(
     golden_set: Path | None = None,
     embed: Callable[[list[str]], np.ndarray] | None = None,
     live_metrics: dict[str, Any] | None = None,
+    index: Any = None,
 ) -> ValidationReport:
-    """Run every check on a freshly built version."""
+    """Run every check on a freshly built version (``index``: its HNSW index when still in memory)."""
     manifest = json.loads((directory / MANIFEST).read_text())
     report = ValidationReport()
     problems, index, keys = check_structure(directory, manifest, registry_keys, model_id=model_id,
-                                            live_doc_ids=live_doc_ids, checksums=False)
+                                            live_doc_ids=live_doc_ids, checksums=False, index=index)
     report.problems.extend(problems)
     if index is None or problems:
         return report

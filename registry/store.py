@@ -11,9 +11,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psycopg
@@ -28,9 +27,8 @@ from registry.versions import VersionStore
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DocumentState:
-    """What the registry knows of one document, enough to plan the next run."""
+class DocumentState(NamedTuple):
+    """What the registry knows of one document, enough to plan the next run (a tuple: cheap by 100,000s)."""
 
     doc_id: str
     content_hash: str
@@ -111,7 +109,8 @@ class Registry(VersionStore):
         """Return every document the index has seen, active or deleted, by doc_id."""
         with self.conn.cursor() as cur:
             cur.execute(q("document_states"), {"index": index})
-            return {row[0]: DocumentState(*row) for row in cur}
+            make = DocumentState._make
+            return {row[0]: make(row) for row in cur.fetchall()}
 
     def start_run(self, index: str, source: str) -> int:
         """Record a new run; call it while holding the index lock.
