@@ -77,7 +77,7 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
     """Write the version's files into ``out``; return its manifest (also written) and the HNSW index."""
     analyzer = analyzer or Analyzer()
     chunks, parent_mask = _chunk_table(plan)
-    pq.write_table(chunks, out / CHUNKS_FILE, compression="zstd")
+    pq.write_table(chunks, out / CHUNKS_FILE, compression="snappy")
 
     by_key = {int(r["chunk_key"]): r for r in plan.rows}
     _write_matrix(out / MATRIX_FILE, plan, chunks, parent_mask, by_key)

@@ -127,9 +127,9 @@ class BM25Tables:
         return BM25Tables(postings, terms, df)
 
     def write(self, directory: Path) -> list[str]:
-        pq.write_table(self.postings, directory / POSTINGS_FILE, compression="zstd")
+        pq.write_table(self.postings, directory / POSTINGS_FILE, compression="snappy")
         vocab = pa.table({"term": pa.array(self.terms, pa.string()), "df": pa.array(self.df, pa.int64())})
-        pq.write_table(vocab, directory / VOCAB_FILE, compression="zstd")
+        pq.write_table(vocab, directory / VOCAB_FILE, compression="snappy")
         return [POSTINGS_FILE, VOCAB_FILE]
 
     @classmethod
