@@ -153,7 +153,8 @@ class Retriever:
         self._cache_dir = registry_config.home / "cache"
         self._registry = Registry.open(registry_config, migrate=False)
         self._registry_lock = threading.Lock()
-        self._encoders: dict[str, Any] = {encoder.model_id: encoder} if encoder is not None else {}
+        given = [] if encoder is None else list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
+        self._encoders: dict[str, Any] = {e.model_id: e for e in given}
         self._encoder_lock = threading.Lock()
         self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
         self._query_cache = _LRU(config.query_cache_size)
@@ -179,7 +180,8 @@ class Retriever:
             index: the alias to search.
             database_url: the registry; None reads ``RAGPIPE_DATABASE_URL``, else the embedded server.
             encoder: an object with ``model_id`` and ``embed(texts)`` to encode queries (an ONNX runner,
-                say); by default the sentence-transformers model the version's manifest names.
+                say), or a list of them (one per model, for mirroring to a shadow version of another
+                model); by default the model the version's manifest names.
             **config: any :class:`RetrievalConfig` field, plus ``home`` (ragpipe's home directory).
 
         Raises:
@@ -211,7 +213,7 @@ class Retriever:
             from retrieval.models import resolve_model
 
             wanted = resolve_model(self.config.model)[0]
-        elif self._encoders:
+        elif self._encoders and info.model_id not in self._encoders:
             wanted = next(iter(self._encoders))
         if wanted is not None and wanted != info.model_id:
                 raise ModelMismatch(

@@ -11,7 +11,7 @@ import pytest
 from benchmarks.embedders import DeterministicEmbedder
 from conftest import write_tree
 from pipeline.config import IndexConfig
-from pipeline.runner import run_index
+from pipeline.runner import RunOptions, run_index
 from retrieval import Retriever
 from retrieval.errors import AliasNotFound, ModelMismatch
 
@@ -179,3 +179,15 @@ def test_tracing_spans_and_events(corpus, registry_config, embedder):
     events = [e for e in root.events if e.name == "chunk_retrieved"]
     assert [e.attributes["chunk_id"] for e in events] == [h.chunk_id for h in hits]
     assert events[0].attributes["source"] == hits[0].source_uri
+
+
+def test_mirror_mode_measures_the_shadow_and_serves_the_primary(corpus, registry, registry_config, embedder):
+    other = DeterministicEmbedder(dim=64)
+    shadow = run_index(str(corpus), registry, other, IndexConfig(lock_timeout=5),
+                       options=RunOptions(full=True, shadow=True))
+    with open_retriever(registry_config, [embedder, other], mirror_fraction=1.0, result_cache_size=0) as r:
+        r.refresh()  # loads the shadow
+        hits = r.search("heat shields protect capsules", k=3)
+        assert {h.index_version for h in hits} == {r.version} and r.version != shadow.version
+        stats = r.mirror.summary()
+    assert stats["queries"] == 1 and 0.0 <= stats["mean_overlap_at_10"] <= 1.0 and stats["shadow_p50_ms"] > 0
