@@ -93,23 +93,7 @@ def run(shared: Path, size: int, registry_config: RegistryConfig) -> dict[str, A
                     entry["search_many_32_qps"] = round(32 / many, 1)
                     entry["search_many_speedup"] = round(sequential / many, 2)
                 out[f"{backend}+{reranker}"] = entry
-                if backend == "onnx" and reranker == "exact":
-                    out["hnsw_recall_at_10"] = _query_recall(retriever, encoder, queries)
     return out
-
-
-def _query_recall(retriever: Any, encoder: Any, queries: list[str], k: int = 10) -> dict[str, float]:
-    """Recall@k of the served HNSW search against exact search, for the benchmark's real query vectors."""
-    version = retriever._current
-    vectors = version.vectors(version.keys.tolist())
-    q = encoder.embed(queries)
-    exact = q @ vectors.T
-    kth = -np.partition(-exact, k - 1, axis=1)[:, k - 1]
-    ef = max(retriever.config.ef, retriever.config.candidates)
-    version.hnsw.set_ef(ef)
-    _, distances = version.hnsw.knn_query(q, k=k)
-    hits = ((1.0 - distances) >= kth[:, None] - 1e-5).sum()
-    return {"ef": ef, "recall": round(float(hits) / (len(queries) * k), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -55,7 +54,6 @@ class RetrievalConfig:
         query_cache_size / result_cache_size: LRU sizes (0 turns a cache off).
         follow: follow the alias (LISTEN/NOTIFY plus a poll every ``poll_interval`` seconds).
         mirror_fraction: share of queries also run against the alias's shadow version.
-        threads: worker threads of ``search_many``.
     """
 
     retrievers: str = "hybrid"
@@ -74,7 +72,6 @@ class RetrievalConfig:
     follow: bool = True
     poll_interval: float = 5.0
     mirror_fraction: float = 0.0
-    threads: int = 4
 
     def __post_init__(self) -> None:
         if self.encoder_backend not in ("auto", "onnx", "torch"):
@@ -159,7 +156,6 @@ class Retriever:
         self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
         self._query_cache = _LRU(config.query_cache_size)
         self._result_cache = _LRU(config.result_cache_size)
-        self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ragpipe-search")
         self._shadow: LoadedVersion | None = None
         self.mirror = MirrorStats()
         self._closed = threading.Event()
@@ -274,7 +270,6 @@ class Retriever:
         self._closed.set()
         if self._follower is not None:
             self._follower.join(timeout=5)
-        self._pool.shutdown(wait=True)
         with self._registry_lock:
             self._registry.close()
 
@@ -327,14 +322,24 @@ class Retriever:
         return self._search_on(version, query, None, k, filters)
 
     def search_many(self, queries: Sequence[str], k: int = 10, filters: dict[str, Any] | None = None) -> list[Hits]:
-        """Search several queries: one embedding batch, then the searches in parallel, all on one version."""
+        """Search several queries on one version: one embedding batch and one HNSW call for all of them
+        (hnswlib spreads it over its threads), then BM25, fusion and reranking per query."""
         version = self._current
+        if not queries:
+            return []
         vectors = self._embed(list(queries), version.info.model_id)
-        futures = [self._pool.submit(self._search_on, version, q, vectors[i], k, filters) for i, q in enumerate(queries)]
-        return [f.result() for f in futures]
+        n = min(max(self.config.candidates, k), version.size)
+        knn = None
+        if n:
+            with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n, "retrieval.queries": len(queries)}):
+                version.hnsw.set_ef(max(self.config.ef, n))
+                knn = version.hnsw.knn_query(vectors, k=n)
+        return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]))
+                for i, q in enumerate(queries)]
 
     def _search_on(
-        self, version: LoadedVersion, query: str, vector: np.ndarray | None, k: int, filters: dict[str, Any] | None
+        self, version: LoadedVersion, query: str, vector: np.ndarray | None, k: int, filters: dict[str, Any] | None,
+        knn: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Hits:
         key = (version.info.version, query, k, json.dumps(filters, sort_keys=True, default=str))
         cached = self._result_cache.get(key)
@@ -349,7 +354,7 @@ class Retriever:
         }) as root:
             if vector is None:
                 vector = self._embed([query], version.info.model_id)[0]
-            hits = self._ranked(version, query, vector, k, filters)
+            hits = self._ranked(version, query, vector, k, filters, knn)
             for hit in hits:
                 telemetry.event(root, "chunk_retrieved", {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id,
                                                           "score": hit.score, "source": hit.source_uri})
@@ -377,10 +382,11 @@ class Retriever:
         self.mirror.shadow_ms.append((time.perf_counter() - started) * 1000)
 
     def _ranked(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
-                filters: dict[str, Any] | None) -> Hits:
+                filters: dict[str, Any] | None, knn: tuple[np.ndarray, np.ndarray] | None = None) -> Hits:
         n = max(self.config.candidates, k)
         while True:
-            hits, exhausted = self._ranked_once(version, query, vector, k, filters, n)
+            hits, exhausted = self._ranked_once(version, query, vector, k, filters, n, knn)
+            knn = None  # computed for the first depth only
             if len(hits) >= k or exhausted:
                 result = Hits(hits[:k])
                 result.exhausted = len(hits) < k
@@ -388,16 +394,21 @@ class Retriever:
             n *= 4  # filters removed too many candidates: look deeper
 
     def _ranked_once(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
-                     filters: dict[str, Any] | None, n: int) -> tuple[list[Hit], bool]:
+                     filters: dict[str, Any] | None, n: int,
+                     knn: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[Hit], bool]:
         n = min(n, version.size)
         exhausted = n >= version.size
         if n == 0:
             return [], True
-        with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n}):
-            version.hnsw.set_ef(max(self.config.ef, n))
-            labels, distances = version.hnsw.knn_query(vector, k=n)
-            vec_keys = [int(x) for x in labels[0]]
-            vec_scores = {key: 1.0 - float(d) for key, d in zip(vec_keys, distances[0])}
+        if knn is not None and len(knn[0]) == n:
+            labels, distances = knn
+        else:
+            with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n}):
+                version.hnsw.set_ef(max(self.config.ef, n))
+                found = version.hnsw.knn_query(vector, k=n)
+                labels, distances = found[0][0], found[1][0]
+        vec_keys = [int(x) for x in labels]
+        vec_scores = {key: 1.0 - float(d) for key, d in zip(vec_keys, distances)}
         with telemetry.span("retrieval.bm25_search", {"retrieval.candidates": n}):
             bm_keys_arr, bm_scores_arr, all_bm25 = version.bm25.top(query, n)
             bm_keys = [int(x) for x in bm_keys_arr]
