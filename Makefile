@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: anything later that needs torch then finds it and never pulls a CUDA build
 	$(PIP) $(TORCH) 2>&1 | grep -v "is ignored" || true
 	$(PIP) -e '.[test]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import torch, sentence_transformers, hnswlib, psycopg, rank_bm25, pyarrow, pgserver, airflow" 
+	$(PY) -W ignore -c "import torch, sentence_transformers, hnswlib, psycopg, rank_bm25, pyarrow, pgserver, airflow, onnxruntime"
 	touch $(STAMP)
 
 install: $(STAMP)
