@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job on the embedded defaults (unless RAGPIPE_DATABASE_URL is set): index this repository's
-# own documentation; a second run finds nothing changed.
+# own documentation (a second run finds nothing changed), then search it.
 run: install
 	$(VENV)/bin/ragpipe index . --index docs --include '*.md' --include '*.rst'
+	$(VENV)/bin/ragpipe search "what happens to the chunks of a deleted document?" --index docs --k 3
 
 test: install
 	$(VENV)/bin/pytest -q
