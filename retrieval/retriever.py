@@ -148,7 +148,7 @@ class Retriever:
         self.alias = alias
         self.config = config
         self._cache_dir = registry_config.home / "cache"
-        self._registry = Registry.open(registry_config, migrate=False)
+        self._registry = Registry.open(registry_config)  # first use of a fresh database migrates it
         self._registry_lock = threading.Lock()
         given = [] if encoder is None else list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
         self._encoders: dict[str, Any] = {e.model_id: e for e in given}
