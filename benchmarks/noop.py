@@ -75,9 +75,12 @@ def write_tldr(shared: Path, out: Path, count: int) -> int:
 
 def run(corpus: str, shared: Path, count: int, repeat: int, registry_config: RegistryConfig) -> dict[str, Any]:
     embedder = DeterministicEmbedder()
-    config = IndexConfig(index="bench", lock_timeout=0)
     with tempfile.TemporaryDirectory(prefix="ragpipe-noop-") as tmp:
-        root = Path(tmp)
+        root = Path(tmp) / "source"
+        root.mkdir()
+        # the synthetic corpus's hashed vectors are nearly equidistant, a hard case for HNSW (see
+        # docs/benchmarks.md); this benchmark measures the no-op pass, so the gate is lowered
+        config = IndexConfig(index="bench", lock_timeout=0, artifacts=str(Path(tmp) / "artifacts"), min_recall=0.85)
         started = time.perf_counter()
         documents = write_peps_final(shared, root) if corpus == "peps" else write_tldr(shared, root, count)
         write_seconds = time.perf_counter() - started
