@@ -83,6 +83,12 @@ class LoadedVersion:
         self.matrix = np.load(directory / MATRIX_FILE, mmap_mode="r")
         self.columns = {name: chunks.column(name).to_pylist() for name in CHUNK_SCHEMA.names if name != "chunk_key"}
         self._metadata_cache: dict[int, dict[str, Any]] = {}
+        future = [v for v in self.columns["valid_from"] if v is not None]
+        self._last_valid_from = max(future) if future else None
+
+    def all_visible_by(self, now: datetime) -> bool:
+        """Whether every chunk's valid_from has passed at ``now`` (results no longer depend on the clock)."""
+        return self._last_valid_from is None or self._last_valid_from <= now
 
     def metadata(self, row: int) -> dict[str, Any]:
         cached = self._metadata_cache.get(row)

@@ -27,14 +27,26 @@ logger = logging.getLogger(__name__)
 _EXPORT_LOCK = threading.Lock()
 
 
+_SUPPORTED_MODULES = {
+    "sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+    "sentence_transformers.models.Normalize",
+}
+
+
 def _pooling(model_path: Path) -> str:
+    modules_file = model_path / "modules.json"
+    if modules_file.is_file():
+        types = {m.get("type") for m in json.loads(modules_file.read_text())}
+        if not types <= _SUPPORTED_MODULES:
+            raise ModelError(f"{model_path} has modules {sorted(types - _SUPPORTED_MODULES)}; use the torch encoder")
     config_file = model_path / "1_Pooling" / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{model_path} has no 1_Pooling/config.json; use the torch encoder")
     config = json.loads(config_file.read_text())
-    if config.get("pooling_mode_mean_tokens"):
+    modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
+    if modes == ["pooling_mode_mean_tokens"]:
         return "mean"
-    if config.get("pooling_mode_cls_token"):
+    if modes == ["pooling_mode_cls_token"]:
         return "cls"
     raise ModelError(f"{model_path}: only mean or CLS pooling run on ONNX; use the torch encoder")
 

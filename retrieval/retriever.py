@@ -26,7 +26,7 @@ import numpy as np
 
 from registry import Registry, RegistryConfig
 from retrieval import telemetry
-from retrieval.errors import AliasNotFound, ModelError, ModelMismatch, RetrievalError
+from retrieval.errors import AliasNotFound, ModelError, ModelMismatch
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
 from retrieval.hit import Hit, StageScore
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
@@ -150,8 +150,10 @@ class Retriever:
         self._cache_dir = registry_config.home / "cache"
         self._registry = Registry.open(registry_config)  # first use of a fresh database migrates it
         self._registry_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         given = [] if encoder is None else list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
         self._encoders: dict[str, Any] = {e.model_id: e for e in given}
+        self._pinned = set(self._encoders)  # models the caller chose; others are loaded on demand
         self._encoder_lock = threading.Lock()
         self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
         self._query_cache = _LRU(config.query_cache_size)
@@ -159,7 +161,11 @@ class Retriever:
         self._shadow: LoadedVersion | None = None
         self.mirror = MirrorStats()
         self._closed = threading.Event()
-        self._current = self._load(self._resolve())
+        try:
+            self._current = self._load(self._resolve())
+        except BaseException:
+            self._registry.close()
+            raise
         self._follower: threading.Thread | None = None
         if config.follow:
             self._follower = threading.Thread(target=self._follow, name="ragpipe-follow", daemon=True)
@@ -209,8 +215,8 @@ class Retriever:
             from retrieval.models import resolve_model
 
             wanted = resolve_model(self.config.model)[0]
-        elif self._encoders and info.model_id not in self._encoders:
-            wanted = next(iter(self._encoders))
+        elif self._pinned and info.model_id not in self._pinned:
+            wanted = sorted(self._pinned)[0]
         if wanted is not None and wanted != info.model_id:
                 raise ModelMismatch(
                     f"version {info.version} of alias {self.alias!r} was embedded with {info.model_id!r}; "
@@ -240,27 +246,36 @@ class Retriever:
                             self.refresh()
                             last_poll = time.monotonic()
             except Exception:  # the database went away: keep serving, retry
-                logger.warning("alias follower lost the registry; retrying", exc_info=True)
+                logger.warning("alias follower: cannot follow alias %s; retrying", self.alias, exc_info=True)
                 self._closed.wait(self.config.poll_interval)
 
     def refresh(self) -> bool:
         """Load the alias's current version if it changed; returns whether the retriever switched."""
-        info = self._resolve()
-        shadow = self._resolve(shadow=True) if self.config.mirror_fraction > 0 else None
-        if shadow is None:
+        with self._refresh_lock:
+            info = self._resolve()
+            switched = False
+            if info is not None and info.version != self._current.info.version:
+                loaded = self._load(info)
+                previous = self._current
+                self._current = loaded  # one assignment: queries already running keep `previous`
+                self._result_cache.clear()
+                switched = True
+                logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
+            self._refresh_shadow()
+            return switched
+
+    def _refresh_shadow(self) -> None:
+        if self.config.mirror_fraction <= 0:
+            return
+        try:
+            shadow = self._resolve(shadow=True)
+            if shadow is None:
+                self._shadow = None
+            elif self._shadow is None or self._shadow.info.version != shadow.version:
+                self._shadow = LoadedVersion(shadow, local_directory(shadow.artifact_uri, self._cache_dir))
+        except Exception:  # mirroring is best effort: it never blocks serving the live version
+            logger.warning("cannot load the shadow version of alias %s; mirroring paused", self.alias, exc_info=True)
             self._shadow = None
-        elif self._shadow is None or self._shadow.info.version != shadow.version:
-            self._shadow = LoadedVersion(shadow, local_directory(shadow.artifact_uri, self._cache_dir))
-        if info is None or info.version == self._current.info.version:
-            return False
-        loaded = self._load(info)
-        previous = self._current
-        self._current = loaded  # one assignment: queries already running keep `previous`
-        self._result_cache.clear()
-        if previous.info.model_id != loaded.info.model_id:
-            self._query_cache.clear()
-        logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
-        return True
 
     @property
     def version(self) -> str:
@@ -297,7 +312,7 @@ class Retriever:
                 from retrieval.onnx import OnnxEncoder
 
                 return OnnxEncoder(model, self._cache_dir)
-            except (ModelError, ImportError) as exc:
+            except Exception as exc:  # any export or runtime failure: torch serves the same model
                 if self.config.encoder_backend == "onnx":
                     raise ModelError(f"cannot run {model!r} on ONNX Runtime: {exc}") from exc
                 logger.info("encoding queries with torch: %s", exc)
@@ -341,8 +356,11 @@ class Retriever:
         self, version: LoadedVersion, query: str, vector: np.ndarray | None, k: int, filters: dict[str, Any] | None,
         knn: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> Hits:
+        filters = _normalized(filters)
+        # while chunks of the version still wait for their valid_from, results depend on the clock
+        cacheable = version.all_visible_by(datetime.now(timezone.utc)) or (filters or {}).get("as_of") is not None
         key = (version.info.version, query, k, json.dumps(filters, sort_keys=True, default=str))
-        cached = self._result_cache.get(key)
+        cached = self._result_cache.get(key) if cacheable else None
         if cached is not None:
             return cached
         started = time.perf_counter()
@@ -358,7 +376,8 @@ class Retriever:
             for hit in hits:
                 telemetry.event(root, "chunk_retrieved", {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id,
                                                           "score": hit.score, "source": hit.source_uri})
-        self._result_cache.put(key, hits)
+        if cacheable:
+            self._result_cache.put(key, hits)
         if self.config.mirror_fraction and self._shadow is not None and random.random() < self.config.mirror_fraction:
             self._mirror(query, hits, k, filters, (time.perf_counter() - started) * 1000)
         return hits
@@ -371,7 +390,7 @@ class Retriever:
         try:
             vector = self._embed([query], shadow.info.model_id)[0]
             other = self._ranked(shadow, query, vector, max(k, 10), filters)
-        except RetrievalError:
+        except Exception:  # mirroring never fails the user's query
             logger.warning("mirror query on shadow %s failed", shadow.info.version, exc_info=True)
             return
         mine = {h.chunk_id for h in primary[:10]}
@@ -404,9 +423,7 @@ class Retriever:
             labels, distances = knn
         else:
             with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n}):
-                version.hnsw.set_ef(max(self.config.ef, n))
-                found = version.hnsw.knn_query(vector, k=n)
-                labels, distances = found[0][0], found[1][0]
+                labels, distances = _vector_search(version, vector, n, self.config.ef)
         vec_keys = [int(x) for x in labels]
         vec_scores = {key: 1.0 - float(d) for key, d in zip(vec_keys, distances)}
         with telemetry.span("retrieval.bm25_search", {"retrieval.candidates": n}):
@@ -480,6 +497,35 @@ class Retriever:
             version_updated_at=version.info.updated_at, model_id=version.info.model_id,
             bm25=bm25, vector=vector, fused=fused, rerank=rerank, metadata=version.metadata(row),
         )
+
+
+def _vector_search(version: LoadedVersion, vector: np.ndarray, n: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+    """HNSW top-n; exact search over the full-precision matrix when n covers the whole version or
+    the graph cannot return n neighbours (hnswlib raises then)."""
+    if n < version.size:
+        try:
+            version.hnsw.set_ef(max(ef, n))
+            found = version.hnsw.knn_query(vector, k=n)
+            return found[0][0], found[1][0]
+        except RuntimeError:
+            logger.info("HNSW returned fewer than %d neighbours; searching exactly", n)
+    scores = np.asarray(version.matrix, dtype=np.float32) @ np.asarray(vector, dtype=np.float32)
+    order = np.argsort(-scores, kind="stable")[:n]
+    return version.keys[order], (1.0 - scores[order]).astype(np.float32)
+
+
+def _normalized(filters: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Filters with ``as_of`` as an aware datetime (ISO strings accepted, naive times are UTC)."""
+    if not filters or filters.get("as_of") is None:
+        return filters
+    as_of = filters["as_of"]
+    if isinstance(as_of, str):
+        as_of = datetime.fromisoformat(as_of)
+    if not isinstance(as_of, datetime):
+        raise ValueError(f"filters['as_of'] must be a datetime or an ISO 8601 string, got {as_of!r}")
+    if as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=timezone.utc)
+    return {**filters, "as_of": as_of}
 
 
 __all__ = ["Hits", "MirrorStats", "RetrievalConfig", "Retriever"]

@@ -191,3 +191,21 @@ def test_mirror_mode_measures_the_shadow_and_serves_the_primary(corpus, registry
         assert {h.index_version for h in hits} == {r.version} and r.version != shadow.version
         stats = r.mirror.summary()
     assert stats["queries"] == 1 and 0.0 <= stats["mean_overlap_at_10"] <= 1.0 and stats["shadow_p50_ms"] > 0
+
+
+def test_staged_chunks_appear_when_their_time_comes(tmp_path, registry, registry_config, embedder):
+    from datetime import timedelta
+
+    soon = (datetime.now(timezone.utc) + timedelta(seconds=2)).isoformat()
+    rows = [{"doc_id": "now", "text": "Press release about the new wind tunnel."},
+            {"doc_id": "later", "text": "Embargoed press release about the new wind tunnel.",
+             "metadata": {"valid_from": soon}}]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    publish(src, registry, embedder)
+    with open_retriever(registry_config, embedder) as r:  # result cache on
+        assert {h.doc_id for h in r.search("press release wind tunnel", k=5)} == {"now"}
+        time.sleep(2.5)
+        assert {h.doc_id for h in r.search("press release wind tunnel", k=5)} == {"now", "later"}
+        naive = r.search("press release wind tunnel", k=5, filters={"as_of": "2000-01-01T00:00:00"})
+        assert {h.doc_id for h in naive} == {"now"}
