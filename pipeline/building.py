@@ -76,11 +76,11 @@ class BuildPlan:
 def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) -> tuple[dict[str, Any], Any]:
     """Write the version's files into ``out``; return its manifest (also written) and the HNSW index."""
     analyzer = analyzer or Analyzer()
-    chunks, parent_mask = _chunk_table(plan)
+    chunks, parent_mask, parent_keys = _chunk_table(plan)
     pq.write_table(chunks, out / CHUNKS_FILE, compression="snappy")
 
     by_key = {int(r["chunk_key"]): r for r in plan.rows}
-    _write_matrix(out / MATRIX_FILE, plan, chunks, parent_mask, by_key)
+    _write_matrix(out / MATRIX_FILE, plan, chunks, parent_mask, parent_keys, by_key)
     if plan.full:
         keys = [int(k) for k in chunks.column("chunk_key").to_pylist()]
         bm25 = BM25Tables.empty().update([], [(k, by_key[k]["text"]) for k in keys], analyzer)
@@ -119,8 +119,9 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
     return manifest, index
 
 
-def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None]:
-    """The version's chunk table, and for an incremental build which parent rows it kept."""
+def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None, np.ndarray | None]:
+    """The version's chunk table; for an incremental build also which parent rows it kept and the
+    parent's chunk keys in row order."""
     rows = plan.rows
     fresh = pa.Table.from_pydict(
         {
@@ -141,19 +142,20 @@ def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None]:
         schema=CHUNK_SCHEMA,
     )
     if plan.full:
-        return fresh, None
+        return fresh, None, None
     assert plan.parent_dir is not None
     parent = pq.read_table(plan.parent_dir / CHUNKS_FILE, schema=CHUNK_SCHEMA)
+    parent_keys = parent.column("chunk_key").to_numpy()
     keep = np.ones(parent.num_rows, dtype=bool)
     if plan.touched_docs:
         touched = pc.is_in(parent.column("doc_id"), value_set=pa.array(sorted(plan.touched_docs), pa.string()))
         keep = ~touched.to_numpy(zero_copy_only=False)
         parent = parent.filter(pa.array(keep))
-    return pa.concat_tables([parent, fresh]).combine_chunks(), keep
+    return pa.concat_tables([parent, fresh]).combine_chunks(), keep, parent_keys
 
 
 def _write_matrix(path: Path, plan: BuildPlan, chunks: pa.Table, parent_mask: np.ndarray | None,
-                  by_key: dict[int, dict[str, Any]]) -> None:
+                  parent_keys: np.ndarray | None, by_key: dict[int, dict[str, Any]]) -> None:
     """Full-precision vectors aligned with the chunk table: the parent's kept rows copied in one pass,
     then the rewritten rows (from the cache when new, from the parent when kept)."""
     fresh_keys = [int(r["chunk_key"]) for r in plan.rows]
@@ -166,10 +168,8 @@ def _write_matrix(path: Path, plan: BuildPlan, chunks: pa.Table, parent_mask: np
         kept = int(parent_mask.sum())
         matrix[:kept] = parent_matrix[parent_mask]
         start = kept
-        missing = [k for k in fresh_keys if by_key[k]["chunk_hash"] not in plan.vectors]
-        if missing:
-            parent_keys = pq.read_table(plan.parent_dir / CHUNKS_FILE, columns=["chunk_key"]).column("chunk_key")
-            parent_of = {int(k): i for i, k in enumerate(parent_keys.to_numpy().tolist())}
+        if parent_keys is not None and any(by_key[k]["chunk_hash"] not in plan.vectors for k in fresh_keys):
+            parent_of = {int(k): i for i, k in enumerate(parent_keys.tolist())}
     for i, key in enumerate(fresh_keys):
         vector = plan.vectors.get(by_key[key]["chunk_hash"])
         matrix[start + i] = vector if vector is not None else parent_matrix[parent_of[key]]
