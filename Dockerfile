@@ -1,6 +1,8 @@
 # ragpipe on the official Airflow 3 image: the same image runs the `ragpipe` CLI and Airflow's services.
 FROM apache/airflow:3.3.2-python3.11
 
+USER root
+RUN mkdir -p /opt/ragpipe/home /opt/ragpipe/artifacts && chown -R airflow:root /opt/ragpipe
 USER airflow
 WORKDIR /opt/ragpipe
 # torch first and pinned, so that sentence-transformers finds it and pulls nothing bigger
@@ -12,7 +14,8 @@ COPY --chown=airflow:root retrieval ./retrieval
 COPY --chown=airflow:root benchmarks ./benchmarks
 COPY --chown=airflow:root dags ./dags
 COPY --chown=airflow:root sql ./sql
-RUN pip install --no-cache-dir -e .
+# the image's own Airflow stays as it is: pip may add ragpipe's dependencies, never replace Airflow
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -e .
 
 ENV HF_HUB_OFFLINE=1 \
     RAGPIPE_HOME=/opt/ragpipe/home

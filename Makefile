@@ -1,4 +1,5 @@
-# ragpipe: `make run` indexes this repository's docs on the embedded defaults; `make test` runs every tier.
+# ragpipe: `make run` runs the rag_index DAG over this repository's docs on the embedded defaults, then
+# searches them; `make test` runs every tier.
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -8,6 +9,12 @@ TORCH   := torch==2.13.0
 WHEELS  := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check $(WHEELS)
 export HF_HUB_OFFLINE ?= 1
+export RAGPIPE_HOME ?= $(CURDIR)/.ragpipe
+# Airflow on its embedded default too: SQLite metadata under RAGPIPE_HOME, this repository's DAGs
+AIRFLOW_HOME_DIR := $(RAGPIPE_HOME)/airflow
+AIRFLOW_ENV := AIRFLOW_HOME=$(AIRFLOW_HOME_DIR) AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False RAGPIPE_INCLUDE='*.md,*.rst'
+RUN_CONF := {"source": "$(CURDIR)", "index": "docs"}
 
 .PHONY: install run test test-fast bench-replay schema clean
 
@@ -22,11 +29,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded defaults (unless RAGPIPE_DATABASE_URL is set): index this repository's
-# own documentation (a second run finds nothing changed), then search it.
-run: install
-	$(VENV)/bin/ragpipe index . --index docs --include '*.md' --include '*.rst'
+# The main job on the embedded defaults (unless RAGPIPE_DATABASE_URL is set): one run of the rag_index
+# DAG over this repository's own documentation (a second run finds nothing changed), then a search.
+run: install $(AIRFLOW_HOME_DIR)/airflow.db
+	@echo "airflow dags test rag_index (log: $(AIRFLOW_HOME_DIR)/rag_index.log)"
+	@$(AIRFLOW_ENV) $(VENV)/bin/airflow dags test rag_index -c '$(RUN_CONF)' > $(AIRFLOW_HOME_DIR)/rag_index.log 2>&1 \
+		|| (tail -n 40 $(AIRFLOW_HOME_DIR)/rag_index.log; exit 1)
+	@grep -o "DagRun Finished: dag_id=rag_index.*run_duration=[0-9.]*, state=[a-z]*" $(AIRFLOW_HOME_DIR)/rag_index.log \
+		| sed 's/, logical_date.*run_duration=/: /; s/, state=/ s, /'
+	@$(VENV)/bin/ragpipe runs list --index docs --limit 1
 	$(VENV)/bin/ragpipe search "what happens to the chunks of a deleted document?" --index docs --k 3
+
+$(AIRFLOW_HOME_DIR)/airflow.db: | install
+	mkdir -p $(AIRFLOW_HOME_DIR)
+	$(AIRFLOW_ENV) $(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME_DIR)/migrate.log 2>&1 \
+		|| (tail -n 40 $(AIRFLOW_HOME_DIR)/migrate.log; exit 1)
 
 test: install
 	$(VENV)/bin/pytest -q

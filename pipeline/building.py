@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import faults
+from pipeline.chunking import indexed_text
 from retrieval.artifacts import (
     CHUNK_SCHEMA,
     CHUNKS_FILE,
@@ -81,15 +82,17 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
 
     by_key = {int(r["chunk_key"]): r for r in plan.rows}
     _write_matrix(out / MATRIX_FILE, plan, chunks, parent_mask, parent_keys, by_key)
+
+    def indexed(keys: Sequence[int]) -> list[tuple[int, str]]:
+        return [(k, indexed_text(by_key[k]["context"], by_key[k]["text"])) for k in keys]
+
     if plan.full:
         keys = [int(k) for k in chunks.column("chunk_key").to_pylist()]
-        bm25 = BM25Tables.empty().update([], [(k, by_key[k]["text"]) for k in keys], analyzer)
+        bm25 = BM25Tables.empty().update([], indexed(keys), analyzer)
     else:
         assert plan.parent_dir is not None
         keys = plan.added_keys
-        bm25 = BM25Tables.read(plan.parent_dir).update(
-            plan.removed_keys, [(k, by_key[k]["text"]) for k in plan.added_keys], analyzer
-        )
+        bm25 = BM25Tables.read(plan.parent_dir).update(plan.removed_keys, indexed(plan.added_keys), analyzer)
     bm25_files = bm25.write(out)
 
     hnsw_info, index = _write_hnsw(out / VECTORS_FILE, plan, keys, by_key, chunks.num_rows)

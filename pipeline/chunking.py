@@ -17,6 +17,15 @@ How a document is cut:
    making many tiny ones). An edit inside one section therefore changes that section's chunks and
    at most the join decisions up to the next section that needs several chunks; boundaries
    anywhere else stay where they were. A chunk's heading path is that of the section it starts in.
+4. **Context**: when the document has a title (``metadata["title"]``), every chunk is embedded and
+   BM25-indexed as ``title + "\n\n" + chunk text`` (unless the chunk already begins with the title),
+   so a later chunk of a long document still says what the document is about. The chunk's own text
+   and character offsets stay those of the source, and the chunk alone still fits the limit: the
+   title does not shrink the budget (that would cut more documents into more chunks, each embedded
+   and stored). When title and a full chunk together exceed the model's window, the model sees the
+   title and the start of the chunk; BM25 indexes all of it. A title longer than an eighth of the
+   limit is left out. The chunk hash covers what is embedded, so a new title re-embeds exactly the
+   chunks it precedes.
 """
 
 from __future__ import annotations
@@ -54,6 +63,30 @@ class Chunk:
     char_end: int
     token_count: int
     text: str
+    context: str = ""  # the document title the chunk is indexed with ("" when none)
+
+    @property
+    def indexed_text(self) -> str:
+        """What the embedding model and BM25 see."""
+        return indexed_text(self.context, self.text)
+
+
+MAX_CONTEXT_CHARS = 200
+
+
+def chunk_context(metadata: dict[str, object]) -> str:
+    """The context line of a document's chunks: its title, whitespace-collapsed, at most 200 characters."""
+    title = metadata.get("title")
+    if not isinstance(title, str):
+        return ""
+    return " ".join(title.split())[:MAX_CONTEXT_CHARS]
+
+
+def indexed_text(context: str, text: str) -> str:
+    """A chunk's text as embedded and BM25-indexed: prefixed with its context unless it begins with it."""
+    if not context or text.startswith(context):
+        return text
+    return f"{context}\n\n{text}"
 
 
 @dataclass(frozen=True)
@@ -372,6 +405,9 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) 
     if max_tokens < 8:
         raise ValueError(f"max_tokens must be at least 8, got {max_tokens}")
     text = doc.text
+    context = chunk_context(doc.metadata)
+    if context and counter.count([context])[0] > max_tokens // 8:
+        context = ""  # a title this long would crowd out the chunk's own text
     cutter = _Cutter(text, counter, max_tokens)
     sections = split_sections(text, doc.format)
     section_spans = [_paragraphs(text, s.start, s.end, doc.format) for s in sections]
@@ -408,7 +444,7 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) 
             pieces[-1] = (path, joined + head_atoms, tokens + head_tokens)
             runs = runs[1:]
         pieces.extend((heading_path, run_atoms, run_tokens) for run_atoms, run_tokens in runs)
-    return [_make_chunk(doc, i, path, atoms, tokens) for i, (path, atoms, tokens) in enumerate(pieces)]
+    return [_make_chunk(doc, i, path, atoms, tokens, context) for i, (path, atoms, tokens) in enumerate(pieces)]
 
 
 def _pack_from_end(atoms: list[_Atom], max_tokens: int) -> list[tuple[list[_Atom], int]]:
@@ -430,10 +466,13 @@ def _pack_from_end(atoms: list[_Atom], max_tokens: int) -> list[tuple[list[_Atom
     return runs[::-1]
 
 
-def _make_chunk(doc: SourceDocument, ordinal: int, heading_path: tuple[str, ...], atoms: list[_Atom], tokens: int) -> Chunk:
+def _make_chunk(
+    doc: SourceDocument, ordinal: int, heading_path: tuple[str, ...], atoms: list[_Atom], tokens: int, context: str
+) -> Chunk:
     start, end = atoms[0].start, atoms[-1].end
     text = doc.text[start:end]
-    chunk_hash = sha256_hex(text)
+    context = context if indexed_text(context, text) != text else ""
+    chunk_hash = sha256_hex(indexed_text(context, text))
     return Chunk(
         doc_id=doc.doc_id,
         chunk_id=chunk_id_for(doc.doc_id, ordinal, heading_path, start, end, chunk_hash),
@@ -444,5 +483,6 @@ def _make_chunk(doc: SourceDocument, ordinal: int, heading_path: tuple[str, ...]
         char_end=end,
         token_count=tokens,
         text=text,
+        context=context,
     )
 

@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--json", action="store_true")
         _add_registry_flags(cmd)
 
+    runs = sub.add_parser("runs", help="indexing runs: list")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    runs_list = runs_sub.add_parser("list", help="the newest runs with what each did")
+    runs_list.add_argument("--index", help="index name (env RAGPIPE_INDEX; default docs)")
+    runs_list.add_argument("--limit", type=int, default=10, help="how many runs, newest first")
+    runs_list.add_argument("--json", action="store_true")
+    _add_registry_flags(runs_list)
+
     search = sub.add_parser("search", help="search the live version of an index")
     search.add_argument("query")
     search.add_argument("--index", help="index (alias) name (env RAGPIPE_INDEX; default docs)")
@@ -264,6 +272,42 @@ def _cmd_alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from registry import Registry
+
+    config = _index_config(args)
+    with Registry.open(_registry_config(args)) as registry:
+        rows = registry.list_runs(config.index, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        print(format_run(r))
+    return 0
+
+
+def format_run(r: dict[str, Any]) -> str:
+    """One run as a person reads it: outcome, version, what changed, what was embedded, seconds."""
+    counts = r.get("counts") or {}
+    d, c, e = counts.get("documents") or {}, counts.get("chunks") or {}, counts.get("embedding") or {}
+    took = (r["finished_at"] - r["started_at"]).total_seconds() if r.get("finished_at") else None
+    head = (f"run {r['run_id']} ({r['owner']}) on index {r['index_name']!r}: {r['status']}"
+            + (f", version {counts['version']}" if counts.get("version") else
+               ", nothing changed" if r["status"] == "succeeded" else "")
+            + (f", {took:.1f} s" if took is not None else ""))
+    lines = [head]
+    if d:
+        lines.append(f"  documents  seen {d.get('seen', 0)}  new {d.get('new', 0)}  changed {d.get('changed', 0)}  "
+                     f"unchanged {d.get('unchanged', 0)}  deleted {d.get('deleted', 0)}  skipped {d.get('skipped', 0)}")
+    if c:
+        lines.append(f"  chunks     added {c.get('added', 0)}  removed {c.get('removed', 0)}  active {c.get('active', 0)}")
+    if e:
+        lines.append(f"  embedding  {e.get('chunks_embedded', 0)} embedded, {e.get('chunks_cached', 0)} from cache")
+    if r.get("error"):
+        lines.append(f"  error      {r['error']}")
+    return "\n".join(lines)
+
+
 def _cmd_versions(args: argparse.Namespace) -> int:
     from pipeline.runner import artifact_store, collect_garbage
     from registry import Registry
@@ -384,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
-                "versions": _cmd_versions, "verify": _cmd_verify, "search": _cmd_search, "eval": _cmd_eval}
+                "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search, "eval": _cmd_eval}
     from pipeline.errors import PipelineError
     from registry.errors import RegistryError
     from retrieval.errors import RetrievalError

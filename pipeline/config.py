@@ -41,6 +41,10 @@ class IndexConfig:
         golden_k, golden_min_recall, golden_max_drop: the golden set's recall@k floor and the most it
             may fall below the live version's.
         retention: how many of the newest versions gc keeps (live, shadow and head ones always stay).
+        embed_task_size: chunk texts per embedding task of an orchestrated run (one mapped Airflow
+            task each).
+        run_lease: seconds an orchestrated run keeps the index reserved between two of its steps;
+            each step renews it. A run whose lease ran out may be taken over.
     """
 
     index: str = "docs"
@@ -63,6 +67,8 @@ class IndexConfig:
     golden_min_recall: float = 0.0
     golden_max_drop: float = 0.05
     retention: int = 5
+    embed_task_size: int = 2048
+    run_lease: float = 3600.0
 
     def __post_init__(self) -> None:
         if not _INDEX_NAME.match(self.index):
@@ -73,6 +79,10 @@ class IndexConfig:
             raise ConfigError(f"alias {self.alias!r} must match {_INDEX_NAME.pattern}")
         if self.retention < 1:
             raise ConfigError(f"retention must be at least 1, got {self.retention}")
+        if self.embed_task_size < 1:
+            raise ConfigError(f"embed_task_size must be positive, got {self.embed_task_size}")
+        if self.run_lease <= 0:
+            raise ConfigError(f"run_lease must be positive, got {self.run_lease}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if self.max_document_bytes < 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from pipeline.chunking import chunk_context
+from pipeline.hashing import sha256_hex
 from pipeline.sources import SourceDocument
 from registry.store import DocumentState
 
@@ -15,7 +17,8 @@ class ChangeSet:
 
     Attributes:
         new: not in the registry, or deleted there earlier (chunk and embed).
-        changed: text changed, or cut by another chunker configuration (re-chunk, embed cache misses).
+        changed: text changed, or cut by another chunker configuration, format or title (re-chunk,
+            embed cache misses).
         metadata_only: same text, other metadata or source uri (update the registry row only).
         unchanged: nothing to do.
         deleted: doc_ids active in the registry but gone from the source.
@@ -43,9 +46,12 @@ class ChangeSet:
         return not (self.new or self.changed or self.metadata_only or self.deleted)
 
 
-def document_chunker(chunker_version: str, fmt: str) -> str:
-    """What decides one document's chunks: the chunker configuration and the document's format."""
-    return f"{chunker_version};format={fmt}"
+def document_chunker(chunker_version: str, doc: SourceDocument) -> str:
+    """What decides one document's chunks besides its text: the chunker configuration, the document's
+    format and the title its chunks are indexed with (see ``pipeline.chunking``)."""
+    context = chunk_context(doc.metadata)
+    title = f";title={sha256_hex(context)[:16]}" if context else ""
+    return f"{chunker_version};format={doc.format}{title}"
 
 
 def plan_changes(
@@ -78,9 +84,7 @@ def plan_changes(
         state = known.get(doc.doc_id)
         if state is None or state.status != "active":
             new.append(doc)
-        elif state.content_hash != doc.content_hash or state.chunker_version != document_chunker(
-            chunker_version, doc.format
-        ):
+        elif state.content_hash != doc.content_hash or state.chunker_version != document_chunker(chunker_version, doc):
             changed.append(doc)
         elif state.metadata_hash != doc.metadata_hash:
             metadata_only.append(doc)

@@ -1,7 +1,7 @@
 """``ragpipe eval``: index a BEIR-layout data set into a throwaway index and measure retrieval.
 
 Metrics are document-level, as BEIR judges documents: a document's rank is that of its best chunk.
-nDCG@10 uses the graded judgements; Recall@100 and MRR@10 count any positive grade as relevant.
+nDCG@10 uses the graded judgements as gains (linear, as trec_eval); Recall@100 and MRR@10 count any positive grade as relevant.
 """
 
 from __future__ import annotations
@@ -32,17 +32,21 @@ MODES = {
 }
 
 
-def load_beir(directory: Path) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
-    """(documents: id -> "title\\n\\ntext", queries: id -> text, qrels: query id -> {doc id: grade})."""
+def load_beir(
+    directory: Path,
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]], dict[str, str]]:
+    """(documents: id -> "title\\n\\ntext", queries: id -> text, qrels: query id -> {doc id: grade},
+    titles: id -> title)."""
     for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
         if not (directory / name).is_file():
             raise ConfigError(f"{directory} is not a BEIR data set: {name} is missing")
-    docs = {}
+    docs, titles = {}, {}
     with open(directory / "corpus.jsonl", encoding="utf-8") as fh:
         for line in fh:
             d = json.loads(line)
             title, text = (d.get("title") or "").strip(), (d.get("text") or "").strip()
             docs[str(d["_id"])] = f"{title}\n\n{text}".strip()
+            titles[str(d["_id"])] = title
     queries = {}
     with open(directory / "queries.jsonl", encoding="utf-8") as fh:
         for line in fh:
@@ -54,13 +58,14 @@ def load_beir(directory: Path) -> tuple[dict[str, str], dict[str, str], dict[str
             grade = int(row["score"])
             if grade > 0:
                 qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = grade
-    return docs, {q: t for q, t in queries.items() if q in qrels}, qrels
+    return docs, {q: t for q, t in queries.items() if q in qrels}, qrels, titles
 
 
 def ndcg_at(ranked: Sequence[str], grades: Mapping[str, int], k: int = 10) -> float:
-    dcg = sum((2 ** grades.get(d, 0) - 1) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
+    """nDCG with the grade itself as gain, as trec_eval and pytrec_eval (hence BEIR) compute it."""
+    dcg = sum(grades.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
     ideal = sorted(grades.values(), reverse=True)[:k]
-    idcg = sum((2**g - 1) / math.log2(i + 2) for i, g in enumerate(ideal))
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
     return dcg / idcg if idcg else 0.0
 
 
@@ -92,14 +97,16 @@ def evaluate(
     for mode in modes:
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    docs, queries, qrels = load_beir(dataset)
+    docs, queries, qrels, titles = load_beir(dataset)
     query_ids = list(queries)[:limit_queries] if limit_queries else list(queries)
     results: dict[str, Any] = {"dataset": str(dataset), "documents": len(docs), "queries": len(query_ids),
                                "model_id": embedder.model_id, "modes": {}}
     with tempfile.TemporaryDirectory(prefix="ragpipe-eval-") as tmp, \
             scratch_database(registry_config.database_url, registry_config.home) as url:
         config = IndexConfig(index="eval", artifacts=str(Path(tmp) / "artifacts"), lock_timeout=0)
-        scan = scan_records(((d, t, {"format": "text"}) for d, t in docs.items()), dataset.resolve().as_uri())
+        records = ((d, text, {"format": "text", "title": titles[d]} if titles[d] else {"format": "text"})
+                   for d, text in docs.items())
+        scan = scan_records(records, dataset.resolve().as_uri())
         with Registry.open(RegistryConfig(database_url=url, home=Path(tmp))) as registry:
             started = time.perf_counter()
             summary = run_index(scan, registry, embedder, config)

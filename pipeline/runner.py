@@ -1,10 +1,16 @@
-"""The in-process runner: one incremental indexing pass, stage by stage, for the CLI and the tests.
+"""One incremental indexing run, as steps: plan ─► stage ─► embed ─► build ─► validate ─► publish ─► gc.
 
-discover ─► diff vs registry ─► chunk (new/changed only) ─► embed (cache misses only) ─► apply
+- plan: recover what killed runs left, discover the source, diff it against the registry;
+- stage: chunk the new and changed documents, record the version's chunk rows as pending;
+- embed: embed the chunk texts the cache lacks (cache misses only), batch by batch;
+- build: the version's files, from its parent's; validate: the gate; publish: one transaction;
+  gc: versions beyond the retention.
 
-Nothing the index serves changes before the final ``apply`` transaction; embeddings are cached
-batch by batch before it, so a run killed at any point is finished by the next run without
-embedding anything twice.
+``run_index`` runs them in one process under the index lock (the CLI, tests, replays);
+``pipeline.steps`` runs each in its own process for an orchestrator (the Airflow DAGs), with the
+run's state saved in the registry between steps. Nothing the index serves changes before the
+publish transaction; embeddings are cached batch by batch before it, so a run killed at any point
+is finished by the next run without embedding anything twice.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,12 +28,12 @@ from typing import Any
 from pipeline import faults
 from retrieval.artifacts import ArtifactStore
 from pipeline.building import BuildPlan, HnswParams, build_version
-from pipeline.chunking import Chunk, chunk_document, chunker_version
+from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
 from pipeline.diff import ChangeSet, document_chunker, plan_changes
 from pipeline.embedding import Embedder, embed_in_batches
-from pipeline.errors import UnsafeDeletion, VersionRejected
-from pipeline.sources import SourceScan, scan_source
+from pipeline.errors import EmbeddingError, UnsafeDeletion, VersionRejected
+from pipeline.sources import SourceDocument, SourceScan, scan_source
 from pipeline.validation import Thresholds, validate_version
 from registry import Registry
 from retrieval.bm25 import ANALYZER_VERSION
@@ -92,19 +98,6 @@ class RunOptions:
     shadow: bool = False
 
 
-class _Stages:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 4)
-
-
 def version_name(index: str, now: datetime | None = None) -> str:
     """Name of the version a run produces: the index and the UTC build time, to the millisecond."""
     now = now or datetime.now(timezone.utc)
@@ -119,6 +112,66 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="chunk", leave=False, file=sys.stderr)
 
 
+@dataclass
+class RunState:
+    """What one run has decided and done so far, so that its steps can run in separate processes.
+
+    The in-process runner keeps it in memory; orchestrated runs (``pipeline.steps``, the Airflow
+    DAGs) save it in the run's registry row after each step and load it in the next. It holds ids,
+    hashes and counts, never document texts, chunks or vectors.
+    """
+
+    summary: RunSummary
+    options: RunOptions = RunOptions()
+    chunker_version: str = ""
+    seq: int | None = None  # the staged version's sequence number
+    parent: str | None = None
+    to_write: list[dict[str, Any]] = field(default_factory=list)  # new, changed, metadata-only documents
+    to_chunk: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    chunk_counts: dict[str, int] = field(default_factory=dict)
+    staged_chunks: int = 0
+    to_embed: int = 0  # orchestrated runs: chunk texts handed to embedding tasks
+    batches: list[str] = field(default_factory=list)  # orchestrated runs: the embedding work lists' URIs
+    added_rows: int = 0
+    retired_rows: int = 0
+    step: str = "started"  # the last step finished: planned, staged, embedded, built, validated, published, done
+    built_index: Any = field(default=None, repr=False, compare=False)  # in-process: the graph just built
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.to_write or self.deleted or self.options.full)
+
+    def documents(self) -> list[SourceDocument]:
+        """The documents to write, without their texts (what publishing records)."""
+        return [SourceDocument(d["doc_id"], "", d["source_uri"], d["format"], d["metadata"], d["content_hash"],
+                               d["metadata_hash"], _parse_time(d["valid_from"])) for d in self.to_write]
+
+    def valid_from(self) -> dict[str, datetime | None]:
+        return {d["doc_id"]: _parse_time(d["valid_from"]) for d in self.to_write}
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("summary", "options", "built_index")}
+        return {**out, "summary": self.summary.to_dict(), "options": {"full": self.options.full, "shadow": self.options.shadow}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunState":
+        data = dict(data)
+        summary = RunSummary(**data.pop("summary"))
+        return cls(summary=summary, options=RunOptions(**data.pop("options")), **data)
+
+
+def _doc_record(doc: SourceDocument) -> dict[str, Any]:
+    return {"doc_id": doc.doc_id, "source_uri": doc.source_uri, "format": doc.format, "metadata": doc.metadata,
+            "content_hash": doc.content_hash, "metadata_hash": doc.metadata_hash,
+            "valid_from": doc.valid_from.isoformat() if doc.valid_from else None}
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
 def run_index(
     source: str | SourceScan,
     registry: Registry,
@@ -128,7 +181,10 @@ def run_index(
     progress: bool = False,
     options: RunOptions = RunOptions(),
 ) -> RunSummary:
-    """Run one incremental indexing pass of ``source`` into ``config.index``.
+    """Run one incremental indexing pass of ``source`` into ``config.index``, in this process.
+
+    The steps are those an orchestrated run executes as separate tasks (see ``pipeline.steps``);
+    here one process holds the index lock from the first to the last.
 
     Args:
         source: a directory, a ``.jsonl`` file, or an already scanned source (replays, tests).
@@ -142,53 +198,96 @@ def run_index(
 
     Raises:
         IndexLocked: another run held the index for ``config.lock_timeout`` seconds; nothing changed.
-        SourceUnavailable: the source cannot be read at all; nothing changed.
+        SourceUnavailable: the source as a whole cannot be read; nothing changed.
         UnsafeDeletion: the source is empty but the index is not (see ``allow_delete_all``).
         VersionRejected: the new version failed validation; it was recorded as rejected, the alias
             did not move.
     """
-    stages = _Stages()
     source_label = source.source if isinstance(source, SourceScan) else str(source)
     with registry.index_lock(config.index, config.lock_timeout):
-        run_id = registry.start_run(config.index, source_label)
-        summary = RunSummary(run_id=run_id, index=config.index, source=source_label, model_id=embedder.model_id)
-        try:
-            _run(source, registry, embedder, config, summary, stages, progress, options)
+        state = start_run(registry, config, source_label, embedder.model_id, options)
+        with recording(registry, state):
+            scan = plan_run(registry, embedder, config, state, source)
+            if state.changed:
+                by_id = {d.doc_id: d for d in scan.documents}
+                stage_run(registry, embedder, config, state, [by_id[d] for d in state.to_chunk])
+                embed_run(registry, embedder, config, state, progress)
+                build_run(registry, embedder, config, state)
+                validate_run(registry, embedder, config, state)
+                publish_run(registry, config, state)
+                gc_run(registry, config, state)
+    return state.summary
+
+
+def start_run(
+    registry: Registry, config: IndexConfig, source: str, model_id: str, options: RunOptions = RunOptions(),
+    *, owner: str = "cli", lease_s: float | None = None,
+) -> RunState:
+    """Record a new run of ``config.index`` (call while holding the index lock).
+
+    Args:
+        owner: who runs it; a new run of the same owner takes over that owner's unfinished runs.
+        lease_s: for a run whose steps run in separate processes: how long the index stays reserved
+            for it without the lock; each step renews the lease.
+    """
+    run_id = registry.start_run(config.index, source, owner=owner, lease_s=lease_s)
+    summary = RunSummary(run_id=run_id, index=config.index, source=source, model_id=model_id)
+    return RunState(summary=summary, options=options)
+
+
+@contextmanager
+def recording(
+    registry: Registry, state: RunState, *, final: bool = True,
+    keep_running: Callable[[BaseException], bool] = lambda exc: False,
+) -> Iterator[None]:
+    """Record the run's outcome when it ends: failed on an error (unless ``keep_running`` says the
+    error leaves the run to a retry), succeeded after the ``final`` step."""
+    summary = state.summary
+    try:
+        yield
+        if final:
             summary.status = "succeeded"
-        except BaseException as exc:
+    except BaseException as exc:
+        if not keep_running(exc):
             summary.status = "failed"
             summary.error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            summary.stage_seconds = stages.seconds
-            if not registry.conn.closed and not registry.conn.broken:
-                registry.finish_run(
-                    run_id,
-                    status=summary.status,
-                    counts={"documents": summary.documents, "chunks": summary.chunks, "embedding": summary.embedding,
-                            "version": summary.version, "model_id": summary.model_id},
-                    stage_seconds=summary.stage_seconds,
-                    skipped=summary.skipped,
-                    error=summary.error,
-                )
-    return summary
+        raise
+    finally:
+        if summary.status != "running" and not registry.conn.closed and not registry.conn.broken:
+            registry.finish_run(
+                summary.run_id,
+                status=summary.status,
+                counts={"documents": summary.documents, "chunks": summary.chunks, "embedding": summary.embedding,
+                        "version": summary.version, "model_id": summary.model_id},
+                stage_seconds=summary.stage_seconds,
+                skipped=summary.skipped,
+                error=summary.error,
+            )
 
 
-def _run(
-    source: str | SourceScan,
-    registry: Registry,
-    embedder: Embedder,
-    config: IndexConfig,
-    summary: RunSummary,
-    stages: _Stages,
-    progress: bool,
-    options: RunOptions,
-) -> None:
+@contextmanager
+def _stage(state: RunState, name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = state.summary.stage_seconds
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - started, 4)
+
+
+def plan_run(
+    registry: Registry, embedder: Embedder, config: IndexConfig, state: RunState, source: str | SourceScan,
+) -> SourceScan:
+    """Recover what killed runs left, discover the source and diff it against the registry.
+
+    Returns the scan (the documents with their texts); ``state`` records the plan.
+    """
+    summary = state.summary
     store = artifact_store(config, registry.home)
-    with stages.stage("recover"):
+    with _stage(state, "recover"):
         summary.recovered = recover_unfinished(registry, store, config.index)
 
-    with stages.stage("discover"):
+    with _stage(state, "discover"):
         if isinstance(source, SourceScan):
             scan = source
         else:
@@ -199,10 +298,10 @@ def _run(
         for skip in scan.skipped:
             logger.warning("skipped %s: %s", skip.doc_id, skip.reason)
 
-    with stages.stage("diff"):
+    with _stage(state, "diff"):
         known = registry.document_states(config.index)
-        version_of_chunker = chunker_version(embedder.model_id, embedder.max_tokens)
-        plan = plan_changes(known, scan.documents, version_of_chunker,
+        state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens)
+        plan = plan_changes(known, scan.documents, state.chunker_version,
                             unreadable=[s.doc_id for s in scan.skipped if not s.gone])
         _refuse_wiping(plan, scan, known, config)
     summary.documents = {
@@ -215,124 +314,222 @@ def _run(
         "skipped": len(scan.skipped),
         "kept_on_error": len(plan.kept),
     }
-    head = registry.head_version(config.index)
-    if plan.is_empty and not options.full and head is not None:
+    state.to_write = [_doc_record(d) for d in plan.to_write]
+    state.to_chunk = [d.doc_id for d in plan.to_chunk]
+    state.deleted = list(plan.deleted)
+    state.kept = list(plan.kept)
+    state.chunk_counts = {d.doc_id: known[d.doc_id].chunk_count for d in plan.metadata_only}
+    if plan.is_empty and registry.head_version(config.index) is None:
+        state.options = RunOptions(full=True, shadow=state.options.shadow)  # the first run builds even when empty
+    if not state.changed:
         summary.chunks = {"added": 0, "removed": 0, "kept": 0, "active": registry.count_active_chunks(config.index)}
         summary.embedding = {"chunks_embedded": 0, "chunks_cached": 0, "chars_embedded": 0}
-        return
+        state.step = "done"
+    else:
+        state.step = "planned"
+    return scan
 
+
+def stage_run(
+    registry: Registry, embedder: Embedder, config: IndexConfig, state: RunState, documents: list[SourceDocument],
+) -> None:
+    """Chunk ``documents`` (the plan's new and changed ones) and stage the version's chunk rows."""
+    summary = state.summary
+    store = artifact_store(config, registry.home)
     chunks: list[Chunk] = []
-    chunk_counts: dict[str, int] = {}
-    if plan.to_chunk:
-        with stages.stage("chunk"):
+    if documents:
+        with _stage(state, "chunk"):
             counter = embedder.token_counter()
-            bar = _progress(len(plan.to_chunk), "chunking", progress)
-            for doc in plan.to_chunk:
+            for doc in documents:
                 doc_chunks = chunk_document(doc, counter, embedder.max_tokens)
                 chunks.extend(doc_chunks)
-                chunk_counts[doc.doc_id] = len(doc_chunks)
-                if bar:
-                    bar.update(1)
-            if bar:
-                bar.close()
-    for doc in plan.metadata_only:
-        chunk_counts[doc.doc_id] = known[doc.doc_id].chunk_count
-    valid_from = {doc.doc_id: doc.valid_from for doc in plan.to_write}
+                state.chunk_counts[doc.doc_id] = len(doc_chunks)
 
-    with stages.stage("stage"):
+    with _stage(state, "stage"):
+        head = registry.head_version(config.index)
         parent_ok = (
             head is not None
             and head.model_id == embedder.model_id
             and _same_build_settings(head.manifest or {}, config)
             and store.exists(config.index, head.version)
         )
-        full = options.full or not parent_ok
+        summary.full_build = state.options.full or not parent_ok
         summary.version = version_name(config.index)
-        summary.full_build = full
-        seq = registry.create_version(
-            index=config.index, version=summary.version, parent=head.version if head else None,
-            run_id=summary.run_id, model_id=embedder.model_id, full_build=full,
+        state.parent = head.version if head else None
+        state.seq = registry.create_version(
+            index=config.index, version=summary.version, parent=state.parent,
+            run_id=summary.run_id, model_id=embedder.model_id, full_build=summary.full_build,
         )
-        added_rows, retired_rows = registry.stage_version(
-            index=config.index, version=summary.version, seq=seq, run_id=summary.run_id, chunks=chunks,
-            valid_from=valid_from, rechunked_doc_ids=[d.doc_id for d in plan.to_chunk], deleted_doc_ids=plan.deleted,
+        state.added_rows, state.retired_rows = registry.stage_version(
+            index=config.index, version=summary.version, seq=state.seq, run_id=summary.run_id, chunks=chunks,
+            valid_from=state.valid_from(), rechunked_doc_ids=state.to_chunk, deleted_doc_ids=state.deleted,
         )
+        state.staged_chunks = len(chunks)
         faults.checkpoint("staged")
-        added_keys, removed_keys = registry.version_changes(config.index, seq)
-        touched = {d.doc_id for d in plan.to_write} | set(plan.deleted)
-        rows = registry.member_rows(config.index, seq, None if full else sorted(touched))
-        by_key = {int(r["chunk_key"]): r for r in rows}
-        needed = rows if full else [by_key[k] for k in added_keys]
+    state.step = "staged"
 
-    with stages.stage("embed"):
-        summary.embedding = _embed_missing(needed, registry, embedder, config, progress)
 
-    with stages.stage("build"):
+def _touched(state: RunState) -> set[str]:
+    return {d["doc_id"] for d in state.to_write} | set(state.deleted)
+
+
+def needed_rows(registry: Registry, index: str, state: RunState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows the build rewrites, rows whose vectors it needs): every member for a full build; for an
+    incremental one the members of the touched documents, and the chunks the version adds."""
+    assert state.seq is not None
+    full = state.summary.full_build
+    rows = registry.member_rows(index, state.seq, None if full else sorted(_touched(state)))
+    if full:
+        return rows, rows
+    added, _removed = registry.version_changes(index, state.seq)
+    by_key = {int(r["chunk_key"]): r for r in rows}
+    return rows, [by_key[k] for k in added]
+
+
+def missing_texts(registry: Registry, model_id: str, rows: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], int]:
+    """((chunk hash, indexed text) of the rows the embedding cache lacks for ``model_id``, distinct texts)."""
+    text_by_hash: dict[str, str] = {}
+    for row in rows:
+        text_by_hash.setdefault(row["chunk_hash"], indexed_text(row["context"], row["text"]))
+    missing = registry.missing_embeddings(model_id, list(text_by_hash))
+    return [(h, text_by_hash[h]) for h in missing], len(text_by_hash)
+
+
+def embed_items(
+    registry: Registry, embedder: Embedder, items: list[tuple[str, str]], batch_size: int, progress: bool = False,
+) -> int:
+    """Embed (chunk hash, text) pairs, storing each batch in the cache as soon as it exists; return
+    the characters embedded."""
+    bar = _progress(len(items), "embedding", progress)
+
+    def store(hashes: list[str], vectors: Any) -> None:
+        registry.store_embeddings(embedder.model_id, hashes, vectors)
+        faults.checkpoint("embed_batch_stored")
+
+    chars = embed_in_batches(embedder, items, store, batch_size=batch_size, on_batch=bar.update if bar else None)
+    if bar:
+        bar.close()
+    return chars
+
+
+def embed_run(registry: Registry, embedder: Embedder, config: IndexConfig, state: RunState, progress: bool) -> None:
+    """Embed the chunk texts of the staged version that the cache lacks for this model."""
+    with _stage(state, "embed"):
+        _rows, needed = needed_rows(registry, config.index, state)
+        items, distinct = missing_texts(registry, embedder.model_id, needed)
+        chars = embed_items(registry, embedder, items, config.batch_size, progress)
+        state.summary.embedding = {"chunks_embedded": len(items), "chunks_cached": distinct - len(items),
+                                   "chars_embedded": chars}
+    state.step = "embedded"
+
+
+def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state: RunState) -> str:
+    """Build the staged version's files from its parent's (or from the registry alone); return their URI."""
+    summary = state.summary
+    assert summary.version is not None and state.seq is not None
+    store = artifact_store(config, registry.home)
+    with _stage(state, "build"):
+        rows, needed = needed_rows(registry, config.index, state)
+        added_keys, removed_keys = registry.version_changes(config.index, state.seq)
         hashes = list({r["chunk_hash"] for r in needed})
         vectors = registry.fetch_embeddings(embedder.model_id, hashes)
+        missing = set(hashes) - set(vectors)
+        if missing:
+            raise EmbeddingError(f"version {summary.version}: {len(missing)} chunk texts have no cached embedding "
+                                 f"for {embedder.model_id} (embed step incomplete)")
+        parent = registry.get_version(state.parent) if state.parent else None
         if vectors:
             dim = len(next(iter(vectors.values())))
-        elif not full and head is not None and head.manifest:
-            dim = int(head.manifest["model"]["dim"])  # same model as the parent: nothing new to embed
+        elif not summary.full_build and parent and parent.get("manifest"):
+            dim = int(parent["manifest"]["model"]["dim"])  # same model as the parent: nothing new to embed
         else:
             dim = embedder.dim
+        full = summary.full_build
         doc_fields = registry.document_fields(config.index) if full else {}
-        for doc_id in plan.deleted:
+        for doc_id in state.deleted:
             doc_fields.pop(doc_id, None)
-        doc_fields.update({d.doc_id: (d.source_uri, d.metadata, d.valid_from) for d in plan.to_write})
+        doc_fields.update({d.doc_id: (d.source_uri, d.metadata, d.valid_from) for d in state.documents()})
         build_plan = BuildPlan(
-            index=config.index, version=summary.version, parent_version=head.version if head else None,
-            parent_dir=None if full else store.local_path(config.index, head.version),  # type: ignore[union-attr]
-            run_id=summary.run_id, model_id=embedder.model_id, dim=dim, chunker_version=version_of_chunker,
-            rows=rows, added_keys=added_keys, removed_keys=removed_keys, touched_docs=touched,
+            index=config.index, version=summary.version, parent_version=state.parent,
+            parent_dir=None if full else store.local_path(config.index, state.parent),  # type: ignore[arg-type]
+            run_id=summary.run_id, model_id=embedder.model_id, dim=dim, chunker_version=state.chunker_version,
+            rows=rows, added_keys=added_keys, removed_keys=removed_keys, touched_docs=_touched(state),
             doc_fields=doc_fields, vectors=vectors,
             hnsw=HnswParams(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction),
         )
+        store.remove(config.index, summary.version)  # what an earlier attempt of this step left
         with store.writing(config.index, summary.version) as out:
-            manifest, hnsw_index = build_version(out, build_plan)
-        registry.mark_version_built(summary.version, store.version_uri(config.index, summary.version), manifest)
+            manifest, state.built_index = build_version(out, build_plan)
+        uri = store.version_uri(config.index, summary.version)
+        registry.mark_version_built(summary.version, uri, manifest)
+    state.step = "built"
+    return uri
 
-    with stages.stage("validate"):
+
+def validate_run(registry: Registry, embedder: Embedder, config: IndexConfig, state: RunState) -> dict[str, Any]:
+    """Check the built version; a failing one is rejected (files removed, rows discarded) and raises."""
+    summary = state.summary
+    assert summary.version is not None and state.seq is not None
+    store = artifact_store(config, registry.home)
+    with _stage(state, "validate"):
         live_version = _alias_version(registry, config.alias)
         live = registry.get_version(live_version) if live_version else None
+        known = registry.document_states(config.index)
+        live_doc_ids = {d for d, s in known.items() if s.status == "active"} - set(state.deleted)
+        live_doc_ids |= {d["doc_id"] for d in state.to_write}
         report = validate_version(
             store.local_path(config.index, summary.version),
-            registry.member_keys(config.index, seq),
+            registry.member_keys(config.index, state.seq),
             model_id=embedder.model_id,
-            live_doc_ids={d.doc_id for d in scan.documents} | set(plan.kept),
+            live_doc_ids=live_doc_ids,
             thresholds=Thresholds(min_recall=config.min_recall, ef_search=config.hnsw_ef_search,
                                   golden_k=config.golden_k, golden_min_recall=config.golden_min_recall,
                                   golden_max_drop=config.golden_max_drop),
             golden_set=Path(config.golden_set) if config.golden_set else None,
             embed=lambda texts: embedder.embed(texts),
             live_metrics=live["metrics"] if live and live["model_id"] == embedder.model_id else None,
-            index=hnsw_index,
+            index=state.built_index,
         )
-        del hnsw_index
+        state.built_index = None
         summary.metrics = report.metrics
         if not report.ok:
             reason = "; ".join(report.problems)
             store.remove(config.index, summary.version)
-            registry.abandon_version(config.index, summary.version, seq, reason, report.metrics)
+            registry.abandon_version(config.index, summary.version, state.seq, reason, report.metrics)
             raise VersionRejected(f"version {summary.version} rejected: {reason}; alias unchanged")
         registry.mark_version_validated(summary.version, report.metrics)
         faults.checkpoint("validated")
+    state.step = "validated"
+    return report.metrics
 
-    with stages.stage("publish"):
+
+def publish_run(registry: Registry, config: IndexConfig, state: RunState) -> dict[str, Any]:
+    """Make the validated version live (or the alias's shadow) in one transaction."""
+    summary = state.summary
+    assert summary.version is not None and state.seq is not None
+    with _stage(state, "publish"):
         move = registry.publish(
-            index=config.index, alias=config.alias, version=summary.version, seq=seq, run_id=summary.run_id,
-            documents=plan.to_write, chunk_counts=chunk_counts,
-            chunker_versions={d.doc_id: document_chunker(version_of_chunker, d.format) for d in plan.to_write},
-            valid_from=valid_from, deleted_doc_ids=plan.deleted, shadow=options.shadow,
+            index=config.index, alias=config.alias, version=summary.version, seq=state.seq, run_id=summary.run_id,
+            documents=state.documents(), chunk_counts=state.chunk_counts,
+            chunker_versions={d.doc_id: document_chunker(state.chunker_version, d) for d in state.documents()},
+            valid_from=state.valid_from(), deleted_doc_ids=state.deleted, shadow=state.options.shadow,
             before_commit=lambda: faults.checkpoint("publishing"),
         )
         summary.alias = {"alias": move.alias, "version": move.version, "previous": move.previous,
                          "action": move.action}
-        summary.chunks = {"added": added_rows, "removed": retired_rows, "kept": len(chunks) - added_rows,
+        summary.chunks = {"added": state.added_rows, "removed": state.retired_rows,
+                          "kept": state.staged_chunks - state.added_rows,
                           "active": registry.count_active_chunks(config.index)}
+    state.step = "published"
+    return summary.alias
 
-    with stages.stage("gc"):
-        summary.gc = collect_garbage(registry, store, config.index, config.retention)
+
+def gc_run(registry: Registry, config: IndexConfig, state: RunState) -> dict[str, Any]:
+    with _stage(state, "gc"):
+        state.summary.gc = collect_garbage(registry, artifact_store(config, registry.home), config.index,
+                                           config.retention)
+    state.step = "done"
+    return state.summary.gc
 
 
 def _same_build_settings(manifest: dict[str, Any], config: IndexConfig) -> bool:
@@ -407,31 +604,3 @@ def _refuse_wiping(plan: ChangeSet, scan: SourceScan, known: dict[str, Any], con
         f"source {scan.source} yielded no documents; refusing to delete all {len(plan.deleted)} documents of "
         f"index {config.index!r} (set allow_delete_all / --allow-delete-all if that is intended); nothing changed"
     )
-
-
-def _embed_missing(
-    rows: list[dict[str, Any]], registry: Registry, embedder: Embedder, config: IndexConfig, progress: bool
-) -> dict[str, int]:
-    """Embed the chunk texts the cache lacks for this model; return the counts."""
-    text_by_hash: dict[str, str] = {}
-    for row in rows:
-        text_by_hash.setdefault(row["chunk_hash"], row["text"])
-    missing = registry.missing_embeddings(embedder.model_id, list(text_by_hash))
-    items = [(h, text_by_hash[h]) for h in missing]
-    bar = _progress(len(items), "embedding", progress)
-
-    def store(hashes: list[str], vectors: Any) -> None:
-        registry.store_embeddings(embedder.model_id, hashes, vectors)
-        faults.checkpoint("embed_batch_stored")
-
-    chars = embed_in_batches(
-        embedder, items, store, batch_size=config.batch_size, on_batch=bar.update if bar else None
-    )
-    if bar:
-        bar.close()
-    return {
-        "chunks_embedded": len(items),
-        "chunks_cached": len(text_by_hash) - len(items),
-        "chars_embedded": chars,
-    }
-

@@ -1,7 +1,7 @@
 """The doc-chunk registry in PostgreSQL: the source of truth for lineage; the only package that speaks SQL."""
 
 from registry.config import RegistryConfig
-from registry.errors import IndexLocked, MigrationError, RegistryError, RegistryUnavailable
+from registry.errors import IndexLocked, MigrationError, RegistryError, RegistryUnavailable, RunNotRunning
 from registry.store import DocumentState, Registry
 from registry.versions import AliasError, AliasMove, VersionRef
 
@@ -16,4 +16,5 @@ __all__ = [
     "RegistryConfig",
     "RegistryError",
     "RegistryUnavailable",
+    "RunNotRunning",
 ]

@@ -30,3 +30,13 @@ class RegistryConfig:
         if "home" in given:
             given["home"] = Path(given["home"])  # type: ignore[arg-type]
         return replace(config, **given)  # type: ignore[arg-type]
+
+
+def dsn_from_parts(
+    *, host: str | None, port: int | None, user: str | None, password: str | None, dbname: str | None,
+) -> str:
+    """A libpq connection string from separate fields (e.g. an Airflow Connection); empty ones are left out."""
+    from psycopg.conninfo import make_conninfo
+
+    parts = {"host": host, "port": port, "user": user, "password": password, "dbname": dbname}
+    return make_conninfo(**{k: str(v) for k, v in parts.items() if v not in (None, "")})

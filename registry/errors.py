@@ -23,3 +23,17 @@ class IndexLocked(RegistryError):
     """Another process holds the index's publisher lock."""
 
     transient = True
+
+
+class RunNotRunning(RegistryError):
+    """A step of an orchestrated run found its run finished, failed or taken over by a newer run."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying later may succeed: an unreachable or failing database connection, I/O
+    trouble, or an error that says so (``transient = True``)."""
+    import psycopg
+
+    if isinstance(exc, (psycopg.OperationalError, OSError, TimeoutError)):
+        return True
+    return bool(getattr(exc, "transient", False))

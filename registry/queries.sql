@@ -6,23 +6,43 @@ SELECT doc_id, content_hash, metadata_hash, chunker_version, status, chunk_count
 FROM documents
 WHERE index_name = %(index)s;
 
+-- name: live_lease
+-- A running run of another owner whose lease has not expired: the index is reserved for it.
+SELECT run_id, owner, lease_until FROM runs
+WHERE index_name = %(index)s AND status = 'running' AND lease_until > now() AND owner <> %(owner)s
+ORDER BY run_id LIMIT 1;
+
 -- name: insert_run
-INSERT INTO runs (index_name, source, status)
-VALUES (%(index)s, %(source)s, 'running')
+INSERT INTO runs (index_name, source, status, owner, lease_until)
+VALUES (%(index)s, %(source)s, 'running', %(owner)s,
+        CASE WHEN %(lease_s)s::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => %(lease_s)s::float8) END)
 RETURNING run_id, started_at;
 
 -- name: abandon_runs
--- Called by the holder of the index lock: any other 'running' run of the index died mid-way.
+-- Called by the holder of the index lock after checking leases: any other 'running' run of the
+-- index died mid-way (or is an earlier run of the same owner, which runs one at a time).
 UPDATE runs
-SET status = 'failed', finished_at = now(),
+SET status = 'failed', finished_at = now(), lease_until = NULL,
     error = 'abandoned: the process ended before finishing (found by run ' || %(run_id)s || ')'
 WHERE index_name = %(index)s AND status = 'running' AND run_id <> %(run_id)s;
+
+-- name: renew_lease
+UPDATE runs SET lease_until = now() + make_interval(secs => %(lease_s)s::float8)
+WHERE run_id = %(run_id)s AND status = 'running'
+RETURNING index_name, state;
+
+-- name: save_run_state
+UPDATE runs SET state = %(state)s WHERE run_id = %(run_id)s;
 
 -- name: finish_run
 UPDATE runs
 SET status = %(status)s, finished_at = now(), counts = %(counts)s, stage_seconds = %(stage_seconds)s,
-    skipped = %(skipped)s, error = %(error)s
+    skipped = %(skipped)s, error = %(error)s, lease_until = NULL
 WHERE run_id = %(run_id)s;
+
+-- name: list_runs
+SELECT run_id, index_name, source, owner, status, started_at, finished_at, counts, stage_seconds, error
+FROM runs WHERE index_name = %(index)s ORDER BY run_id DESC LIMIT %(limit)s;
 
 -- name: get_run
 SELECT run_id, index_name, source, status, started_at, finished_at, counts, stage_seconds, skipped, error
@@ -83,12 +103,13 @@ WHERE index_name = %(index)s AND doc_id = ANY(%(doc_ids)s::text[]) AND status = 
 -- name: create_stage_chunks_versioned
 CREATE TEMP TABLE stage_chunks (
     doc_id text, chunk_id text, chunk_hash text, ordinal integer, heading_path text[],
-    char_start integer, char_end integer, token_count integer, text text, valid_from timestamptz
+    char_start integer, char_end integer, token_count integer, text text, valid_from timestamptz,
+    context text
 ) ON COMMIT DROP;
 
 -- name: copy_stage_chunks_versioned
 COPY stage_chunks (doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text,
-                   valid_from)
+                   valid_from, context)
 FROM STDIN;
 
 -- name: count_active_chunks
@@ -149,9 +170,9 @@ WHERE version = %(version)s;
 
 -- name: stage_new_chunks
 INSERT INTO chunks (index_name, doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end,
-                    token_count, text, version, status, run_id, added_seq, valid_from)
+                    token_count, text, version, status, run_id, added_seq, valid_from, context)
 SELECT %(index)s, s.doc_id, s.chunk_id, s.chunk_hash, s.ordinal, s.heading_path, s.char_start, s.char_end,
-       s.token_count, s.text, %(version)s, 'pending', %(run_id)s, %(seq)s, s.valid_from
+       s.token_count, s.text, %(version)s, 'pending', %(run_id)s, %(seq)s, s.valid_from, s.context
 FROM stage_chunks s
 WHERE NOT EXISTS (
     SELECT 1 FROM chunks c WHERE c.index_name = %(index)s AND c.status = 'active' AND c.chunk_id = s.chunk_id
@@ -181,7 +202,8 @@ WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL O
   AND status <> 'discarded';
 
 -- name: member_rows
-SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text
+SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text,
+       context
 FROM chunks
 WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
   AND status <> 'discarded' AND (%(all_docs)s OR doc_id = ANY(%(doc_ids)s::text[]))

@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from registry import db
 from registry.config import RegistryConfig
-from registry.errors import IndexLocked
+from registry.errors import IndexLocked, RunNotRunning
 from registry.queries import q
 from registry.versions import VersionStore
 
@@ -112,18 +112,52 @@ class Registry(VersionStore):
             make = DocumentState._make
             return {row[0]: make(row) for row in cur.fetchall()}
 
-    def start_run(self, index: str, source: str) -> int:
+    def start_run(self, index: str, source: str, *, owner: str = "cli", lease_s: float | None = None) -> int:
         """Record a new run; call it while holding the index lock.
 
-        Runs of the same index still marked 'running' can only belong to processes that died
-        (they would hold the lock otherwise): they are marked failed here.
+        Args:
+            owner: who runs it. A new run of an owner takes over that owner's unfinished runs.
+            lease_s: reserve the index for this run for so long without holding the lock (runs
+                whose steps execute in separate processes); each step renews it.
+
+        Raises:
+            IndexLocked: a run of another owner holds a live lease on the index.
+
+        Other runs of the index still marked 'running' belong to processes that died (they would
+        hold the lock or a lease otherwise), or to this owner: they are marked failed here.
         """
         with self.conn.transaction():
-            row = self.conn.execute(q("insert_run"), {"index": index, "source": source}).fetchone()
+            busy = self.conn.execute(q("live_lease"), {"index": index, "owner": owner}).fetchone()
+            if busy:
+                raise IndexLocked(
+                    f"index {index!r} is being updated by run {busy[0]} ({busy[1]}), reserved until "
+                    f"{busy[2]:%Y-%m-%d %H:%M:%S %Z}; nothing changed"
+                )
+            row = self.conn.execute(
+                q("insert_run"), {"index": index, "source": source, "owner": owner, "lease_s": lease_s}
+            ).fetchone()
             assert row is not None
             run_id = int(row[0])
             self.conn.execute(q("abandon_runs"), {"index": index, "run_id": run_id})
         return run_id
+
+    def renew_lease(self, run_id: int, lease_s: float) -> tuple[str, dict[str, Any] | None]:
+        """Extend a running run's lease; return (index, saved state).
+
+        Raises:
+            RunNotRunning: the run finished, failed, or was taken over by a newer run.
+        """
+        row = self.conn.execute(q("renew_lease"), {"run_id": run_id, "lease_s": lease_s}).fetchone()
+        if row is None:
+            run = self.get_run(run_id)
+            if run is None:
+                raise RunNotRunning(f"run {run_id} does not exist")
+            reason = f": {run['error']}" if run.get("error") else ""
+            raise RunNotRunning(f"run {run_id} is {run['status']}{reason}")
+        return str(row[0]), row[1]
+
+    def save_run_state(self, run_id: int, state: dict[str, Any]) -> None:
+        self.conn.execute(q("save_run_state"), {"run_id": run_id, "state": Jsonb(state)})
 
     def finish_run(
         self,
@@ -146,6 +180,12 @@ class Registry(VersionStore):
                 "error": error,
             },
         )
+
+    def list_runs(self, index: str, limit: int = 10) -> list[dict[str, Any]]:
+        """The newest runs of ``index``, newest first."""
+        with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            cur.execute(q("list_runs"), {"index": index, "limit": limit})
+            return cur.fetchall()
 
     def get_run(self, run_id: int) -> dict[str, Any] | None:
         with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:

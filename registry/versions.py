@@ -101,7 +101,7 @@ class VersionStore:
                 for c in chunks:
                     copy.write_row(
                         (c.doc_id, c.chunk_id, c.chunk_hash, c.ordinal, list(c.heading_path), c.char_start,
-                         c.char_end, c.token_count, c.text, valid_from.get(c.doc_id))
+                         c.char_end, c.token_count, c.text, valid_from.get(c.doc_id), c.context)
                     )
             cur.execute(q("stage_new_chunks"), params)
             added = cur.rowcount

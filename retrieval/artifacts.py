@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -156,5 +157,46 @@ class ArtifactStore:
         for path in (self.cache_dir / index).glob(".*") if (self.cache_dir / index).is_dir() else []:
             shutil.rmtree(path, ignore_errors=True)
 
+    # -- run workspaces: files an orchestrated run hands from one step (process) to the next ---------
+
+    def run_file_uri(self, index: str, run_id: int, name: str) -> str:
+        if self._local_root is not None:
+            return str((self._local_root / index / RUNS_DIR / str(run_id) / name).resolve())
+        return f"{self.uri}/{index}/{RUNS_DIR}/{run_id}/{name}"
+
+    def write_run_table(self, index: str, run_id: int, name: str, table: pa.Table) -> str:
+        """Write a Parquet file into the run's workspace; return its URI."""
+        uri = self.run_file_uri(index, run_id, name)
+        filesystem, path = _filesystem(uri)
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=filesystem, compression="snappy")
+        return uri
+
+    @staticmethod
+    def read_run_table(uri: str) -> pa.Table:
+        filesystem, path = _filesystem(uri)
+        return pq.read_table(path, filesystem=filesystem)
+
+    def remove_run_files(self, index: str, run_id: int | None = None) -> None:
+        """Delete one run's workspace, or (``run_id`` None) every run workspace of the index."""
+        uri = self.run_file_uri(index, run_id, "x").rsplit("/", 1)[0] if run_id is not None else \
+            self.run_file_uri(index, 0, "x").rsplit("/", 2)[0]
+        filesystem, path = _filesystem(uri)
+        try:
+            filesystem.delete_dir(path)
+        except (FileNotFoundError, OSError):
+            pass
+
     def read_manifest(self, index: str, version: str) -> dict[str, Any]:
         return json.loads((self.local_path(index, version) / MANIFEST).read_text())
+
+
+RUNS_DIR = "_runs"
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    from pyarrow import fs
+
+    if "://" not in uri:
+        return fs.LocalFileSystem(), str(Path(uri).resolve())
+    return fs.FileSystem.from_uri(uri)

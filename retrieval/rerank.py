@@ -2,8 +2,12 @@
 
 - :class:`ExactHybridRescorer` (the default, offline): every candidate gets both its exact cosine
   similarity (full-precision vector) and its exact BM25 score — also the candidates only one retriever
-  found — and the final score is a weighted sum of the two, each min-max normalized over the
-  candidates. It fixes what rank fusion cannot: a candidate's missing score in one list.
+  found — and the final score is a weighted sum of the two, each scaled into [0, 1] by dividing by
+  its best value with a fixed floor of 0 (cosine below 0 counts as 0). It fixes what rank fusion
+  cannot: a candidate's missing score in one list. A fixed floor, unlike min-max over the
+  candidates, makes a candidate's score independent of how deep the candidate list goes and of
+  its weakest members (Bruch et al., "An Analysis of Fusion Functions for Hybrid Retrieval", 2023,
+  found the same: theoretical-minimum normalization is the robust choice for convex combination).
 - :class:`CrossEncoderReranker`: any sentence-transformers CrossEncoder, by name or local path.
 """
 
@@ -14,8 +18,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-
-from retrieval.fusion import minmax
 
 if TYPE_CHECKING:
     from retrieval.loaded import LoadedVersion
@@ -33,7 +35,11 @@ class Reranker(Protocol):
 
 
 class ExactHybridRescorer:
-    """``vector_weight * minmax(cosine) + (1 - vector_weight) * minmax(BM25)`` over the candidates."""
+    """``vector_weight * cosine / best cosine + (1 - vector_weight) * BM25 / best BM25``, floor 0.
+
+    The best cosine is that of the best candidate; the best BM25 score is that of the best chunk of
+    the whole version (``bm25_scores`` holds them all), so neither depends on the candidate depth.
+    """
 
     def __init__(self, vector_weight: float = 0.7) -> None:
         if not 0.0 <= vector_weight <= 1.0:
@@ -48,12 +54,14 @@ class ExactHybridRescorer:
         keys = list(keys)
         if not keys:
             return {}
-        cosine = version.vectors(keys) @ query_vector
+        cosine = np.clip(version.vectors(keys).astype(np.float64) @ query_vector, 0.0, None)
         bm25 = np.array([bm25_scores[version.bm25_row[k]] for k in keys], dtype=np.float64)
-        v = minmax(dict(zip(keys, cosine.tolist())))
-        b = minmax(dict(zip(keys, bm25.tolist()))) if bm25.max() > 0 else {k: 0.0 for k in keys}
-        w = self.vector_weight
-        return {k: w * v[k] + (1.0 - w) * b[k] for k in keys}
+        best_cosine = float(cosine.max())
+        best_bm25 = float(bm25_scores.max()) if len(bm25_scores) else 0.0
+        v = cosine / best_cosine if best_cosine > 0 else np.zeros_like(cosine)
+        b = bm25 / best_bm25 if best_bm25 > 0 else np.zeros_like(bm25)
+        combined = self.vector_weight * v + (1.0 - self.vector_weight) * b
+        return dict(zip(keys, combined.tolist()))
 
 
 class CrossEncoderReranker:

@@ -56,6 +56,7 @@ CREATE TABLE public.chunks (
     added_seq bigint,
     retired_seq bigint,
     valid_from timestamp with time zone,
+    context text DEFAULT ''::text NOT NULL,
     CONSTRAINT chunks_check CHECK (((char_start >= 0) AND (char_end > char_start))),
     CONSTRAINT chunks_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'active'::text, 'superseded'::text, 'deleted'::text, 'discarded'::text])))
 );
@@ -156,6 +157,9 @@ CREATE TABLE public.runs (
     stage_seconds jsonb DEFAULT '{}'::jsonb NOT NULL,
     skipped jsonb DEFAULT '[]'::jsonb NOT NULL,
     error text,
+    owner text DEFAULT 'cli'::text NOT NULL,
+    lease_until timestamp with time zone,
+    state jsonb,
     CONSTRAINT runs_status_check CHECK ((status = ANY (ARRAY['running'::text, 'succeeded'::text, 'failed'::text])))
 );
 

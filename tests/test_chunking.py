@@ -265,3 +265,26 @@ def test_edit_inside_one_section_keeps_other_boundaries(sections, data, max_toke
         if k != i:
             for t in texts:
                 assert t in new_texts
+
+
+def test_chunks_are_indexed_with_the_document_title():
+    text = "Wing flutter\n\n" + "\n\n".join(f"Paragraph {i} " + "word " * 30 for i in range(6))
+    titled = make_document("a.txt", text, "uri", {"title": "Wing   flutter"})
+    plain = make_document("a.txt", text, "uri")
+    chunks = chunk_document(titled, WORDS, 80)
+    assert len(chunks) > 1
+    first, *later = chunks
+    # the first chunk already begins with the title: nothing is added to it
+    assert first.context == "" and first.indexed_text == first.text
+    for c in later:
+        assert c.context == "Wing flutter"
+        assert c.indexed_text == "Wing flutter\n\n" + c.text
+        assert c.text == titled.text[c.char_start:c.char_end]  # offsets still index the source
+        assert c.token_count <= 80  # the chunk itself fits the limit
+    # the hash covers what is embedded, so the same text under another title is another chunk
+    assert [c.chunk_hash for c in chunk_document(plain, WORDS, 80)][1:] != [c.chunk_hash for c in later]
+    # a title too long to be worth its tokens is dropped
+    # the title does not change where chunks fall
+    assert [(c.char_start, c.char_end) for c in chunk_document(plain, WORDS, 80)] == [(c.char_start, c.char_end) for c in chunks]
+    long_title = make_document("a.txt", text, "uri", {"title": "t " * 11})
+    assert all(c.context == "" for c in chunk_document(long_title, WORDS, 80))

@@ -13,7 +13,7 @@ def doc(doc_id: str, text: str = "t", meta: str = "m") -> SourceDocument:
 
 
 def state(doc_id: str, text: str = "t", meta: str = "m", status: str = "active", chunker: str = V) -> DocumentState:
-    return DocumentState(doc_id, f"c-{text}", f"m-{meta}", document_chunker(chunker, "text"), status, 1)
+    return DocumentState(doc_id, f"c-{text}", f"m-{meta}", document_chunker(chunker, doc(doc_id)), status, 1)
 
 
 def test_plan_categories():
@@ -71,3 +71,13 @@ def test_plan_partitions_input_exactly(known, incoming):
     assert set(plan.deleted) == {k for k, (_, _, s) in known.items() if s == "active"} - set(incoming)
     for d in plan.unchanged:
         assert known[d][:2] == incoming[d] and known[d][2] == "active"
+
+
+def test_a_new_title_rechunks_the_document():
+    """Chunks are indexed with the document's title, so a title change is a change, not metadata only."""
+    before = SourceDocument("d", "t", "uri", "text", {"title": "Old"}, content_hash="c-t", metadata_hash="m-old")
+    after = SourceDocument("d", "t", "uri", "text", {"title": "New"}, content_hash="c-t", metadata_hash="m-new")
+    other = SourceDocument("d", "t", "uri", "text", {"title": "Old", "x": 1}, content_hash="c-t", metadata_hash="m-x")
+    known = {"d": DocumentState("d", "c-t", "m-old", document_chunker(V, before), "active", 1)}
+    assert [d.doc_id for d in plan_changes(known, [after], V).changed] == ["d"]
+    assert [d.doc_id for d in plan_changes(known, [other], V).metadata_only] == ["d"]

@@ -90,6 +90,7 @@ class Row:
     char_end: int = 5
     token_count: int = 2
     text: str = "hello"
+    context: str = ""
 
 
 def build(reg, run_id, docs=(), chunks=(), rechunked=(), deleted=(), fail_inside=False):

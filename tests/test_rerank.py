@@ -69,13 +69,17 @@ def test_exact_hybrid_rescorer_weights_both_signals():
     bm25 = np.array([0.0, 10.0, 5.0], dtype=np.float32)
     scores = ExactHybridRescorer(0.7).rerank("q", query, [1, 2, 3], Version(), bm25)
     assert scores == pytest.approx({1: 0.7, 2: 0.3, 3: 0.7 * 0.6 + 0.3 * 0.5})
+    # scores do not depend on the weakest candidates (min-max over the candidates would: dropping
+    # candidate 2, the lowest cosine, would rescale candidate 3's cosine from 0.6 to 0)
+    fewer = ExactHybridRescorer(0.7).rerank("q", query, [1, 3], Version(), bm25)
+    assert fewer == pytest.approx({1: scores[1], 3: scores[3]})
 
 
 @pytest.mark.slow
 def test_bm25_matches_rank_bm25_on_cranfield(shared_data):
     from rank_bm25 import BM25Okapi
 
-    docs, queries, qrels = load_beir(shared_data / "cranfield")
+    docs, queries, qrels, _titles = load_beir(shared_data / "cranfield")
     ids = list(docs)
     analyzer = Analyzer()
     scorer = BM25Scorer(BM25Tables.empty().update([], [(i, docs[d]) for i, d in enumerate(ids)], analyzer))

@@ -1,0 +1,167 @@
+"""The Airflow DAGs: parsing is cheap and side-effect free, the task graph is the documented one, and
+``airflow dags test`` runs the whole DAG against the real registry (new, edited, deleted, unchanged)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_tree
+from pipeline.config import IndexConfig
+from pipeline.runner import artifact_store
+from pipeline.verify import verify_index
+from registry import Registry, RegistryConfig
+
+AIRFLOW = Path(sys.executable).with_name("airflow")
+
+PARSE = r"""
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+before = set(sys.modules)
+bag = DagBag(dag_folder=sys.argv[1])
+loaded = set(sys.modules) - before
+heavy = sorted(m for m in loaded if m.split(".")[0] in
+               {"torch", "sentence_transformers", "transformers", "hnswlib", "onnxruntime", "pgserver",
+                "pipeline", "registry", "retrieval", "psycopg", "psycopg_pool"})
+graph = {d.dag_id: {"tasks": {t.task_id: sorted(t.downstream_task_ids) for t in d.tasks},
+                    "schedule": str(d.schedule), "catchup": d.catchup, "max_active_runs": d.max_active_runs,
+                    "params": sorted(d.params.keys()),
+                    "retries": {t.task_id: t.retries for t in d.tasks},
+                    "trigger_rules": {t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in d.tasks},
+                    "mapped": sorted(t.task_id for t in d.tasks if getattr(t, "is_mapped", False)),
+                    "outlets": {t.task_id: [type(o).__name__ + ":" + o.name for o in t.outlets] for t in d.tasks if t.outlets}}
+         for d in bag.dags.values()}
+print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "heavy": heavy, "dags": graph}))
+"""
+
+
+def airflow_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "RAGPIPE_"))}
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    })
+    return env
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    home = tmp_path_factory.mktemp("airflow")
+    # an unreachable registry: parsing must not try to reach it
+    env = airflow_env(home, RAGPIPE_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    out = subprocess.run([sys.executable, "-c", PARSE, str(REPO / "dags")], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+EXPECTED_GRAPH = {
+    "discover_and_diff": ["changed", "chunk"],
+    "changed": ["chunk"],
+    "chunk": ["build", "work_lists"],
+    "work_lists": ["embed"],
+    "embed": ["build"],
+    "build": ["validate"],
+    "validate": ["publish"],
+    "publish": ["gc"],
+    "gc": [],
+}
+
+
+def test_dag_folder_imports_without_errors_and_without_heavy_modules(parsed):
+    assert parsed["errors"] == {}
+    assert sorted(parsed["dags"]) == ["rag_index", "rag_index_rebuild"]
+    # no registry code, no database driver, no model or index library is imported to parse the DAGs
+    assert parsed["heavy"] == []
+
+
+def test_task_graph_and_schedule(parsed):
+    for dag_id, schedule, params in (("rag_index", "@hourly", ["index", "source"]),
+                                     ("rag_index_rebuild", "@weekly", ["index", "model", "source"])):
+        dag = parsed["dags"][dag_id]
+        assert dag["tasks"] == EXPECTED_GRAPH, dag_id
+        assert dag["schedule"] == schedule and dag["catchup"] is False and dag["max_active_runs"] == 1
+        assert dag["params"] == params
+        assert dag["mapped"] == ["embed"]  # embedding fans out over work lists
+        assert dag["trigger_rules"]["build"] == "none_failed"  # also when every text was cached
+        assert all(r == 3 for r in dag["retries"].values())
+        assert dag["outlets"] == {"publish": ["AssetAlias:ragpipe_index_published"]}
+
+
+def _dags_test(home: Path, env: dict[str, str], dag_id: str, conf: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(AIRFLOW), "dags", "test", dag_id, "-c", json.dumps(conf)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "state=success" in done.stdout + done.stderr, (done.stdout + done.stderr)[-4000:]
+    return done
+
+
+@pytest.mark.slow
+def test_rag_index_dag_end_to_end(tmp_path, database_url):
+    """New documents, then an edit and a delete, then nothing: the live version follows the source
+    exactly, and a run where nothing changed builds no version."""
+    home = tmp_path / "airflow"
+    ragpipe_home = tmp_path / "ragpipe"
+    env = airflow_env(home, RAGPIPE_DATABASE_URL=database_url, RAGPIPE_HOME=str(ragpipe_home))
+    subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, check=True, timeout=300)
+    src = write_tree(tmp_path / "src", {
+        "wings.md": "# Wings\n\nFlutter of swept wings at transonic speed.\n\n## Tests\n\nWind tunnel results.\n",
+        "heat.md": "# Heat\n\nHeat transfer in hypersonic boundary layers.\n",
+        "gone.md": "# Gone\n\nThis page will be deleted.\n",
+    })
+    conf = {"source": str(src), "index": "airdocs"}
+    config = IndexConfig(index="airdocs")
+    registry_config = RegistryConfig(database_url=database_url, home=ragpipe_home)
+
+    def live_state(registry: Registry) -> tuple[str, dict[str, set[str]]]:
+        alias = {a["alias"]: a["version"] for a in registry.list_aliases()}["airdocs"]
+        chunks: dict[str, set[str]] = {}
+        for c in registry.active_chunks("airdocs"):
+            chunks.setdefault(c["doc_id"], set()).add(c["text"])
+        return alias, chunks
+
+    _dags_test(home, env, "rag_index", conf)
+    with Registry.open(registry_config) as registry:
+        first, chunks = live_state(registry)
+        assert set(chunks) == {"wings.md", "heat.md", "gone.md"}
+        assert verify_index(registry, artifact_store(config, registry.home), "airdocs", "airdocs").ok
+        runs = [r for r in registry.conn.execute("SELECT owner, status, lease_until FROM runs ORDER BY run_id")]
+        assert runs == [("airflow:rag_index", "succeeded", None)]
+
+    (src / "gone.md").unlink()
+    (src / "heat.md").write_text("# Heat\n\nRadiative heat transfer at re-entry.\n")
+    _dags_test(home, env, "rag_index", conf)
+    with Registry.open(registry_config) as registry:
+        second, chunks = live_state(registry)
+        assert second != first
+        assert set(chunks) == {"wings.md", "heat.md"}
+        assert any("Radiative" in t for t in chunks["heat.md"])
+        assert not any("hypersonic" in t for t in chunks["heat.md"])
+        assert verify_index(registry, artifact_store(config, registry.home), "airdocs", "airdocs").ok
+        embedded = registry.get_run(2)["counts"]["embedding"]
+        assert embedded["chunks_embedded"] == 1  # only the edited document's new chunk text
+
+    done = _dags_test(home, env, "rag_index", conf)
+    with Registry.open(registry_config) as registry:
+        third, _ = live_state(registry)
+        assert third == second  # nothing changed: no version built
+        last = registry.get_run(3)
+        assert last["status"] == "succeeded" and last["counts"]["version"] is None
+    assert "Skipping downstream tasks" in done.stdout + done.stderr or "skipped" in (done.stdout + done.stderr)
+
+    # each publish emitted an asset event carrying the version
+    with sqlite3.connect(home / "airflow.db") as db:
+        extras = [json.loads(row[0]) for row in db.execute(
+            "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.name = 'ragpipe_index_airdocs' "
+            "ORDER BY e.id")]
+    assert [e["version"] for e in extras] == [first, second]
+    assert extras[1]["previous"] == first and extras[1]["action"] == "publish"
