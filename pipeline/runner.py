@@ -133,11 +133,13 @@ class RunState:
     chunk_counts: dict[str, int] = field(default_factory=dict)
     staged_chunks: int = 0
     to_embed: int = 0  # orchestrated runs: chunk texts handed to embedding tasks
+    cached_before: int = 0  # orchestrated runs: chunk texts already in the cache when staged
     batches: list[str] = field(default_factory=list)  # orchestrated runs: the embedding work lists' URIs
     added_rows: int = 0
     retired_rows: int = 0
     step: str = "started"  # the last step finished: planned, staged, embedded, built, validated, published, done
     built_index: Any = field(default=None, repr=False, compare=False)  # in-process: the graph just built
+    fetched_rows: Any = field(default=None, repr=False, compare=False)  # in-process: rows embed read, build reuses
 
     @property
     def changed(self) -> bool:
@@ -152,7 +154,8 @@ class RunState:
         return {d["doc_id"]: _parse_time(d["valid_from"]) for d in self.to_write}
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("summary", "options", "built_index")}
+        out = {k: v for k, v in self.__dict__.items()
+               if k not in ("summary", "options", "built_index", "fetched_rows")}
         return {**out, "summary": self.summary.to_dict(), "options": {"full": self.options.full, "shadow": self.options.shadow}}
 
     @classmethod
@@ -377,13 +380,17 @@ def needed_rows(registry: Registry, index: str, state: RunState) -> tuple[list[d
     """(rows the build rewrites, rows whose vectors it needs): every member for a full build; for an
     incremental one the members of the touched documents, and the chunks the version adds."""
     assert state.seq is not None
+    if state.fetched_rows is not None:
+        return state.fetched_rows  # type: ignore[no-any-return]
     full = state.summary.full_build
     rows = registry.member_rows(index, state.seq, None if full else sorted(_touched(state)))
     if full:
-        return rows, rows
-    added, _removed = registry.version_changes(index, state.seq)
-    by_key = {int(r["chunk_key"]): r for r in rows}
-    return rows, [by_key[k] for k in added]
+        state.fetched_rows = rows, rows
+    else:
+        added, _removed = registry.version_changes(index, state.seq)
+        by_key = {int(r["chunk_key"]): r for r in rows}
+        state.fetched_rows = rows, [by_key[k] for k in added]
+    return state.fetched_rows  # type: ignore[no-any-return]
 
 
 def missing_texts(registry: Registry, model_id: str, rows: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], int]:
@@ -430,6 +437,7 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
     store = artifact_store(config, registry.home)
     with _stage(state, "build"):
         rows, needed = needed_rows(registry, config.index, state)
+        state.fetched_rows = None
         added_keys, removed_keys = registry.version_changes(config.index, state.seq)
         hashes = list({r["chunk_hash"] for r in needed})
         vectors = registry.fetch_embeddings(embedder.model_id, hashes)
@@ -508,10 +516,11 @@ def publish_run(registry: Registry, config: IndexConfig, state: RunState) -> dic
     summary = state.summary
     assert summary.version is not None and state.seq is not None
     with _stage(state, "publish"):
+        documents = state.documents()
         move = registry.publish(
             index=config.index, alias=config.alias, version=summary.version, seq=state.seq, run_id=summary.run_id,
-            documents=state.documents(), chunk_counts=state.chunk_counts,
-            chunker_versions={d.doc_id: document_chunker(state.chunker_version, d) for d in state.documents()},
+            documents=documents, chunk_counts=state.chunk_counts,
+            chunker_versions={d.doc_id: document_chunker(state.chunker_version, d) for d in documents},
             valid_from=state.valid_from(), deleted_doc_ids=state.deleted, shadow=state.options.shadow,
             before_commit=lambda: faults.checkpoint("publishing"),
         )

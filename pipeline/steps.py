@@ -145,9 +145,11 @@ def stage(
                 docs.append(doc)
             stage_run(registry, model, config, state, docs)
             _rows, needed = needed_rows(registry, config.index, state)
-            items, _distinct = missing_texts(registry, model.model_id, needed)
+            items, distinct = missing_texts(registry, model.model_id, needed)
             size = config.embed_task_size
             state.to_embed = len(items)
+            state.cached_before = distinct - len(items)
+            state.summary.embedding = {"chunks_embedded": 0, "chunks_cached": state.cached_before, "chars_embedded": 0}
             state.batches = [
                 store.write_run_table(
                     config.index, run_id, f"embed-{i // size:05d}.parquet",
@@ -188,10 +190,13 @@ def build(
     """
     model = embedder(config)
     with _continue(run_id, config, registry_config) as (registry, state):
-        if embedded is not None:
-            state.summary.embedding = {k: sum(int(e[k]) for e in embedded)
-                                       for k in ("chunks_embedded", "chunks_cached", "chars_embedded")}
         if state.step in ("staged", "embedded"):
+            if embedded is not None:  # texts cached before the run, plus what its embedding tasks did
+                state.summary.embedding = {
+                    "chunks_embedded": sum(int(e["chunks_embedded"]) for e in embedded),
+                    "chunks_cached": state.cached_before + sum(int(e["chunks_cached"]) for e in embedded),
+                    "chars_embedded": sum(int(e["chars_embedded"]) for e in embedded),
+                }
             build_run(registry, model, config, state)
         version = registry.get_version(state.summary.version) if state.summary.version else None
         return {"run_id": run_id, "version": state.summary.version,

@@ -85,7 +85,7 @@ def export_onnx(model_path: Path, target: Path) -> None:
 class OnnxEncoder:
     """Encode texts with an ONNX export of a sentence-transformers model (mean or CLS pooling)."""
 
-    def __init__(self, model: str, cache_dir: Path, *, threads: int | None = None, batch_size: int = 32) -> None:
+    def __init__(self, model: str, cache_dir: Path, *, threads: int | None = None, batch_size: int = 8) -> None:
         self.model_id, load_from = resolve_model(model)
         self._path = Path(load_from)
         if not self._path.is_dir():
@@ -111,19 +111,41 @@ class OnnxEncoder:
         self._tokenizer = Tokenizer.from_file(str(self._path / "tokenizer.json"))
         self._tokenizer.enable_truncation(self.max_length)
         self._tokenizer.enable_padding()
+        self._pad_id = int((self._tokenizer.padding or {}).get("pad_id", 0))
+        self._tokenizer.no_padding()
         self.dim = int(self.embed(["dimension probe"]).shape[1])
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            encoded = self._tokenizer.encode_batch(list(texts[i : i + self.batch_size]))
-            ids = np.array([e.ids for e in encoded], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
-            types = np.array([e.type_ids for e in encoded], dtype=np.int64)
+        """Unit vectors of ``texts``, in order.
+
+        Texts are encoded in batches of similar length (sorted by token count), so a batch pads to
+        little more than its own texts: with a fixed order one long text makes every short text of
+        its batch pay for its length. On the 2-core reference machine, 32 Cranfield queries took
+        252 ms as one batch, 168 ms sorted into batches of 8, 220 ms one by one.
+        """
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        encoded = self._tokenizer.encode_batch(list(texts))
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+        out = np.zeros((len(texts), 0), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = max(len(encoded[i].ids) for i in rows)
+            ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            types = np.zeros((len(rows), width), dtype=np.int64)
+            for r, i in enumerate(rows):
+                n = len(encoded[i].ids)
+                ids[r, :n] = encoded[i].ids
+                mask[r, :n] = 1
+                types[r, :n] = encoded[i].type_ids
             tokens = self._session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
             if self._pooling == "mean":
                 pooled = (tokens * mask[..., None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
             else:
                 pooled = tokens[:, 0]
-            out.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), dtype=np.float32)
+            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            if out.shape[1] == 0:
+                out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
+            out[rows] = pooled
+        return out

@@ -67,6 +67,7 @@ def test_steps_give_what_the_in_process_runner_gives(source, registry_config, em
         stepped = chunk_table(registry, version)
         run = registry.get_run(results["plan"]["run_id"])
         assert run["status"] == "succeeded" and run["counts"]["version"] == version
+        assert run["counts"]["embedding"]["chunks_embedded"] == results["stage"]["to_embed"]
         # the workspace is gone once the run is done
         assert not (registry.home / "artifacts" / "docs" / "_runs").exists() or \
             not any((registry.home / "artifacts" / "docs" / "_runs").iterdir())
@@ -84,6 +85,9 @@ def test_steps_give_what_the_in_process_runner_gives(source, registry_config, em
     second = whole_run(source, registry_config, embedder)
     assert second["plan"]["documents"]["changed"] == 1 and second["plan"]["documents"]["deleted"] == 1
     assert second["publish"]["previous"] == version
+    with Registry.open(registry_config) as registry:  # b.md's new text embedded; a.md's texts were never touched
+        counts = registry.get_run(second["plan"]["run_id"])["counts"]["embedding"]
+        assert counts["chunks_embedded"] == 1 and counts["chunks_cached"] == 0
     third = whole_run(source, registry_config, embedder)
     assert third == {"plan": {**third["plan"], "changed": False}}
     with Registry.open(registry_config) as registry:
