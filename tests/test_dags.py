@@ -1,5 +1,6 @@
 """The Airflow DAGs: parsing is cheap and side-effect free, the task graph is the documented one, and
-``airflow dags test`` runs the whole DAG against the real registry (new, edited, deleted, unchanged)."""
+``airflow dags test`` runs the whole DAG against the real registry (new, edited, deleted, unchanged,
+rebuilt with the registry given as an Airflow Connection)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from urllib.parse import quote
+
 import pytest
+from psycopg import conninfo
 
 from conftest import REPO, write_tree
 from pipeline.config import IndexConfig
@@ -158,10 +162,27 @@ def test_rag_index_dag_end_to_end(tmp_path, database_url):
         assert last["status"] == "succeeded" and last["counts"]["version"] is None
     assert "Skipping downstream tasks" in done.stdout + done.stderr or "skipped" in (done.stdout + done.stderr)
 
+    # the zero-downtime rebuild, with the registry given only as the Airflow Connection ragpipe_registry
+    params = conninfo.conninfo_to_dict(database_url)
+    uri = (f"postgresql://{quote(params.get('user', ''), safe='')}@{quote(params.get('host', ''), safe='')}"
+           f"{':' + str(params['port']) if params.get('port') else ''}/{params['dbname']}")
+    by_connection = {k: v for k, v in env.items() if k != "RAGPIPE_DATABASE_URL"}
+    by_connection["AIRFLOW_CONN_RAGPIPE_REGISTRY"] = uri
+    _dags_test(home, by_connection, "rag_index_rebuild", conf)
+    with Registry.open(registry_config) as registry:
+        rebuilt, chunks = live_state(registry)
+        assert rebuilt != third
+        assert set(chunks) == {"wings.md", "heat.md"}
+        assert registry.get_version(rebuilt)["full_build"] is True
+        assert verify_index(registry, artifact_store(config, registry.home), "airdocs", "airdocs").ok
+        assert registry.get_run(4)["counts"]["embedding"]["chunks_embedded"] == 0  # every text was cached
+    # the embedded server under RAGPIPE_HOME was never started: the Connection named the registry
+    assert not (ragpipe_home / "pgdata").exists()
+
     # each publish emitted an asset event carrying the version
     with sqlite3.connect(home / "airflow.db") as db:
         extras = [json.loads(row[0]) for row in db.execute(
             "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.name = 'ragpipe_index_airdocs' "
             "ORDER BY e.id")]
-    assert [e["version"] for e in extras] == [first, second]
+    assert [e["version"] for e in extras] == [first, second, rebuilt]
     assert extras[1]["previous"] == first and extras[1]["action"] == "publish"

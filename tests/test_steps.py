@@ -210,3 +210,76 @@ def test_terminal_errors_end_the_run_and_transient_ones_keep_it(source, registry
     with Registry.open(registry_config) as registry:
         assert registry.get_run(run_id)["status"] == "running"
     assert steps.stage(run_id, config(), embedder=factory, **kw)["version"]
+
+
+def test_rebuild_with_another_model_builds_a_shadow(source, registry_config, embedder):
+    """What rag_index_rebuild does with its `model` param: a full version with the other model,
+    attached as the alias's shadow while the live version keeps serving."""
+    from benchmarks.embedders import DeterministicEmbedder
+
+    live = whole_run(source, registry_config, embedder)["publish"]["version"]
+    other = DeterministicEmbedder(dim=64)
+    shadow = whole_run(source, registry_config, other, options=RunOptions(full=True, shadow=True))
+    assert shadow["publish"]["action"] == "shadow" and shadow["build"]["full_build"]
+    with Registry.open(registry_config) as registry:
+        alias = {a["alias"]: a for a in registry.list_aliases()}["docs"]
+        assert alias["version"] == live and alias["shadow_version"] == shadow["publish"]["version"]
+        assert registry.get_version(alias["shadow_version"])["model_id"] == other.model_id
+        assert verify_index(registry, artifact_store(config(), registry.home), "docs", "docs").ok
+
+
+KILLED_STEP = r"""
+import sys
+from pathlib import Path
+from benchmarks.embedders import DeterministicEmbedder
+from pipeline import steps
+from pipeline.config import IndexConfig
+from registry import RegistryConfig
+
+step, run_id, url, home = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+kw = {"registry_config": RegistryConfig(database_url=url, home=Path(home))}
+cfg = IndexConfig(index="docs", lock_timeout=2, embed_task_size=7)
+factory = lambda c: DeterministicEmbedder()
+if step == "publish":
+    steps.publish(run_id, cfg, **kw)
+else:
+    getattr(steps, step)(run_id, cfg, embedder=factory, **kw)
+"""
+
+
+@pytest.mark.parametrize("step, point", [("build", "hnsw_written"), ("validate", "validated"),
+                                         ("publish", "publishing")])
+def test_a_step_killed_midway_is_finished_by_its_retry(step, point, source, registry_config, embedder):
+    """SIGKILL a real process inside a step (as a worker dies under Airflow); the retried task finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cfg, factory, kw = config(), (lambda c: embedder), {"registry_config": registry_config}
+    run_id = steps.plan(str(source), cfg, owner="airflow:test", embedder=factory, **kw)["run_id"]
+    staged = steps.stage(run_id, cfg, embedder=factory, **kw)
+    for uri in staged["batches"]:
+        steps.embed(run_id, uri, cfg, embedder=factory, **kw)
+    order = ["build", "validate", "publish"]
+    for earlier in order[:order.index(step)]:
+        getattr(steps, earlier)(run_id, cfg, embedder=factory, **kw)
+    env = dict(os.environ, RAGPIPE_TEST_KILL_AT=point, HF_HUB_OFFLINE="1")
+    killed = subprocess.run([sys.executable, "-c", KILLED_STEP, step, str(run_id), registry_config.database_url,
+                             str(registry_config.home)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with Registry.open(registry_config) as registry:
+        assert registry.list_aliases() == []  # nothing is served before publish commits
+        assert registry.get_run(run_id)["status"] == "running"  # the run waits for the retry
+    for retried in order[order.index(step):]:
+        if retried == "publish":
+            steps.publish(run_id, cfg, **kw)
+        else:
+            getattr(steps, retried)(run_id, cfg, embedder=factory, **kw)
+    steps.gc(run_id, cfg, **kw)
+    with Registry.open(registry_config) as registry:
+        assert {a["alias"]: a["version"] for a in registry.list_aliases()}["docs"] == staged["version"]
+        assert registry.get_run(run_id)["status"] == "succeeded"
+        assert verify_index(registry, artifact_store(cfg, registry.home), "docs", "docs").ok
