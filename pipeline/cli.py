@@ -300,7 +300,8 @@ def format_run(r: dict[str, Any]) -> str:
         lines.append(f"  documents  seen {d.get('seen', 0)}  new {d.get('new', 0)}  changed {d.get('changed', 0)}  "
                      f"unchanged {d.get('unchanged', 0)}  deleted {d.get('deleted', 0)}  skipped {d.get('skipped', 0)}")
     if c:
-        lines.append(f"  chunks     added {c.get('added', 0)}  removed {c.get('removed', 0)}  active {c.get('active', 0)}")
+        lines.append(f"  chunks     added {c.get('added', 0)}  removed {c.get('removed', 0)}"
+                     f"  active {c.get('active', 0)}")
     if e:
         lines.append(f"  embedding  {e.get('chunks_embedded', 0)} embedded, {e.get('chunks_cached', 0)} from cache")
     if r.get("error"):
@@ -428,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
-                "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search, "eval": _cmd_eval}
+                "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search,
+                "eval": _cmd_eval}
     from pipeline.errors import PipelineError
     from registry.errors import RegistryError
     from retrieval.errors import RetrievalError

@@ -1,7 +1,8 @@
 """``ragpipe eval``: index a BEIR-layout data set into a throwaway index and measure retrieval.
 
 Metrics are document-level, as BEIR judges documents: a document's rank is that of its best chunk.
-nDCG@10 uses the graded judgements as gains (linear, as trec_eval); Recall@100 and MRR@10 count any positive grade as relevant.
+nDCG@10 uses the graded judgements as gains (linear, as trec_eval); Recall@100 and MRR@10 count any
+positive grade as relevant.
 """
 
 from __future__ import annotations

@@ -156,7 +156,8 @@ class RunState:
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items()
                if k not in ("summary", "options", "built_index", "fetched_rows")}
-        return {**out, "summary": self.summary.to_dict(), "options": {"full": self.options.full, "shadow": self.options.shadow}}
+        options = {"full": self.options.full, "shadow": self.options.shadow}
+        return {**out, "summary": self.summary.to_dict(), "options": options}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunState":

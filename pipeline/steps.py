@@ -141,7 +141,8 @@ def stage(
             for row in table:
                 doc = replace(planned[row["doc_id"]], text=row["text"])
                 if content_hash(doc.text) != doc.content_hash:
-                    raise ConfigError(f"document {doc.doc_id!r}: the run's workspace text does not match its planned hash")
+                    raise ConfigError(
+                        f"document {doc.doc_id!r}: the run's workspace text does not match its planned hash")
                 docs.append(doc)
             stage_run(registry, model, config, state, docs)
             _rows, needed = needed_rows(registry, config.index, state)
@@ -150,13 +151,11 @@ def stage(
             state.to_embed = len(items)
             state.cached_before = distinct - len(items)
             state.summary.embedding = {"chunks_embedded": 0, "chunks_cached": state.cached_before, "chars_embedded": 0}
-            state.batches = [
-                store.write_run_table(
-                    config.index, run_id, f"embed-{i // size:05d}.parquet",
-                    pa.table({"chunk_hash": [h for h, _ in items[i:i + size]], "text": [t for _, t in items[i:i + size]]}),
-                )
-                for i in range(0, len(items), size)
-            ]
+            state.batches = []
+            for i in range(0, len(items), size):
+                work = items[i:i + size]
+                table = pa.table({"chunk_hash": [h for h, _ in work], "text": [t for _, t in work]})
+                state.batches.append(store.write_run_table(config.index, run_id, f"embed-{i // size:05d}.parquet", table))
         return {"run_id": run_id, "version": state.summary.version, "chunks": state.staged_chunks,
                 "to_embed": state.to_embed, "batches": state.batches}
 
@@ -236,7 +235,13 @@ def publish(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig
 
 
 def gc(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig | None = None) -> dict[str, Any]:
-    """Remove versions beyond the retention and the run's workspace; the run ends succeeded."""
+    """Remove versions beyond the retention and the run's workspace; the run ends succeeded.
+
+    Run again after it succeeded (its task died before the orchestrator heard), it reports that."""
+    with _registry(registry_config) as registry:
+        run = registry.get_run(run_id)
+        if run is not None and run["status"] == "succeeded":
+            return {"run_id": run_id, "already_finished": True}
     with _continue(run_id, config, registry_config, final=True) as (registry, state):
         if state.step == "published":
             gc_run(registry, config, state)

@@ -119,6 +119,7 @@ def test_every_step_can_run_again(source, registry_config, embedder):
         registry.save_run_state(run_id, {**saved, "step": "validated"})
     assert steps.publish(run_id, cfg, **kw)["version"] == published["version"]
     steps.gc(run_id, cfg, **kw)
+    assert steps.gc(run_id, cfg, **kw) == {"run_id": run_id, "already_finished": True}
     with Registry.open(registry_config) as registry:
         assert verify_index(registry, artifact_store(cfg, registry.home), "docs", "docs").ok
         assert [v["status"] for v in registry.list_versions("docs")] == ["published"]
