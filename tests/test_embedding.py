@@ -54,7 +54,9 @@ def test_onnx_encoder_gives_sentence_transformers_vectors(model, tmp_path):
 
     onnx = OnnxEncoder(DEFAULT_MODEL, tmp_path)
     assert onnx.model_id == model.model_id and onnx.dim == 384
-    texts = ["boundary layer transition at Mach 3", "x", "a longer query " * 40]
+    # lengths out of order and more texts than one batch: the encoder sorts by length and restores order
+    texts = ["boundary layer transition at Mach 3", "x", "a longer query " * 40] + [
+        f"wind tunnel run {i} " * (1 + (i * 7) % 11) for i in range(17)]
     a, b = onnx.embed(texts), model.embed(texts)
     cosines = (a * b).sum(axis=1)
     assert cosines.min() >= 0.99999, cosines
