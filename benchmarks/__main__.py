@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-BENCHMARKS = {"noop": "benchmarks.noop", "publish": "benchmarks.publish", "query": "benchmarks.query"}
+BENCHMARKS = {"noop": "benchmarks.noop", "publish": "benchmarks.publish", "query": "benchmarks.query",
+              "embed": "benchmarks.embed"}
 
 
 def main() -> int:
