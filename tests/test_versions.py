@@ -259,3 +259,31 @@ def test_alias_moves_are_checked(tmp_path, registry, embedder):
     assert registry.list_aliases()[0]["shadow_version"] == second_shadow.version
     later, _ = run(root, registry, embedder)  # a run finds nothing unfinished
     assert later.recovered == [] and registry.get_version(first_shadow.version)["status"] == "retired"
+
+
+def test_a_new_title_reindexes_exactly_its_chunks_and_incremental_equals_full(tmp_path, registry, embedder):
+    """Titles are part of what chunks are indexed with: a title change re-chunks the document,
+    re-embeds the chunks that carry it, and the incremental version still equals a full rebuild."""
+    source = tmp_path / "docs.jsonl"
+
+    def write(title_b):
+        records = [
+            {"doc_id": "a", "text": SECTION, "metadata": {"title": "Wind tunnel runs"}},
+            {"doc_id": "b", "text": SECTION.replace("drag", "lift"), "metadata": {"title": title_b}},
+            {"doc_id": "c", "text": "A short note without a title."},
+        ]
+        source.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    write("Lift polars")
+    first, config = run(source, registry, embedder)
+    b_chunks = first.chunks["added"] - len([c for c in registry.active_chunks("docs") if c["doc_id"] != "b"])
+    assert b_chunks > 1
+    write("Lift polars, revised")
+    second, _ = run(source, registry, embedder)
+    assert second.documents["changed"] == 1  # a title change is not metadata-only
+    assert second.embedding["chunks_embedded"] == b_chunks  # every chunk of b carries the new title
+    full, _ = run(source, registry, embedder, full=True)
+    assert table(registry, config, second.version) == table(registry, config, full.version)
+    assert bm25_by_chunk(registry, config, second.version) == bm25_by_chunk(registry, config, full.version)
+    assert vectors_by_chunk(registry, config, second.version) == vectors_by_chunk(registry, config, full.version)
+    assert verify_index(registry, artifact_store(config, registry.home), "docs", "docs").ok
