@@ -6,6 +6,18 @@ import os
 import sys
 from pathlib import Path
 
+BENCHMARKS = {
+    "noop": "benchmarks.noop", "publish": "benchmarks.publish", "query": "benchmarks.query",
+    "embed": "benchmarks.embed", "scale": "benchmarks.scale", "replay": "benchmarks.replay",
+}
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    """Run the benchmark ``name`` with its own command-line arguments; it prints one JSON result."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    module = __import__(BENCHMARKS[name], fromlist=["main"])
+    return int(module.main(argv))
+
 
 def shared_data_dir(given: Path | None = None) -> Path:
     """The shared reference data: the given path, RAGPIPE_SHARED_DATA, else ../shared/data."""

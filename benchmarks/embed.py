@@ -3,13 +3,14 @@
 The texts are the chunks ragpipe cuts from the Cranfield abstracts (real tokenizer, titles as chunk
 context), embedded once per backend after a warm-up batch:
 
-- ``torch``: sentence-transformers on torch fp32 (the product's document embedder);
-- ``onnx``: the ONNX Runtime export the retrieval library uses for queries, fp32;
+- ``torch``: sentence-transformers on torch fp32 (the default document embedder, ``MODEL``);
+- ``onnx``: the ONNX Runtime export, fp32 (``MODEL#onnx``; the same vectors, the same model id);
 - ``onnx-int8``: that export quantized with ONNX Runtime's dynamic int8 quantization (per-channel,
-  reduced range) — vectors that are *not* interchangeable with fp32 ones.
+  reduced range; ``MODEL#onnx-int8``) — vectors that are *not* interchangeable with fp32 ones.
 
-For each backend: chunks per second and the cosine of its vectors with torch's (min and mean).
-Retrieval quality per backend is not measured here yet.
+For each backend: chunks per second, the cosine of its vectors with torch's (min and mean), and the
+retrieval quality it gives: Cranfield indexed with that backend (queries encoded by the matching
+encoder), nDCG@10 of the vector search alone and of the default hybrid search with rescoring.
 """
 
 from __future__ import annotations
@@ -44,16 +45,13 @@ def chunk_texts(shared: Path, limit: int, embedder: SentenceTransformerEmbedder)
     return texts[:limit]
 
 
-def _int8_session(onnx_path: Path, target: Path) -> Any:
-    import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(onnx_path), str(target), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
-    return ort.InferenceSession(str(target), ort.SessionOptions(), providers=["CPUExecutionProvider"])
+BACKENDS = {"torch": "", "onnx": "#onnx", "onnx-int8": "#onnx-int8"}
 
 
-def run(shared: Path, limit: int, batch_size: int) -> dict[str, Any]:
-    from retrieval.onnx import OnnxEncoder
+def run(shared: Path, limit: int, batch_size: int, quality: bool) -> dict[str, Any]:
+    from pipeline.embedding import make_embedder
+    from pipeline.evaluation import evaluate
+    from registry import RegistryConfig
 
     torch_embedder = SentenceTransformerEmbedder(DEFAULT_MODEL, device="cpu", batch_size=batch_size)
     texts = chunk_texts(shared, limit, torch_embedder)
@@ -64,17 +62,16 @@ def run(shared: Path, limit: int, batch_size: int) -> dict[str, Any]:
         "mean_chars": round(float(np.mean([len(t) for t in texts])), 1), "backends": {},
     }
     with tempfile.TemporaryDirectory(prefix="ragpipe-embed-") as tmp:
-        onnx = OnnxEncoder(DEFAULT_MODEL, Path(tmp), batch_size=batch_size)
-        int8 = OnnxEncoder(DEFAULT_MODEL, Path(tmp), batch_size=batch_size)
-        int8._session = _int8_session(onnx.onnx_path, Path(tmp) / "model-int8.onnx")  # same tokenizer and pooling
-        backends = {"torch": torch_embedder.embed, "onnx": onnx.embed, "onnx-int8": int8.embed}
         reference: np.ndarray | None = None
-        for name, embed in backends.items():
-            embed(texts[:batch_size])  # warm-up: model load, first-call allocations
+        for name, suffix in BACKENDS.items():
+            embedder = torch_embedder if not suffix else make_embedder(
+                DEFAULT_MODEL + suffix, device="cpu", batch_size=batch_size, cache_dir=Path(tmp))
+            embedder.embed(texts[:batch_size])  # warm-up: model load, first-call allocations
             started = time.perf_counter()
-            vectors = embed(texts)
+            vectors = embedder.embed(texts)
             seconds = time.perf_counter() - started
-            entry: dict[str, Any] = {"seconds": round(seconds, 2), "chunks_per_second": round(len(texts) / seconds, 1)}
+            entry: dict[str, Any] = {"model_id": embedder.model_id, "seconds": round(seconds, 2),
+                                     "chunks_per_second": round(len(texts) / seconds, 1)}
             if reference is None:
                 reference = vectors
             else:
@@ -82,6 +79,11 @@ def run(shared: Path, limit: int, batch_size: int) -> dict[str, Any]:
                 entry["cosine_vs_torch_min"] = round(float(cosine.min()), 6)
                 entry["cosine_vs_torch_mean"] = round(float(cosine.mean()), 6)
                 entry["speedup_vs_torch"] = round(out["backends"]["torch"]["seconds"] / seconds, 2)
+            if quality:
+                scores = evaluate(shared / "cranfield", RegistryConfig.from_env(), embedder, ["dense", "hybrid+rerank"])
+                entry["cranfield_index_seconds"] = scores["index_seconds"]
+                entry["ndcg@10_dense"] = scores["modes"]["dense"]["ndcg@10"]
+                entry["ndcg@10_hybrid+rerank"] = scores["modes"]["hybrid+rerank"]["ndcg@10"]
             out["backends"][name] = entry
     return out
 
@@ -90,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks embed", description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=1000, help="how many Cranfield chunk texts to embed")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-quality", action="store_true", help="skip the Cranfield nDCG per backend")
     parser.add_argument("--shared-data", type=Path, default=None)
     args = parser.parse_args(argv)
     from benchmarks import shared_data_dir
 
-    print(json.dumps(run(shared_data_dir(args.shared_data), args.chunks, args.batch_size), indent=2))
+    print(json.dumps(run(shared_data_dir(args.shared_data), args.chunks, args.batch_size, not args.no_quality), indent=2))
     return 0

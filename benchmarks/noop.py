@@ -33,7 +33,8 @@ from registry import Registry, RegistryConfig
 from registry.db import scratch_database
 
 
-def write_peps_final(shared: Path, out: Path) -> int:
+def peps_final(shared: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The PEPs replay's documents after its last step."""
     docs, steps = load_replay(shared / "peps-replay")
     for records in steps.values():
         for change in records:
@@ -41,6 +42,11 @@ def write_peps_final(shared: Path, out: Path) -> int:
                 docs.pop(change["doc_id"], None)
             else:
                 docs[change["doc_id"]] = (change["text"], {})
+    return docs
+
+
+def write_peps_final(shared: Path, out: Path) -> int:
+    docs = peps_final(shared)
     for doc_id, (text, _) in docs.items():
         path = out / doc_id
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,31 +47,50 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p95_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 2)}
 
 
-def run(shared: Path, size: int, registry_config: RegistryConfig) -> dict[str, Any]:
+def hnsw_recall(version: Any, vectors: np.ndarray, ef: int, k: int = 10) -> float:
+    """Mean recall@k of the version's HNSW graph at ``ef`` against exact search over its vectors.
+
+    A returned chunk counts when its exact similarity reaches the k-th best one: with ties at the
+    k-th place (common for short queries), any of the tied chunks is a correct answer.
+    """
+    exact = np.asarray(version.matrix @ vectors.T, dtype=np.float32)  # rows: chunks in table order
+    kth = -np.partition(-exact, k - 1, axis=0)[k - 1]  # the k-th best similarity per query
+    version.hnsw.set_ef(max(ef, k))
+    found, _ = version.hnsw.knn_query(vectors, k=k)
+    rows = np.vectorize(version.row.__getitem__)(found.astype(np.int64))
+    reached = exact[rows, np.arange(len(vectors))[:, None]] >= kth[:, None] - 1e-6
+    return float(reached.mean())
+
+
+def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 100,
+            backends: tuple[str, ...] = ("onnx",)) -> dict[str, Any]:
+    """Query latency and throughput of the version ``index`` serves, with and without the reranker.
+
+    Queries are the Cranfield queries, encoded by the real model and relabelled with the version's
+    model id. Reports single-query p50/p95 per (encoder, reranker), ``search_many`` of 32 against 32
+    sequential searches, and HNSW recall@10 against exact search at ``ef`` and around it, for the
+    queries embedded in the version's own vector space.
+    """
     from retrieval import Retriever
     from retrieval.models import SentenceTransformerEmbedder
     from retrieval.onnx import OnnxEncoder
 
     queries = [json.loads(line)["text"] for line in open(shared / "cranfield" / "queries.jsonl", encoding="utf-8")]
-    docs = make_docs(_sentences(shared), size, seed=size)
-    embedder = DeterministicEmbedder()
-    out: dict[str, Any] = {"benchmark": "query", "chunks": None, "queries": len(queries),
-                           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
-    with tempfile.TemporaryDirectory(prefix="ragpipe-query-") as tmp, \
-            scratch_database(registry_config.database_url, registry_config.home) as url:
-        config = IndexConfig(index="bench", artifacts=str(Path(tmp) / "artifacts"), min_recall=0.9)
-        with Registry.open(RegistryConfig(database_url=url, home=Path(tmp))) as registry:
-            started = time.perf_counter()
-            summary = run_index(scan_records(((d, t, {}) for d, t in docs.items()), "bench"), registry, embedder, config)
-            out["chunks"] = summary.chunks["active"]
-            out["build_seconds"] = round(time.perf_counter() - started, 1)
-        encoders = {"onnx": OnnxEncoder("sentence-transformers/all-MiniLM-L6-v2", Path(tmp) / "cache"),
-                    "torch": SentenceTransformerEmbedder(device="cpu")}
-        cases = [("onnx", "exact"), ("onnx", "none"), ("torch", "exact")]
-        for backend, reranker in cases:
-            encoder = Relabelled(encoders[backend], embedder.model_id)
-            with Retriever.open("bench", url, home=tmp, encoder=encoder, follow=False, reranker=reranker,
+    model_id = DeterministicEmbedder().model_id
+    encoders = {"onnx": lambda: OnnxEncoder("sentence-transformers/all-MiniLM-L6-v2", Path(home) / "cache"),
+                "torch": lambda: SentenceTransformerEmbedder(device="cpu")}
+    out: dict[str, Any] = {"queries": len(queries), "ef": ef}
+    for backend in backends:
+        encoder = Relabelled(encoders[backend](), model_id)
+        for reranker in ("exact", "none"):
+            with Retriever.open(index, url, home=home, encoder=encoder, follow=False, reranker=reranker, ef=ef,
                                 result_cache_size=0, query_cache_size=0) as retriever:
+                out.setdefault("chunks", retriever._current.size)
+                if "hnsw_recall_at_10" not in out:
+                    # in the version's own vector space: the queries embedded as its chunks were
+                    own = DeterministicEmbedder().embed(queries)
+                    out["hnsw_recall_at_10"] = {str(e): round(hnsw_recall(retriever._current, own, e), 4)
+                                                for e in sorted({50, 100, 200, ef})}
                 for q in queries[:5]:
                     retriever.search(q, k=10)  # warm up
                 latency = []
@@ -80,28 +99,43 @@ def run(shared: Path, size: int, registry_config: RegistryConfig) -> dict[str, A
                     retriever.search(q, k=10)
                     latency.append((time.perf_counter() - started) * 1000)
                 entry: dict[str, Any] = {"single": percentiles(latency)}
-                if backend == "onnx":
-                    batch = queries[:32]
-                    started = time.perf_counter()
-                    for q in batch:
-                        retriever.search(q, k=10)
-                    sequential = time.perf_counter() - started
-                    started = time.perf_counter()
-                    retriever.search_many(batch, k=10)
-                    many = time.perf_counter() - started
-                    entry["sequential_32_qps"] = round(32 / sequential, 1)
-                    entry["search_many_32_qps"] = round(32 / many, 1)
-                    entry["search_many_speedup"] = round(sequential / many, 2)
+                batch = queries[:32]
+                started = time.perf_counter()
+                for q in batch:
+                    retriever.search(q, k=10)
+                sequential = time.perf_counter() - started
+                started = time.perf_counter()
+                retriever.search_many(batch, k=10)
+                many = time.perf_counter() - started
+                entry["sequential_32_qps"] = round(32 / sequential, 1)
+                entry["search_many_32_qps"] = round(32 / many, 1)
+                entry["search_many_speedup"] = round(sequential / many, 2)
                 out[f"{backend}+{reranker}"] = entry
+    return out
+
+
+def run(shared: Path, size: int, registry_config: RegistryConfig, ef: int = 100) -> dict[str, Any]:
+    docs = make_docs(_sentences(shared), size, seed=size)
+    embedder = DeterministicEmbedder()
+    out: dict[str, Any] = {"benchmark": "query", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory(prefix="ragpipe-query-") as tmp, \
+            scratch_database(registry_config.database_url, registry_config.home) as url:
+        config = IndexConfig(index="bench", artifacts=str(Path(tmp) / "artifacts"), min_recall=0.9)
+        with Registry.open(RegistryConfig(database_url=url, home=Path(tmp))) as registry:
+            started = time.perf_counter()
+            run_index(scan_records(((d, t, {}) for d, t in docs.items()), "bench"), registry, embedder, config)
+            out["build_seconds"] = round(time.perf_counter() - started, 1)
+        out.update(measure(shared, url, tmp, "bench", ef=ef, backends=("onnx", "torch")))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks query", description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=100_000)
+    parser.add_argument("--ef", type=int, default=100, help="HNSW search breadth")
     parser.add_argument("--shared-data", type=Path, default=None)
     args = parser.parse_args(argv)
     from benchmarks import shared_data_dir
 
-    print(json.dumps(run(shared_data_dir(args.shared_data), args.chunks, RegistryConfig.from_env()), indent=2))
+    print(json.dumps(run(shared_data_dir(args.shared_data), args.chunks, RegistryConfig.from_env(), args.ef), indent=2))
     return 0

@@ -6,12 +6,20 @@ The models themselves live in :mod:`retrieval.models` (queries are encoded with 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from pipeline.chunking import TokenCounter
-from retrieval.models import DEFAULT_MODEL, HFTokenCounter, SentenceTransformerEmbedder, check_vectors, resolve_model
+from retrieval.models import (
+    DEFAULT_MODEL,
+    HFTokenCounter,
+    SentenceTransformerEmbedder,
+    check_vectors,
+    resolve_model,
+    split_variant,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -20,6 +28,7 @@ __all__ = [
     "SentenceTransformerEmbedder",
     "check_vectors",
     "embed_in_batches",
+    "make_embedder",
     "resolve_model",
 ]
 
@@ -34,6 +43,21 @@ class Embedder(Protocol):
     def token_counter(self) -> TokenCounter: ...
 
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def make_embedder(model: str, *, device: str = "auto", batch_size: int = 32, cache_dir: Path | None = None) -> Embedder:
+    """The document embedder for ``model``: sentence-transformers on torch, or ONNX Runtime for
+    ``MODEL#onnx`` (the same vectors and model id) and ``MODEL#onnx-int8`` (quantized, its own id).
+
+    ONNX exports are cached under ``cache_dir`` (default: ``RAGPIPE_HOME/cache``).
+    """
+    if not split_variant(model)[1]:
+        return SentenceTransformerEmbedder(model, device=device, batch_size=batch_size)
+    from registry import RegistryConfig
+    from retrieval.onnx import OnnxEncoder
+
+    cache = cache_dir or RegistryConfig.from_env().home / "cache"
+    return OnnxEncoder(model, cache, batch_size=batch_size)
 
 
 def embed_in_batches(

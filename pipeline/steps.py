@@ -58,9 +58,9 @@ EmbedderFactory = Callable[[IndexConfig], Embedder]
 
 
 def default_embedder(config: IndexConfig) -> Embedder:
-    from pipeline.embedding import SentenceTransformerEmbedder
+    from pipeline.embedding import make_embedder
 
-    return SentenceTransformerEmbedder(config.model, device=config.device, batch_size=config.batch_size)
+    return make_embedder(config.model, device=config.device, batch_size=config.batch_size)
 
 
 def registry_config(

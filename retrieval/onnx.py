@@ -1,10 +1,14 @@
-"""An ONNX Runtime encoder for queries: the same vectors as sentence-transformers, several times faster.
+"""An ONNX Runtime encoder: the same vectors as sentence-transformers, for queries and documents.
 
 The model's transformer is exported once with ``torch.onnx`` into the ragpipe cache and run with
 onnxruntime; tokenization uses the model's fast tokenizer, pooling and normalization follow the
 model's sentence-transformers configuration (mean or CLS pooling). A test proves the vectors equal
 sentence-transformers' (cosine >= 0.99999), so the model id is the same and versions built with the
 torch model are served without re-embedding.
+
+``MODEL#onnx-int8`` runs the export quantized to int8 (ONNX Runtime dynamic quantization, per
+channel, reduced range): faster on CPUs, but its vectors are not the fp32 ones, so its model id keeps
+the suffix — a version embedded with it is searched with it, never mixed with fp32 vectors.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import ModelError
-from retrieval.models import resolve_model
+from retrieval.models import QUANTIZED, SPECIAL_TOKENS, HFTokenCounter, resolve_model, split_variant
 
 logger = logging.getLogger(__name__)
 _EXPORT_LOCK = threading.Lock()
@@ -82,25 +86,44 @@ def export_onnx(model_path: Path, target: Path) -> None:
     partial.rename(target)
 
 
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization of the weights: per channel, reduced range (the variant that kept
+    Cranfield nDCG@10 closest to fp32; per-tensor lost more, see docs/benchmarks.md)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    partial = target.with_name(target.name + f".{os.getpid()}.tmp")
+    quantize_dynamic(str(source), str(partial), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
+    partial.rename(target)
+
+
 class OnnxEncoder:
     """Encode texts with an ONNX export of a sentence-transformers model (mean or CLS pooling)."""
 
     def __init__(self, model: str, cache_dir: Path, *, threads: int | None = None, batch_size: int = 8) -> None:
-        self.model_id, load_from = resolve_model(model)
+        base, variant = split_variant(model)
+        self.model_id, load_from = resolve_model(base)
+        self.quantized = variant == QUANTIZED
+        if self.quantized:
+            self.model_id = f"{self.model_id}#{QUANTIZED}"
         self._path = Path(load_from)
         if not self._path.is_dir():
             raise ModelError(f"model {model!r} is not a local directory; ONNX export needs its files")
         self._pooling = _pooling(self._path)
         st_config = self._path / "sentence_bert_config.json"
         self.max_length = int(json.loads(st_config.read_text()).get("max_seq_length", 512)) if st_config.is_file() else 512
+        self.max_tokens = self.max_length - SPECIAL_TOKENS
         self.batch_size = batch_size
-        digest = hashlib.sha256(f"{self.model_id}\0{self._path}".encode()).hexdigest()[:16]
+        digest = hashlib.sha256(f"{self.model_id.removesuffix('#' + QUANTIZED)}\0{self._path}".encode()).hexdigest()[:16]
         self.onnx_path = cache_dir / "onnx" / digest / "model.onnx"
         with _EXPORT_LOCK:
             if not self.onnx_path.is_file():
                 self.onnx_path.parent.mkdir(parents=True, exist_ok=True)
                 logger.info("exporting %s to ONNX at %s", self.model_id, self.onnx_path)
                 export_onnx(self._path, self.onnx_path)
+            if self.quantized:
+                fp32, self.onnx_path = self.onnx_path, self.onnx_path.with_name("model-int8.onnx")
+                if not self.onnx_path.is_file():
+                    quantize_int8(fp32, self.onnx_path)
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -114,6 +137,9 @@ class OnnxEncoder:
         self._pad_id = int((self._tokenizer.padding or {}).get("pad_id", 0))
         self._tokenizer.no_padding()
         self.dim = int(self.embed(["dimension probe"]).shape[1])
+
+    def token_counter(self) -> HFTokenCounter:
+        return HFTokenCounter(self._path / "tokenizer.json", self.model_id)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors of ``texts``, in order.

@@ -307,13 +307,18 @@ class Retriever:
             return encoder
 
     def _new_encoder(self, model: str) -> Any:
+        from retrieval.models import split_variant
+
+        onnx_only = bool(split_variant(model)[1])  # a quantized model's vectors come from ONNX Runtime alone
+        if onnx_only and self.config.encoder_backend == "torch":
+            raise ModelError(f"{model!r} runs on ONNX Runtime only; use encoder_backend 'auto' or 'onnx'")
         if self.config.encoder_backend in ("auto", "onnx"):
             try:
                 from retrieval.onnx import OnnxEncoder
 
                 return OnnxEncoder(model, self._cache_dir)
             except Exception as exc:  # any export or runtime failure: torch serves the same model
-                if self.config.encoder_backend == "onnx":
+                if self.config.encoder_backend == "onnx" or onnx_only:
                     raise ModelError(f"cannot run {model!r} on ONNX Runtime: {exc}") from exc
                 logger.info("encoding queries with torch: %s", exc)
         from retrieval.models import SentenceTransformerEmbedder

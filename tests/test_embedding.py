@@ -61,3 +61,57 @@ def test_onnx_encoder_gives_sentence_transformers_vectors(model, tmp_path):
     cosines = (a * b).sum(axis=1)
     assert cosines.min() >= 0.99999, cosines
     assert OnnxEncoder(DEFAULT_MODEL, tmp_path).onnx_path == onnx.onnx_path  # exported once, then reused
+
+
+def test_model_variants_pick_the_runtime_and_keep_quantized_vectors_apart(model, tmp_path):
+    from pipeline.embedding import make_embedder
+    from retrieval.errors import ModelError
+    from retrieval.models import split_variant
+
+    assert split_variant(DEFAULT_MODEL) == (DEFAULT_MODEL, "")
+    with pytest.raises(ModelError, match="unknown model variant 'fp16'"):
+        split_variant(DEFAULT_MODEL + "#fp16")
+    with pytest.raises(ModelError, match="ONNX Runtime variant"):
+        SentenceTransformerEmbedder(DEFAULT_MODEL + "#onnx-int8")
+
+    fp32 = make_embedder(DEFAULT_MODEL + "#onnx", cache_dir=tmp_path)
+    int8 = make_embedder(DEFAULT_MODEL + "#onnx-int8", cache_dir=tmp_path)
+    assert fp32.model_id == model.model_id  # the same vectors: the same id, the same cache entries
+    assert int8.model_id == DEFAULT_MODEL + "#onnx-int8"
+    assert int8.max_tokens == fp32.max_tokens == model.max_tokens == 254
+    texts = ["Shock waves form ahead of a blunt body in supersonic flow.", "heat transfer to a flat plate",
+             "The recipe needs two cups of flour."]
+    assert int8.token_counter().count(texts) == model.token_counter().count(texts)
+    reference = model.embed(texts)
+    assert ((fp32.embed(texts) * reference).sum(axis=1)).min() >= 0.99999
+    cosine = (int8.embed(texts) * reference).sum(axis=1)
+    assert 0.95 <= cosine.min() and cosine.max() < 0.99999, cosine  # close, yet not interchangeable
+    assert int8.onnx_path.name == "model-int8.onnx" and int8.onnx_path.parent == fp32.onnx_path.parent
+
+
+@pytest.mark.db
+def test_a_quantized_version_is_searched_with_the_quantized_encoder(registry, registry_config, tmp_path):
+    from pipeline.config import IndexConfig
+    from pipeline.embedding import make_embedder
+    from pipeline.runner import run_index
+    from retrieval import Retriever
+    from retrieval.errors import ModelError
+    from tests.conftest import write_tree
+
+    root = write_tree(tmp_path / "src", {
+        "wings.md": "# Wings\n\nFlow separation over an airfoil at a high angle of attack causes stall.\n",
+        "bread.md": "# Bread\n\nKnead the dough, let it rise, then bake it in a hot oven.\n",
+        "heat.md": "# Heat\n\nConvective heat transfer to a flat plate in hypersonic flow.\n",
+    })
+    int8 = make_embedder(DEFAULT_MODEL + "#onnx-int8", cache_dir=registry_config.home / "cache")
+    config = IndexConfig(index="docs", artifacts=str(tmp_path / "artifacts"), min_recall=0.0)
+    summary = run_index(str(root), registry, int8, config)
+    assert registry.get_version(summary.version)["model_id"] == DEFAULT_MODEL + "#onnx-int8"
+    with Retriever.open("docs", registry_config.database_url, home=registry_config.home, follow=False) as retriever:
+        hits = retriever.search("why does a wing stall?", k=3)
+        assert hits[0].doc_id == "wings.md"
+        assert retriever._encoder(DEFAULT_MODEL + "#onnx-int8").quantized
+    with pytest.raises(ModelError, match="ONNX Runtime only"):
+        with Retriever.open("docs", registry_config.database_url, home=registry_config.home, follow=False,
+                            encoder_backend="torch") as retriever:
+            retriever.search("stall", k=1)

@@ -1,0 +1,86 @@
+"""The benchmarks' own mechanics on small data: the peer drivers of the replay benchmark stay exact,
+the scale benchmark's corpus and phases work end to end. Their figures are in docs/benchmarks.md."""
+
+import json
+import random
+
+import pytest
+
+pytestmark = [pytest.mark.db, pytest.mark.slow]
+
+
+def _paragraphs(seed: int, count: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ("shock boundary layer wing flow pressure heat plate nozzle jet stall lift drag wave mach "
+             "vortex flutter panel cone inlet").split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(60, 120))) + "." for _ in range(count)]
+
+
+def _write_replay(root):
+    a, b, c = _paragraphs(1, 8), _paragraphs(2, 6), _paragraphs(3, 5)
+    base = [{"doc_id": "a.txt", "text": "\n\n".join(a)}, {"doc_id": "b.txt", "text": "\n\n".join(b)}]
+    edited = ["A new opening sentence moves every later character."] + a
+    changes = [
+        {"step": 1, "doc_id": "a.txt", "op": "upsert", "text": "\n\n".join(edited)},
+        {"step": 2, "doc_id": "b.txt", "op": "delete"},
+        {"step": 3, "doc_id": "c.txt", "op": "upsert", "text": "\n\n".join(c)},
+    ]
+    root.mkdir()
+    (root / "base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    (root / "changes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in changes))
+    return root
+
+
+def test_replay_benchmark_drives_every_tool_exactly(tmp_path, server_url):
+    from benchmarks.replay import TOOLS, run
+    from registry import RegistryConfig
+
+    replay_dir = _write_replay(tmp_path / "replay")
+    result = run(replay_dir, TOOLS, None, RegistryConfig(database_url=server_url, home=tmp_path / "home"))
+    rows = {r["tool"]: r for r in result["results"]}
+    assert len(rows) == 4
+    for row in rows.values():
+        assert row["steps"] == 3
+        assert (row["stale_max"], row["missing_max"]) == (0, 0), row
+        assert row["embeddings_base"] > 0 and row["final_chunks"] > 0
+    ours = rows["ragpipe"]
+    offsets = rows["LangChain index(), offsets in metadata"]
+    plain = rows["LangChain index(), no offsets"]
+    llama = rows["LlamaIndex IngestionPipeline, UPSERTS_AND_DELETE"]
+    # the inserted sentence shifts every later chunk's offset: LangChain's hash then changes with it,
+    # while ragpipe and offset-free LangChain embed only what changed (plus the new document)
+    assert offsets["embeddings_replay"] > plain["embeddings_replay"]
+    assert ours["chars_replay"] < offsets["chars_replay"]
+    assert llama["embeddings_replay"] >= plain["embeddings_replay"]  # a changed document is re-embedded whole
+    assert offsets["ragpipe_chars_ratio"] == round(ours["chars_replay"] / offsets["chars_replay"], 3)
+
+
+def test_scale_benchmark_runs_its_phases(tmp_path, server_url, shared_data, monkeypatch):
+    from benchmarks import scale
+
+    monkeypatch.setenv("RAGPIPE_DATABASE_URL", server_url)
+    monkeypatch.setenv("RAGPIPE_HOME", str(tmp_path / "home"))
+    result = scale.run(shared_data, [1500], 0.05, 0.5, 50, tmp_path)
+    (entry,) = result["sizes"]
+    assert 1500 <= entry["chunks"] < 1500 + 200  # templates are added until the target is reached
+    build, noop, change = entry["build"], entry["noop"], entry["change"]
+    assert build["chunks"]["added"] == entry["chunks"] and build["peak_rss_mb"] > 0
+    assert noop["version"] is None and noop["documents"]["unchanged"] == entry["documents"]
+    assert change["documents"]["changed"] == entry["changed_documents"] >= 1
+    assert 0 < change["chunks"]["added"] < entry["chunks"] // 5  # only the changed documents' chunks
+    assert entry["artifact_bytes"] > 0 and build["registry_bytes"] > 0
+    query = entry["query"]
+    assert query["chunks"] == change["chunks"]["active"]
+    assert 0.5 < query["hnsw_recall_at_10"]["200"] <= 1.0
+    assert query["onnx+exact"]["single"]["p50_ms"] > 0
+
+
+def test_perturbed_replicas_keep_structure_and_differ():
+    from benchmarks.scale import perturb
+
+    text = "Title\n=====\n\nSome prose words that will be changed here and there.\n\n::\n\n    code stays"
+    vocab = ["alpha", "beta", "gamma"]
+    out = perturb(text, random.Random(1), vocab)
+    assert out.startswith("Title\n=====\n\n") and out.endswith("::\n\n    code stays")
+    assert out != text and len(out.split("\n\n")) == len(text.split("\n\n"))
+    assert out == perturb(text, random.Random(1), vocab)  # reproducible
