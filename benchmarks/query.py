@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -47,6 +48,22 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p95_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 2)}
 
 
+class _FallbackCounter(logging.Handler):
+    """Counts the retriever's fall-backs from HNSW to exact search."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "fewer than" in record.getMessage():
+            self.count += 1
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
 def hnsw_recall(version: Any, vectors: np.ndarray, ef: int, k: int = 10) -> float:
     """Mean recall@k of the version's HNSW graph at ``ef`` against exact search over its vectors.
 
@@ -80,6 +97,9 @@ def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 1
     encoders = {"onnx": lambda: OnnxEncoder("sentence-transformers/all-MiniLM-L6-v2", Path(home) / "cache"),
                 "torch": lambda: SentenceTransformerEmbedder(device="cpu")}
     out: dict[str, Any] = {"queries": len(queries), "ef": ef}
+    fallbacks = _FallbackCounter()
+    logging.getLogger("retrieval.retriever").addHandler(fallbacks)
+    logging.getLogger("retrieval.retriever").setLevel(logging.INFO)
     for backend in backends:
         encoder = Relabelled(encoders[backend](), model_id)
         for reranker in ("exact", "none"):
@@ -110,6 +130,7 @@ def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 1
                 entry["sequential_32_qps"] = round(32 / sequential, 1)
                 entry["search_many_32_qps"] = round(32 / many, 1)
                 entry["search_many_speedup"] = round(sequential / many, 2)
+                entry["exact_search_fallbacks"] = fallbacks.take()  # graph gave too few neighbours
                 out[f"{backend}+{reranker}"] = entry
     return out
 

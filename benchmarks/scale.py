@@ -156,10 +156,9 @@ def in_child(phase: str, **kwargs: Any) -> dict[str, Any]:
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"phase {phase} failed with exit code {proc.returncode}")
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": f"exit code {proc.returncode}"}
     result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
+    print(json.dumps({"phase": phase, **result}), file=sys.stderr, flush=True)  # progress, phase by phase
     return result
 
 
@@ -194,17 +193,16 @@ def run(shared: Path, sizes: list[int], fraction: float, min_recall: float, ef: 
                                      "source_bytes": directory_bytes(root),
                                      "corpus_write_seconds": round(time.perf_counter() - started, 1)}
             common = {"root": str(root), "url": url, "home": tmp, "artifacts": str(artifacts), "min_recall": min_recall}
+            out["sizes"].append(entry)
             entry["build"] = in_child("run", **common)
+            if "error" in entry["build"]:
+                continue
             entry["chunks"] = entry["build"]["chunks"]["active"]
-            version = entry["build"]["version"]
-            entry["artifact_bytes"] = directory_bytes(artifacts / "scale" / version)
+            entry["artifact_bytes"] = directory_bytes(artifacts / "scale" / entry["build"]["version"])
             entry["noop"] = in_child("run", **common)
-            assert entry["noop"]["version"] is None, "the no-op run built a version"
             entry["changed_documents"] = change_corpus(root, items, chosen, vocab, fraction)
             entry["change"] = in_child("run", **common)
             entry["query"] = in_child("query", url=url, home=tmp, shared=str(shared), ef=ef)
-            out["sizes"].append(entry)
-            print(json.dumps(entry), file=sys.stderr, flush=True)  # progress: one line per size
     return out
 
 

@@ -353,7 +353,10 @@ class Retriever:
         if n:
             with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n, "retrieval.queries": len(queries)}):
                 version.hnsw.set_ef(max(self.config.ef, n))
-                knn = version.hnsw.knn_query(vectors, k=n)
+                try:
+                    knn = version.hnsw.knn_query(vectors, k=n)
+                except RuntimeError:  # a query got fewer than n neighbours: each one alone, exactly if need be
+                    logger.info("HNSW returned fewer than %d neighbours for a query of the batch", n)
         return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]))
                 for i, q in enumerate(queries)]
 

@@ -209,3 +209,27 @@ def test_staged_chunks_appear_when_their_time_comes(tmp_path, registry, registry
         assert {h.doc_id for h in r.search("press release wind tunnel", k=5)} == {"now", "later"}
         naive = r.search("press release wind tunnel", k=5, filters={"as_of": "2000-01-01T00:00:00"})
         assert {h.doc_id for h in naive} == {"now"}
+
+
+class _ShortGraph:
+    """An HNSW index that, like hnswlib when its graph yields fewer than k live neighbours, raises."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def set_ef(self, ef):
+        self.inner.set_ef(ef)
+
+    def knn_query(self, vectors, k):
+        raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M is too small")
+
+
+def test_search_many_searches_exactly_when_the_graph_returns_too_few(corpus, registry_config, embedder):
+    queries = ["chunks are marked deleted", "rolled back instantly", "heat shields", "lift from pressure"]
+    with open_retriever(registry_config, embedder, candidates=2, result_cache_size=0) as r:
+        expected = [[(h.chunk_id, round(h.score, 5)) for h in r.search(q, k=2)] for q in queries]
+        r._current.hnsw = _ShortGraph(r._current.hnsw)
+        got = [[(h.chunk_id, round(h.score, 5)) for h in hits] for hits in r.search_many(queries, k=2)]
+        single = [[(h.chunk_id, round(h.score, 5)) for h in r.search(q, k=2)] for q in queries]
+    assert got == single  # the batch falls back query by query, as a single search does
+    assert [g[0] for g in got] == [e[0] for e in expected]  # exact search finds what the graph found
