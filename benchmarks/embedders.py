@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.chunking import TokenCounter
-from pipeline.embedding import DEFAULT_MODEL, SentenceTransformerEmbedder
+from pipeline.embedding import DEFAULT_MODEL, SentenceTransformerEmbedder, split_variant
 from retrieval.bm25 import STOPWORDS
 
 
@@ -31,7 +31,7 @@ class DeterministicEmbedder:
     def __init__(self, dim: int = 384, tokenizer_model: str = DEFAULT_MODEL) -> None:
         self.model_id = f"deterministic-hashing-{dim}"
         self.dim = dim
-        self._tokenizer_source = SentenceTransformerEmbedder(tokenizer_model)
+        self._tokenizer_source = SentenceTransformerEmbedder(split_variant(tokenizer_model)[0])  # tokenizer only
         self.max_tokens = self._tokenizer_source.max_tokens
         self.texts_embedded = 0
 

@@ -5,6 +5,7 @@ The models themselves live in :mod:`retrieval.models` (queries are encoded with 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +21,9 @@ from retrieval.models import (
     resolve_model,
     split_variant,
 )
+from retrieval.errors import ModelError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -30,6 +34,7 @@ __all__ = [
     "embed_in_batches",
     "make_embedder",
     "resolve_model",
+    "split_variant",
 ]
 
 
@@ -46,18 +51,39 @@ class Embedder(Protocol):
 
 
 def make_embedder(model: str, *, device: str = "auto", batch_size: int = 32, cache_dir: Path | None = None) -> Embedder:
-    """The document embedder for ``model``: sentence-transformers on torch, or ONNX Runtime for
-    ``MODEL#onnx`` (the same vectors and model id) and ``MODEL#onnx-int8`` (quantized, its own id).
+    """The document embedder for ``model``, by its runtime variant (see ``split_variant``).
 
-    ONNX exports are cached under ``cache_dir`` (default: ``RAGPIPE_HOME/cache``).
+    ``MODEL`` alone runs on ONNX Runtime when the device is the CPU and the model's modules run
+    there (transformer, mean or CLS pooling, normalization): the same vectors as sentence-transformers
+    under the same model id, faster on the reference CPU (docs/benchmarks.md); else, and for
+    ``MODEL#torch``, on sentence-transformers. ``MODEL#onnx`` insists on ONNX Runtime;
+    ``MODEL#onnx-int8`` runs the quantized export under its own model id. ONNX exports are cached
+    under ``cache_dir`` (default: ``RAGPIPE_HOME/cache``) and made on first use.
     """
-    if not split_variant(model)[1]:
-        return SentenceTransformerEmbedder(model, device=device, batch_size=batch_size)
+    base, variant = split_variant(model)
+    if variant == "torch" or (not variant and not _on_cpu(device)):
+        return SentenceTransformerEmbedder(base, device=device, batch_size=batch_size)
     from registry import RegistryConfig
     from retrieval.onnx import OnnxEncoder
 
     cache = cache_dir or RegistryConfig.from_env().home / "cache"
-    return OnnxEncoder(model, cache, batch_size=batch_size)
+    if variant:
+        return OnnxEncoder(model, cache, batch_size=batch_size)
+    try:
+        return OnnxEncoder(base, cache, batch_size=batch_size)
+    except ModelError as exc:  # a model ONNX Runtime cannot run as is (another pooling, a Dense layer)
+        logger.info("embedding documents with sentence-transformers: %s", exc)
+        return SentenceTransformerEmbedder(base, device=device, batch_size=batch_size)
+
+
+def _on_cpu(device: str) -> bool:
+    """Whether ``device`` means the CPU; without an NVIDIA device node, 'auto' does so without
+    importing torch (a planning step only counts tokens and should not pay for that import)."""
+    if device == "auto" and not any(Path("/dev").glob("nvidia[0-9]*")):
+        return True
+    from retrieval.models import resolve_device
+
+    return resolve_device(device) == "cpu"
 
 
 def embed_in_batches(

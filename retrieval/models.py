@@ -57,14 +57,15 @@ class _TransformersTokenCounter:
 
 
 QUANTIZED = "onnx-int8"
-VARIANTS = ("onnx", QUANTIZED)
+VARIANTS = ("torch", "onnx", QUANTIZED)
 
 
 def split_variant(model: str) -> tuple[str, str]:
     """Split ``MODEL#VARIANT`` into the model and its runtime variant ('' when none).
 
-    ``#onnx`` runs the model on ONNX Runtime with the same vectors (so under the same model id);
-    ``#onnx-int8`` runs its int8-quantized export, whose vectors differ, so the id keeps the suffix.
+    ``#torch`` and ``#onnx`` run the model on sentence-transformers or on ONNX Runtime, with the same
+    vectors (so under the same model id); ``#onnx-int8`` runs its int8-quantized export, whose
+    vectors differ, so the id keeps the suffix.
     """
     base, sep, variant = model.partition("#")
     if sep and variant not in VARIANTS:
@@ -111,8 +112,9 @@ class SentenceTransformerEmbedder:
     """Any sentence-transformers model, by name or path; vectors are L2-normalized float32."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, device: str = "auto", batch_size: int = 32) -> None:
-        if split_variant(model)[1]:
-            raise ModelError(f"{model!r} names an ONNX Runtime variant; torch runs the plain model")
+        model, variant = split_variant(model)
+        if variant not in ("", "torch"):
+            raise ModelError(f"{model}#{variant} names an ONNX Runtime variant; sentence-transformers runs the plain model")
         self.model_id, self._load_from = resolve_model(model)
         self._device = device
         self.batch_size = batch_size

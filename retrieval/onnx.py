@@ -21,6 +21,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,8 @@ class OnnxEncoder:
 
     def __init__(self, model: str, cache_dir: Path, *, threads: int | None = None, batch_size: int = 8) -> None:
         base, variant = split_variant(model)
+        if variant == "torch":
+            raise ModelError(f"{model!r} names the sentence-transformers runtime, not ONNX Runtime")
         self.model_id, load_from = resolve_model(base)
         self.quantized = variant == QUANTIZED
         if self.quantized:
@@ -109,34 +112,53 @@ class OnnxEncoder:
         if not self._path.is_dir():
             raise ModelError(f"model {model!r} is not a local directory; ONNX export needs its files")
         self._pooling = _pooling(self._path)
+        if not (self._path / "tokenizer.json").is_file():
+            raise ModelError(f"{self._path} has no tokenizer.json (a fast tokenizer); use the torch encoder")
         st_config = self._path / "sentence_bert_config.json"
         self.max_length = int(json.loads(st_config.read_text()).get("max_seq_length", 512)) if st_config.is_file() else 512
         self.max_tokens = self.max_length - SPECIAL_TOKENS
         self.batch_size = batch_size
         digest = hashlib.sha256(f"{self.model_id.removesuffix('#' + QUANTIZED)}\0{self._path}".encode()).hexdigest()[:16]
-        self.onnx_path = cache_dir / "onnx" / digest / "model.onnx"
-        with _EXPORT_LOCK:
-            if not self.onnx_path.is_file():
-                self.onnx_path.parent.mkdir(parents=True, exist_ok=True)
-                logger.info("exporting %s to ONNX at %s", self.model_id, self.onnx_path)
-                export_onnx(self._path, self.onnx_path)
-            if self.quantized:
-                fp32, self.onnx_path = self.onnx_path, self.onnx_path.with_name("model-int8.onnx")
-                if not self.onnx_path.is_file():
-                    quantize_int8(fp32, self.onnx_path)
-        import onnxruntime as ort
+        self._fp32_path = cache_dir / "onnx" / digest / "model.onnx"
+        self.onnx_path = self._fp32_path.with_name("model-int8.onnx") if self.quantized else self._fp32_path
+        self._threads = threads
+        self._session_lock = threading.Lock()
+        self._session_obj: Any = None
         from tokenizers import Tokenizer
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         self._tokenizer = Tokenizer.from_file(str(self._path / "tokenizer.json"))
         self._tokenizer.enable_truncation(self.max_length)
         self._tokenizer.enable_padding()
         self._pad_id = int((self._tokenizer.padding or {}).get("pad_id", 0))
         self._tokenizer.no_padding()
-        self.dim = int(self.embed(["dimension probe"]).shape[1])
+        config = json.loads((self._path / "config.json").read_text()) if (self._path / "config.json").is_file() else {}
+        # the pooled vector has the transformer's width (only pooling and normalization follow it)
+        self.dim = int(config.get("hidden_size") or self.embed(["dimension probe"]).shape[1])
+
+    def load(self) -> "OnnxEncoder":
+        """Export and open the model now rather than on first use (raises what either raises)."""
+        self._session()
+        return self
+
+    def _session(self) -> Any:
+        """The ONNX Runtime session, made on first use: exported (and quantized) once into the cache,
+        so that a process that only counts tokens never pays for it."""
+        with self._session_lock:
+            if self._session_obj is None:
+                with _EXPORT_LOCK:
+                    if not self._fp32_path.is_file():
+                        self._fp32_path.parent.mkdir(parents=True, exist_ok=True)
+                        logger.info("exporting %s to ONNX at %s", self.model_id, self._fp32_path)
+                        export_onnx(self._path, self._fp32_path)
+                    if self.quantized and not self.onnx_path.is_file():
+                        quantize_int8(self._fp32_path, self.onnx_path)
+                import onnxruntime as ort
+
+                options = ort.SessionOptions()
+                if self._threads:
+                    options.intra_op_num_threads = self._threads
+                self._session_obj = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+            return self._session_obj
 
     def token_counter(self) -> HFTokenCounter:
         return HFTokenCounter(self._path / "tokenizer.json", self.model_id)
@@ -151,6 +173,7 @@ class OnnxEncoder:
         """
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
+        session = self._session()
         encoded = self._tokenizer.encode_batch(list(texts))
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
         out = np.zeros((len(texts), 0), dtype=np.float32)
@@ -165,7 +188,7 @@ class OnnxEncoder:
                 ids[r, :n] = encoded[i].ids
                 mask[r, :n] = 1
                 types[r, :n] = encoded[i].type_ids
-            tokens = self._session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+            tokens = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
             if self._pooling == "mean":
                 pooled = (tokens * mask[..., None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
             else:

@@ -316,7 +316,7 @@ class Retriever:
             try:
                 from retrieval.onnx import OnnxEncoder
 
-                return OnnxEncoder(model, self._cache_dir)
+                return OnnxEncoder(model, self._cache_dir).load()
             except Exception as exc:  # any export or runtime failure: torch serves the same model
                 if self.config.encoder_backend == "onnx" or onnx_only:
                     raise ModelError(f"cannot run {model!r} on ONNX Runtime: {exc}") from exc

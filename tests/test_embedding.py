@@ -74,6 +74,11 @@ def test_model_variants_pick_the_runtime_and_keep_quantized_vectors_apart(model,
     with pytest.raises(ModelError, match="ONNX Runtime variant"):
         SentenceTransformerEmbedder(DEFAULT_MODEL + "#onnx-int8")
 
+    default = make_embedder(DEFAULT_MODEL, device="cpu", cache_dir=tmp_path)
+    assert type(default).__name__ == "OnnxEncoder" and default.model_id == model.model_id
+    assert not default.onnx_path.exists()  # exported on first use: counting tokens never pays for it
+    assert type(make_embedder(DEFAULT_MODEL + "#torch", cache_dir=tmp_path)) is SentenceTransformerEmbedder
+    assert make_embedder(DEFAULT_MODEL + "#torch").model_id == model.model_id
     fp32 = make_embedder(DEFAULT_MODEL + "#onnx", cache_dir=tmp_path)
     int8 = make_embedder(DEFAULT_MODEL + "#onnx-int8", cache_dir=tmp_path)
     assert fp32.model_id == model.model_id  # the same vectors: the same id, the same cache entries
