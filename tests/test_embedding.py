@@ -101,7 +101,7 @@ def test_a_quantized_version_is_searched_with_the_quantized_encoder(registry, re
     from pipeline.runner import run_index
     from retrieval import Retriever
     from retrieval.errors import ModelError
-    from tests.conftest import write_tree
+    from conftest import write_tree
 
     root = write_tree(tmp_path / "src", {
         "wings.md": "# Wings\n\nFlow separation over an airfoil at a high angle of attack causes stall.\n",
