@@ -55,7 +55,8 @@ def make_embedder(model: str, *, device: str = "auto", batch_size: int = 32, cac
 
     ``MODEL`` alone runs on ONNX Runtime when the device is the CPU and the model's modules run
     there (transformer, mean or CLS pooling, normalization): the same vectors as sentence-transformers
-    under the same model id, faster on the reference CPU (docs/benchmarks.md); else, and for
+    under the same model id, at 0.94–1.15x its throughput on the reference CPU (docs/benchmarks.md,
+    depending on the shared CPU's load); else, and for
     ``MODEL#torch``, on sentence-transformers. ``MODEL#onnx`` insists on ONNX Runtime;
     ``MODEL#onnx-int8`` runs the quantized export under its own model id. ONNX exports are cached
     under ``cache_dir`` (default: ``RAGPIPE_HOME/cache``) and made on first use.
