@@ -48,6 +48,14 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p95_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 2)}
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 class _FallbackCounter(logging.Handler):
     """Counts the retriever's fall-backs from HNSW to exact search."""
 
@@ -106,11 +114,6 @@ def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 1
             with Retriever.open(index, url, home=home, encoder=encoder, follow=False, reranker=reranker, ef=ef,
                                 result_cache_size=0, query_cache_size=0) as retriever:
                 out.setdefault("chunks", retriever._current.size)
-                if "hnsw_recall_at_10" not in out:
-                    # in the version's own vector space: the queries embedded as its chunks were
-                    own = DeterministicEmbedder().embed(queries)
-                    out["hnsw_recall_at_10"] = {str(e): round(hnsw_recall(retriever._current, own, e), 4)
-                                                for e in sorted({50, 100, 200, ef})}
                 for q in queries[:5]:
                     retriever.search(q, k=10)  # warm up
                 latency = []
@@ -135,6 +138,13 @@ def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 1
                 entry["search_many_speedup"] = round(sequential / many, 2)
                 entry["exact_search_fallbacks"] = fallbacks.take()  # graph gave too few neighbours
                 out[f"{backend}+{reranker}"] = entry
+                if "serving_rss_mb" not in out:
+                    # what serving takes (version loaded, encoder, all queries run), before the recall
+                    # check below reads the whole vector matrix and holds an exact score matrix
+                    out["serving_rss_mb"] = _rss_mb()
+                    own = DeterministicEmbedder().embed(queries)  # the version's own vector space
+                    out["hnsw_recall_at_10"] = {str(e): round(hnsw_recall(retriever._current, own, e), 4)
+                                                for e in sorted({50, 100, 200, ef})}
     return out
 
 

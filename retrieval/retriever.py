@@ -472,10 +472,11 @@ class Retriever:
 
     def _passes(self, version: LoadedVersion, key: int, filters: dict[str, Any] | None) -> bool:
         row = version.row[key]
-        valid_from = version.columns["valid_from"][row]
         now = (filters or {}).get("as_of") or datetime.now(timezone.utc)
-        if valid_from is not None and valid_from > now:
-            return False  # staged: not visible yet
+        if not version.all_visible_by(now):
+            valid_from = version.columns["valid_from"][row]
+            if valid_from is not None and valid_from > now:
+                return False  # staged: not visible yet
         if not filters:
             return True
         prefix = filters.get("doc_id_prefix")
