@@ -96,8 +96,8 @@ class LoadedVersion:
         self.keys = chunks.column("chunk_key").to_numpy()
         self.row = {int(k): i for i, k in enumerate(self.keys.tolist())}
         self.matrix = np.load(directory / MATRIX_FILE, mmap_mode="r")
-        # kept as Arrow arrays, read row by row for the few rows a query returns: as Python objects the
-        # columns of a 1M-chunk version took several GB
+        # kept as Arrow arrays and read row by row for the few rows a query returns, rather than as
+        # Python objects for every chunk (a str, int or list object per cell)
         self.columns = {name: Column(chunks.column(name)) for name in CHUNK_SCHEMA.names if name != "chunk_key"}
         self._metadata_cache: dict[int, dict[str, Any]] = {}
         self._last_valid_from = pc.max(chunks.column("valid_from")).as_py() if self.size else None
