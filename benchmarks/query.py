@@ -27,6 +27,7 @@ from benchmarks.publish import make_docs
 from pipeline.config import IndexConfig
 from pipeline.runner import run_index
 from pipeline.sources import scan_records
+from pipeline.validation import recall_against_exact
 from registry import Registry, RegistryConfig
 from registry.db import scratch_database
 
@@ -70,21 +71,6 @@ class _FallbackCounter(logging.Handler):
     def take(self) -> int:
         count, self.count = self.count, 0
         return count
-
-
-def hnsw_recall(version: Any, vectors: np.ndarray, ef: int, k: int = 10) -> float:
-    """Mean recall@k of the version's HNSW graph at ``ef`` against exact search over its vectors.
-
-    A returned chunk counts when its exact similarity reaches the k-th best one: with ties at the
-    k-th place (common for short queries), any of the tied chunks is a correct answer.
-    """
-    exact = np.asarray(version.matrix @ vectors.T, dtype=np.float32)  # rows: chunks in table order
-    kth = -np.partition(-exact, k - 1, axis=0)[k - 1]  # the k-th best similarity per query
-    version.hnsw.set_ef(max(ef, k))
-    found, _ = version.hnsw.knn_query(vectors, k=k)
-    rows = np.vectorize(version.row.__getitem__)(found.astype(np.int64))
-    reached = exact[rows, np.arange(len(vectors))[:, None]] >= kth[:, None] - 1e-6
-    return float(reached.mean())
 
 
 def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 100,
@@ -143,8 +129,10 @@ def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 1
                     # check below reads the whole vector matrix and holds an exact score matrix
                     out["serving_rss_mb"] = _rss_mb()
                     own = DeterministicEmbedder().embed(queries)  # the version's own vector space
-                    out["hnsw_recall_at_10"] = {str(e): round(hnsw_recall(retriever._current, own, e), 4)
-                                                for e in sorted({50, 100, 200, ef})}
+                    loaded = retriever._current
+                    out["hnsw_recall_at_10"] = {
+                        str(e): round(recall_against_exact(loaded.hnsw, loaded.matrix, own, e), 4)
+                        for e in sorted({50, 100, 200, ef})}
     return out
 
 

@@ -140,23 +140,31 @@ def hnsw_recall(index: Any, keys: np.ndarray, vectors: np.ndarray, ef: int, k: i
                 sample: int = RECALL_SAMPLE) -> float:
     """Recall@k of HNSW against exact inner-product search, queries sampled from the version's vectors.
 
-    ``vectors`` are the version's full-precision vectors, row i for ``keys[i]``. A returned neighbour
-    counts when its score reaches the exact k-th best score, so that ties (duplicate texts, equally
-    near neighbours) never count as misses.
+    ``vectors`` are the version's full-precision vectors, row i for ``keys[i]``.
     """
     if len(keys) == 0:
         return 1.0
-    k = min(k, len(keys))
     rng = np.random.default_rng(0)
     rows = rng.choice(len(keys), size=min(sample, len(keys)), replace=False)
-    queries = np.asarray(vectors[rows], dtype=np.float32)
+    return recall_against_exact(index, vectors, np.asarray(vectors[rows], dtype=np.float32), ef, k)
+
+
+def recall_against_exact(index: Any, vectors: np.ndarray, queries: np.ndarray, ef: int, k: int = 10) -> float:
+    """Mean recall@k of the HNSW ``index`` at ``ef`` for ``queries``, against exact search over ``vectors``.
+
+    A returned neighbour counts when its score reaches the exact k-th best score, so that ties
+    (duplicate texts, equally near neighbours, short queries) never count as misses.
+    """
+    k = min(k, len(vectors))
+    if k == 0 or len(queries) == 0:
+        return 1.0
     exact = queries @ np.asarray(vectors, dtype=np.float32).T
     kth = -np.partition(-exact, k - 1, axis=1)[:, k - 1]
     index.set_ef(max(ef, k))
     _, distances = index.knn_query(queries, k=k)
     scores = 1.0 - distances  # hnswlib's inner-product distance is 1 - <q, v>
     hits = (scores >= kth[:, None] - 1e-5).sum()
-    return float(hits) / (len(rows) * k)
+    return float(hits) / (len(queries) * k)
 
 
 def golden_recall(
