@@ -22,7 +22,8 @@ RUN_CONF := {"source": "$(CURDIR)", "index": "docs"}
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip 2>&1 | grep -v "is ignored" || true
-	# torch first, pinned: anything later that needs torch then finds it and never pulls a CUDA build
+	# torch first, pinned here (the package does not pin it): anything later that needs torch then
+	# finds it and never pulls a CUDA build. [test] brings [pipeline] and [airflow].
 	$(PIP) $(TORCH) 2>&1 | grep -v "is ignored" || true
 	$(PIP) -e '.[test]' 2>&1 | grep -v "is ignored" || true
 	$(PY) -W ignore -c "import torch, sentence_transformers, hnswlib, psycopg, rank_bm25, pyarrow, pgserver, airflow, onnxruntime"

@@ -33,6 +33,7 @@ from retrieval.artifacts import (
     sha256_file,
 )
 from retrieval.bm25 import B, K1, Analyzer, BM25Tables
+from retrieval.onnx import EncoderRef
 
 @dataclass(frozen=True)
 class HnswParams:
@@ -51,6 +52,8 @@ class BuildPlan:
         touched_docs: documents whose rows in the parent's chunk table are replaced by ``rows``.
         doc_fields: doc_id -> (source_uri, metadata, valid_from) for every document in ``rows``.
         vectors: chunk_hash -> vector for every added key (all members for a full build).
+        encoder: the stored query encoder (ONNX bundle) that encodes queries as the documents were
+            encoded; None when the embedder has none (queries then need an encoder from the caller).
     """
 
     index: str
@@ -68,6 +71,7 @@ class BuildPlan:
     doc_fields: dict[str, tuple[str, dict[str, Any], datetime | None]] = field(default_factory=dict)
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     hnsw: HnswParams = field(default_factory=HnswParams)
+    encoder: EncoderRef | None = None
 
     @property
     def full(self) -> bool:
@@ -108,7 +112,8 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
         "run_id": plan.run_id,
         "created_at": datetime.now(timezone.utc).isoformat(),
         "full_build": plan.full,
-        "model": {"id": plan.model_id, "dim": plan.dim},
+        "model": {"id": plan.model_id, "dim": plan.dim,
+                  **({"encoder": plan.encoder.to_dict()} if plan.encoder is not None else {})},
         "metric": METRIC,
         "hnsw": {"M": plan.hnsw.m, "ef_construction": plan.hnsw.ef_construction, **hnsw_info},
         "bm25": {"analyzer": analyzer.version, "k1": K1, "b": B, "avgdl": bm25.avgdl,

@@ -29,10 +29,25 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="texts per embedding batch (env RAGPIPE_BATCH_SIZE)")
 
 
+def _cmd_dags_folder(args: argparse.Namespace) -> int:
+    from pipeline import dags_folder
+
+    print(dags_folder())
+    return 0
+
+
+def package_version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ragpipe", description="Incremental, versioned RAG indexing.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--version", action="version", version=f"ragpipe {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dags-folder", help="print the folder of ragpipe's Airflow DAG files (for AIRFLOW__CORE__DAGS_FOLDER)")
 
     db = sub.add_parser("db", help="registry database")
     db_sub = db.add_subparsers(dest="db_command", required=True)
@@ -442,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
                 "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search,
-                "eval": _cmd_eval, "bench": _cmd_bench}
+                "eval": _cmd_eval, "bench": _cmd_bench, "dags-folder": _cmd_dags_folder}
     from pipeline.errors import PipelineError
     from registry.errors import RegistryError
     from retrieval.errors import RetrievalError

@@ -64,14 +64,14 @@ def make_embedder(model: str, *, device: str = "auto", batch_size: int = 32, cac
     base, variant = split_variant(model)
     if variant == "torch" or (not variant and not _on_cpu(device)):
         return SentenceTransformerEmbedder(base, device=device, batch_size=batch_size)
+    from pipeline.encoders import OnnxModelEncoder
     from registry import RegistryConfig
-    from retrieval.onnx import OnnxEncoder
 
     cache = cache_dir or RegistryConfig.from_env().home / "cache"
     if variant:
-        return OnnxEncoder(model, cache, batch_size=batch_size)
+        return OnnxModelEncoder(model, cache, batch_size=batch_size)
     try:
-        return OnnxEncoder(base, cache, batch_size=batch_size)
+        return OnnxModelEncoder(base, cache, batch_size=batch_size)
     except ModelError as exc:  # a model ONNX Runtime cannot run as is (another pooling, a Dense layer)
         logger.info("embedding documents with sentence-transformers: %s", exc)
         return SentenceTransformerEmbedder(base, device=device, batch_size=batch_size)

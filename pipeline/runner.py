@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline import faults
 from retrieval.artifacts import ArtifactStore
+from retrieval.onnx import EncoderRef
 from pipeline.building import BuildPlan, HnswParams, build_version
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
@@ -107,8 +108,9 @@ def version_name(index: str, now: datetime | None = None) -> str:
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     if not enabled or total == 0 or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
+    from registry.extras import require
 
+    tqdm = require("tqdm", "pipeline", "the progress bar").tqdm
     return tqdm(total=total, desc=desc, unit="chunk", leave=False, file=sys.stderr)
 
 
@@ -465,6 +467,7 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
             rows=rows, added_keys=added_keys, removed_keys=removed_keys, touched_docs=_touched(state),
             doc_fields=doc_fields, vectors=vectors,
             hnsw=HnswParams(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction),
+            encoder=query_encoder(store, embedder, registry.home / "cache"),
         )
         store.remove(config.index, summary.version)  # what an earlier attempt of this step left
         with store.writing(config.index, summary.version) as out:
@@ -473,6 +476,29 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
         registry.mark_version_built(summary.version, uri, manifest)
     state.step = "built"
     return uri
+
+
+def query_encoder(store: ArtifactStore, embedder: Embedder, cache_dir: Path) -> EncoderRef | None:
+    """Store the query encoder of ``embedder``'s model (once per content digest) and return its reference."""
+    from pipeline.encoders import encoder_bundle, store_encoder
+
+    bundle = encoder_bundle(embedder, cache_dir)
+    return store_encoder(store, bundle) if bundle is not None else None
+
+
+def _stored_encoder(store: ArtifactStore, version: str, index: str, model_id: str,
+                    home: Path) -> Callable[[], Callable[[list[str]], Any]] | None:
+    """What loads the query encoder the version's manifest names, as a retriever would (None: none)."""
+    encoder = store.read_manifest(index, version)["model"].get("encoder")
+    if encoder is None:
+        return None
+
+    def load() -> Callable[[list[str]], Any]:
+        from retrieval.onnx import OnnxEncoder
+
+        return OnnxEncoder.from_store(store.uri, EncoderRef.from_dict(encoder), model_id, home / "cache").embed
+
+    return load
 
 
 def validate_run(registry: Registry, embedder: Embedder, config: IndexConfig, state: RunState) -> dict[str, Any]:
@@ -498,6 +524,7 @@ def validate_run(registry: Registry, embedder: Embedder, config: IndexConfig, st
             embed=lambda texts: embedder.embed(texts),
             live_metrics=live["metrics"] if live and live["model_id"] == embedder.model_id else None,
             index=state.built_index,
+            query_encoder=_stored_encoder(store, summary.version, config.index, embedder.model_id, registry.home),
         )
         state.built_index = None
         summary.metrics = report.metrics

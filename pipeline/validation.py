@@ -24,6 +24,8 @@ from retrieval.artifacts import CHUNKS_FILE, MATRIX_FILE, VECTORS_FILE
 from retrieval.bm25 import POSTINGS_FILE
 
 RECALL_SAMPLE = 200
+ENCODER_SAMPLE = 8
+ENCODER_MIN_COSINE = 0.99999
 
 
 @dataclass
@@ -167,6 +169,21 @@ def recall_against_exact(index: Any, vectors: np.ndarray, queries: np.ndarray, e
     return float(hits) / (len(queries) * k)
 
 
+def query_encoder_agreement(
+    directory: Path, embed_documents: Callable[[list[str]], np.ndarray],
+    embed_queries: Callable[[list[str]], np.ndarray], sample: int = ENCODER_SAMPLE,
+) -> float:
+    """The lowest cosine between the document embedder's and the stored query encoder's vectors of a
+    sample of the version's chunk texts: the stored encoder must encode as the documents were."""
+    texts = pq.read_table(directory / CHUNKS_FILE, columns=["text"]).column("text").to_pylist()
+    if not texts:
+        return 1.0
+    rows = np.random.default_rng(2).choice(len(texts), size=min(sample, len(texts)), replace=False)
+    probe = [texts[int(r)] for r in rows]
+    a, b = embed_documents(probe), embed_queries(probe)
+    return float((np.asarray(a, dtype=np.float32) * np.asarray(b, dtype=np.float32)).sum(axis=1).min())
+
+
 def golden_recall(
     path: Path, index: Any, directory: Path, embed: Callable[[list[str]], np.ndarray], k: int, ef: int
 ) -> float:
@@ -205,8 +222,11 @@ def validate_version(
     embed: Callable[[list[str]], np.ndarray] | None = None,
     live_metrics: dict[str, Any] | None = None,
     index: Any = None,
+    query_encoder: Callable[[], Callable[[list[str]], np.ndarray]] | None = None,
 ) -> ValidationReport:
-    """Run every check on a freshly built version (``index``: its HNSW index when still in memory)."""
+    """Run every check on a freshly built version (``index``: its HNSW index when still in memory;
+    ``query_encoder``: loads the stored query encoder the manifest names, whose vectors must equal
+    ``embed``'s)."""
     manifest = json.loads((directory / MANIFEST).read_text())
     report = ValidationReport()
     problems, index, keys = check_structure(directory, manifest, registry_keys, model_id=model_id,
@@ -214,6 +234,16 @@ def validate_version(
     report.problems.extend(problems)
     if index is None or problems:
         return report
+    if query_encoder is not None and embed is not None:
+        try:
+            cosine = query_encoder_agreement(directory, embed, query_encoder())
+        except Exception as exc:  # a stored encoder that cannot load or run rejects the version
+            report.problems.append(f"the stored query encoder does not load: {exc}")
+            return report
+        report.metrics["query_encoder_min_cosine"] = round(cosine, 6)
+        if cosine < ENCODER_MIN_COSINE:
+            report.problems.append(f"the stored query encoder's vectors differ from the documents' "
+                                   f"(cosine {cosine:.6f} < {ENCODER_MIN_COSINE})")
     recall = hnsw_recall(index, keys, np.load(directory / MATRIX_FILE, mmap_mode="r"), thresholds.ef_search)
     report.metrics["hnsw_recall_at_10"] = round(recall, 4)
     if recall < thresholds.min_recall:

@@ -16,10 +16,21 @@ import psycopg
 from psycopg import conninfo, sql
 
 from registry.errors import MigrationError, RegistryUnavailable
+from registry.extras import require
 
 logger = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+def _sql_dir() -> Path:
+    """The migrations: ``registry/migrations`` in an installed package (the build ships ``sql/``
+    there), else ``sql/`` beside the package in a checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "migrations"
+    return installed if any(installed.glob("[0-9]*.sql")) else here.parent / "sql"
+
+
+SQL_DIR = _sql_dir()
 _MIGRATION_NAME = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
 # Any constant works; it only has to be the same for every process that migrates.
 _MIGRATION_LOCK_KEY = 0x7261_6770_6970_6501  # "ragpipe" + 1
@@ -68,12 +79,9 @@ def _embedded_url(home: Path) -> str:
     pgdata = (home / "pgdata").resolve()
     server = _EMBEDDED.get(pgdata)
     if server is None:
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-                import pgserver
-        except ImportError as exc:  # pragma: no cover - pgserver is a declared dependency
-            raise RegistryUnavailable("no RAGPIPE_DATABASE_URL and the pgserver package is missing") from exc
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            pgserver = require("pgserver", "embedded", "the embedded PostgreSQL (no RAGPIPE_DATABASE_URL is set)")
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         # pgserver puts its Unix socket inside pgdata; libpq caps socket paths at 107 bytes.
         if len(str(pgdata)) > 90:
@@ -154,7 +162,10 @@ def current_version(conn: psycopg.Connection) -> int:
 
 def ensure_schema(url: str) -> None:
     """Apply pending migrations when the database is behind (first use)."""
-    latest = list_migrations()[-1].version
+    migrations = list_migrations()
+    if not migrations:
+        raise MigrationError(f"no migrations found in {SQL_DIR}: the package is incomplete; reinstall ragpipe")
+    latest = migrations[-1].version
     with connect(url, autocommit=True) as conn:
         if current_version(conn) < latest:
             upgrade(conn)

@@ -25,6 +25,10 @@ class IndexLocked(RegistryError):
     transient = True
 
 
+class MissingExtra(RegistryError):
+    """A feature needs an optional part of ragpipe that is not installed; the message names the extra."""
+
+
 class RunNotRunning(RegistryError):
     """A step of an orchestrated run found its run finished, failed or taken over by a newer run."""
 

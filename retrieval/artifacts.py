@@ -56,6 +56,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def store_root(version_uri: str) -> str:
+    """The artifact store's root of a version's URI (``ROOT/INDEX/VERSION``)."""
+    if "://" not in version_uri:
+        return str(Path(version_uri).parent.parent)
+    return version_uri.rstrip("/").rsplit("/", 2)[0]
+
+
 class ArtifactStore:
     """Versions' files under ``uri`` (a local path, ``file://`` URL, or any URL pyarrow.fs opens).
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from registry.errors import MissingExtra  # noqa: F401  (a registry error: raised by any package's optional feature)
+
 
 class RetrievalError(Exception):
     """Base class of every retrieval error."""

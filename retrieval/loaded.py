@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, MATRIX_FILE, VECTORS_FILE
 from retrieval.bm25 import ANALYZER_VERSION, Analyzer, BM25Scorer, BM25Tables
 from retrieval.errors import VersionUnavailable
+from retrieval.onnx import EncoderRef
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,12 @@ class LoadedVersion:
         self.columns = {name: Column(chunks.column(name)) for name in CHUNK_SCHEMA.names if name != "chunk_key"}
         self._metadata_cache: dict[int, dict[str, Any]] = {}
         self._last_valid_from = pc.max(chunks.column("valid_from")).as_py() if self.size else None
+
+    @property
+    def encoder_ref(self) -> EncoderRef | None:
+        """The stored query encoder the manifest names (None for versions without one)."""
+        data = self.manifest["model"].get("encoder")
+        return EncoderRef.from_dict(data) if data else None
 
     def all_visible_by(self, now: datetime) -> bool:
         """Whether every chunk's valid_from has passed at ``now`` (results no longer depend on the clock)."""

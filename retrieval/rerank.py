@@ -76,9 +76,10 @@ class CrossEncoderReranker:
 
     @cached_property
     def _model(self):  # type: ignore[no-untyped-def]
-        from sentence_transformers import CrossEncoder
+        from registry.extras import require
 
-        return CrossEncoder(self.model_name, device=self.device, max_length=self.max_length)
+        st = require("sentence_transformers", "pipeline", f"the cross-encoder reranker {self.model_name!r}")
+        return st.CrossEncoder(self.model_name, device=self.device, max_length=self.max_length)
 
     def rerank(
         self, query: str, query_vector: np.ndarray, keys: Sequence[int], version: "LoadedVersion",

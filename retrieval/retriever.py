@@ -29,6 +29,7 @@ from retrieval import telemetry
 from retrieval.errors import AliasNotFound, ModelError, ModelMismatch
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
 from retrieval.hit import Hit, StageScore
+from retrieval.artifacts import store_root
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
 from retrieval.rerank import Reranker, make_reranker
 
@@ -152,8 +153,9 @@ class Retriever:
         self._registry_lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         given = [] if encoder is None else list(encoder) if isinstance(encoder, (list, tuple)) else [encoder]
-        self._encoders: dict[str, Any] = {e.model_id: e for e in given}
-        self._pinned = set(self._encoders)  # models the caller chose; others are loaded on demand
+        self._given: dict[str, Any] = {e.model_id: e for e in given}  # the caller's, by model
+        self._pinned = set(self._given)
+        self._encoders: dict[tuple[str, str | None], Any] = {}  # loaded on demand, by (model, encoder digest)
         self._encoder_lock = threading.Lock()
         self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
         self._query_cache = _LRU(config.query_cache_size)
@@ -212,9 +214,9 @@ class Retriever:
         assert info is not None
         wanted = None
         if self.config.model is not None:
-            from retrieval.models import resolve_model
+            from retrieval.models import model_id_of
 
-            wanted = resolve_model(self.config.model)[0]
+            wanted = model_id_of(self.config.model)
         elif self._pinned and info.model_id not in self._pinned:
             wanted = sorted(self._pinned)[0]
         if wanted is not None and wanted != info.model_id:
@@ -296,41 +298,55 @@ class Retriever:
 
     # -- searching -----------------------------------------------------------------------------
 
-    def _encoder(self, model_id: str) -> Any:
+    def _encoder(self, version: LoadedVersion) -> Any:
+        """The query encoder of ``version``: the caller's for its model, else the one its manifest
+        names (loaded once per digest), else sentence-transformers (``[pipeline]``)."""
+        model_id = version.info.model_id
+        ref = version.encoder_ref
         with self._encoder_lock:
-            encoder = self._encoders.get(model_id)
+            given = self._given.get(model_id)
+            if given is not None:
+                return given
+            key = (model_id, ref.digest if ref is not None else None)
+            encoder = self._encoders.get(key)
             if encoder is None:
-                encoder = self._new_encoder(self.config.model or model_id)
+                encoder = self._new_encoder(version)
                 if encoder.model_id != model_id:
                     raise ModelMismatch(f"the version was embedded with {model_id!r}; the encoder is {encoder.model_id!r}")
-                self._encoders[model_id] = encoder
+                self._encoders[key] = encoder
             return encoder
 
-    def _new_encoder(self, model: str) -> Any:
-        from retrieval.models import split_variant
+    def _new_encoder(self, version: LoadedVersion) -> Any:
+        from retrieval.models import SentenceTransformerEmbedder, split_variant
 
-        onnx_only = bool(split_variant(model)[1])  # a quantized model's vectors come from ONNX Runtime alone
-        if onnx_only and self.config.encoder_backend == "torch":
-            raise ModelError(f"{model!r} runs on ONNX Runtime only; use encoder_backend 'auto' or 'onnx'")
-        if self.config.encoder_backend in ("auto", "onnx"):
-            try:
-                from retrieval.onnx import OnnxEncoder
+        model_id, ref = version.info.model_id, version.encoder_ref
+        onnx_only = bool(split_variant(model_id)[1])  # a quantized model's vectors come from ONNX Runtime alone
+        backend = self.config.encoder_backend
+        if backend == "torch":
+            if onnx_only:
+                raise ModelError(f"{model_id!r} runs on ONNX Runtime only; use encoder_backend 'auto' or 'onnx'")
+            return SentenceTransformerEmbedder(self.config.model or model_id, device=self.config.device)
+        if ref is not None:
+            from retrieval.onnx import OnnxEncoder
 
-                return OnnxEncoder(model, self._cache_dir).load()
-            except Exception as exc:  # any export or runtime failure: torch serves the same model
-                if self.config.encoder_backend == "onnx" or onnx_only:
-                    raise ModelError(f"cannot run {model!r} on ONNX Runtime: {exc}") from exc
-                logger.info("encoding queries with torch: %s", exc)
-        from retrieval.models import SentenceTransformerEmbedder
+            return OnnxEncoder.from_store(store_root(version.info.artifact_uri), ref, model_id, self._cache_dir)
+        if backend == "onnx" or onnx_only:
+            raise ModelError(
+                f"version {version.info.version} stores no ONNX query encoder for {model_id!r} (built before "
+                "ragpipe 0.2, or by an embedder without one): rebuild it with `ragpipe index SOURCE --full`, "
+                "or open the retriever with encoder=..."
+            )
+        logger.info("version %s stores no query encoder; encoding queries with sentence-transformers",
+                    version.info.version)
+        return SentenceTransformerEmbedder(self.config.model or model_id, device=self.config.device)
 
-        return SentenceTransformerEmbedder(model, device=self.config.device)
-
-    def _embed(self, queries: Sequence[str], model_id: str) -> np.ndarray:
+    def _embed(self, queries: Sequence[str], version: LoadedVersion) -> np.ndarray:
+        model_id = version.info.model_id
         with telemetry.span("embedding.query", {"embedding.model": model_id, "embedding.queries": len(queries)}):
             out: list[np.ndarray | None] = [self._query_cache.get((model_id, q)) for q in queries]
             missing = [i for i, v in enumerate(out) if v is None]
             if missing:
-                vectors = self._encoder(model_id).embed([queries[i] for i in missing])
+                vectors = self._encoder(version).embed([queries[i] for i in missing])
                 for i, vec in zip(missing, vectors):
                     out[i] = vec
                     self._query_cache.put((model_id, queries[i]), vec)
@@ -347,7 +363,7 @@ class Retriever:
         version = self._current
         if not queries:
             return []
-        vectors = self._embed(list(queries), version.info.model_id)
+        vectors = self._embed(list(queries), version)
         n = min(max(self.config.candidates, k), version.size)
         knn = None
         if n:
@@ -379,7 +395,7 @@ class Retriever:
             "retrieval.k": k,
         }) as root:
             if vector is None:
-                vector = self._embed([query], version.info.model_id)[0]
+                vector = self._embed([query], version)[0]
             hits = self._ranked(version, query, vector, k, filters, knn)
             for hit in hits:
                 telemetry.event(root, "chunk_retrieved", {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id,
@@ -396,7 +412,7 @@ class Retriever:
             return
         started = time.perf_counter()
         try:
-            vector = self._embed([query], shadow.info.model_id)[0]
+            vector = self._embed([query], shadow)[0]
             other = self._ranked(shadow, query, vector, max(k, 10), filters)
         except Exception:  # mirroring never fails the user's query
             logger.warning("mirror query on shadow %s failed", shadow.info.version, exc_info=True)

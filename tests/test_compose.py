@@ -136,7 +136,7 @@ def test_airflow_commands_parse_with_airflow():
 def test_dockerfile_keeps_airflow_and_pins_torch_before_the_project():
     lines = dockerfile()
     torch = next(i for i, line in enumerate(lines) if "torch==2.13.0" in line)
-    project = next(i for i, line in enumerate(lines) if line.endswith("-e ."))
+    project = next(i for i, line in enumerate(lines) if line.endswith('".[airflow]"'))
     assert torch < project
     assert '"apache-airflow==${AIRFLOW_VERSION}"' in lines[project]
     assert lines[0].startswith("# ") and any(line.startswith("FROM apache/airflow:3.") for line in lines)

@@ -50,9 +50,10 @@ def test_local_model_path_gets_a_content_derived_id(tmp_path):
 
 
 def test_onnx_encoder_gives_sentence_transformers_vectors(model, tmp_path):
+    from pipeline.encoders import OnnxModelEncoder
     from retrieval.onnx import OnnxEncoder
 
-    onnx = OnnxEncoder(DEFAULT_MODEL, tmp_path)
+    onnx = OnnxModelEncoder(DEFAULT_MODEL, tmp_path)
     assert onnx.model_id == model.model_id and onnx.dim == 384
     # lengths out of order and more texts than one batch: the encoder sorts by length and restores order
     texts = ["boundary layer transition at Mach 3", "x", "a longer query " * 40] + [
@@ -60,7 +61,11 @@ def test_onnx_encoder_gives_sentence_transformers_vectors(model, tmp_path):
     a, b = onnx.embed(texts), model.embed(texts)
     cosines = (a * b).sum(axis=1)
     assert cosines.min() >= 0.99999, cosines
-    assert OnnxEncoder(DEFAULT_MODEL, tmp_path).onnx_path == onnx.onnx_path  # exported once, then reused
+    assert OnnxModelEncoder(DEFAULT_MODEL, tmp_path).onnx_path == onnx.onnx_path  # exported once, then reused
+    # the bundle alone (what a base install loads: no torch, no model package) gives the same vectors
+    bundle = OnnxEncoder(onnx.ensure_bundle())
+    assert bundle.model_id == model.model_id and bundle.dim == 384 and bundle.max_tokens == 254
+    assert ((bundle.embed(texts) * b).sum(axis=1)).min() >= 0.99999
 
 
 def test_model_variants_pick_the_runtime_and_keep_quantized_vectors_apart(model, tmp_path):
@@ -75,7 +80,7 @@ def test_model_variants_pick_the_runtime_and_keep_quantized_vectors_apart(model,
         SentenceTransformerEmbedder(DEFAULT_MODEL + "#onnx-int8")
 
     default = make_embedder(DEFAULT_MODEL, device="cpu", cache_dir=tmp_path)
-    assert type(default).__name__ == "OnnxEncoder" and default.model_id == model.model_id
+    assert type(default).__name__ == "OnnxModelEncoder" and default.model_id == model.model_id
     assert not default.onnx_path.exists()  # exported on first use: counting tokens never pays for it
     assert type(make_embedder(DEFAULT_MODEL + "#torch", cache_dir=tmp_path)) is SentenceTransformerEmbedder
     assert make_embedder(DEFAULT_MODEL + "#torch").model_id == model.model_id
@@ -91,7 +96,7 @@ def test_model_variants_pick_the_runtime_and_keep_quantized_vectors_apart(model,
     assert ((fp32.embed(texts) * reference).sum(axis=1)).min() >= 0.99999
     cosine = (int8.embed(texts) * reference).sum(axis=1)
     assert 0.95 <= cosine.min() and cosine.max() < 0.99999, cosine  # close, yet not interchangeable
-    assert int8.onnx_path.name == "model-int8.onnx" and int8.onnx_path.parent == fp32.onnx_path.parent
+    assert int8.onnx_path.parent.name == "int8" and int8.onnx_path.parent.parent == fp32.onnx_path.parent.parent
 
 
 @pytest.mark.db
@@ -115,7 +120,9 @@ def test_a_quantized_version_is_searched_with_the_quantized_encoder(registry, re
     with Retriever.open("docs", registry_config.database_url, home=registry_config.home, follow=False) as retriever:
         hits = retriever.search("why does a wing stall?", k=3)
         assert hits[0].doc_id == "wings.md"
-        assert retriever._encoder(DEFAULT_MODEL + "#onnx-int8").quantized
+        encoder = retriever._encoder(retriever._current)
+        assert encoder.quantized and encoder.model_id == DEFAULT_MODEL + "#onnx-int8"
+        assert type(encoder).__name__ == "OnnxEncoder"  # the bundle the manifest names, from the artifact store
     with pytest.raises(ModelError, match="ONNX Runtime only"):
         with Retriever.open("docs", registry_config.database_url, home=registry_config.home, follow=False,
                             encoder_backend="torch") as retriever:

@@ -1,6 +1,7 @@
 """Import direction (dags → pipeline → {retrieval, registry}) and no pickle anywhere."""
 
 import ast
+import functools
 
 from conftest import REPO
 
@@ -56,3 +57,143 @@ def test_sql_is_spoken_only_by_the_registry():
     for package in ["pipeline", "retrieval", "dags"]:
         for path in (REPO / package).rglob("*.py"):
             assert "psycopg" not in imports_of(package)[str(path.relative_to(REPO))], path
+
+
+# -- extras: what each part of the package may import ---------------------------------------------
+
+@functools.cache
+def _requirements() -> tuple[frozenset[str], dict[str, frozenset[str]]]:
+    """The distributions the base install brings (its requirements and theirs, as installed here)
+    and, per extra, those the extra brings on top of the base."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras_of = project["optional-dependencies"]
+
+    def closure(reqs: list[str], seen: set[str]) -> set[str]:
+        out: set[str] = set()
+        for text in reqs:
+            req = Requirement(text)
+            if canonicalize_name(req.name) == "ragpipe":
+                for extra in req.extras - seen:
+                    out |= closure(extras_of[extra], seen | {extra})
+            else:
+                out |= _installed_closure(req)
+        return out
+
+    base = frozenset(closure(project["dependencies"], set()))
+    return base, {extra: base | closure(extras_of[extra], {extra}) for extra in extras_of}
+
+
+def _installed_closure(req, seen: set | None = None) -> set[str]:  # type: ignore[no-untyped-def]
+    """A requirement's distribution and, as installed here, every distribution it requires."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen = set() if seen is None else seen
+    name = canonicalize_name(req.name)
+    key = (name, frozenset(req.extras))
+    if key in seen:
+        return set()
+    seen.add(key)
+    out = {name}
+    try:
+        requires = importlib.metadata.distribution(name).requires or []
+    except importlib.metadata.PackageNotFoundError:
+        return out
+    for text in requires:
+        sub = Requirement(text)
+        if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in (req.extras or {""})):
+            out |= _installed_closure(sub, seen)
+    return out
+
+
+@functools.cache
+def _distributions_of(top_level: str) -> frozenset[str]:
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    return frozenset(canonicalize_name(d) for d in _packages_distributions().get(top_level, []))
+
+
+@functools.cache
+def _packages_distributions() -> dict[str, list[str]]:
+    import importlib.metadata
+
+    return importlib.metadata.packages_distributions()
+
+
+FIRST_PARTY = {"pipeline", "registry", "retrieval", "dags", "benchmarks"}
+
+
+def _third_party_imports(package: str) -> list[tuple[str, int, str]]:
+    """(file, line, top-level name) of every import of a third-party module, at any depth."""
+    import sys
+
+    found = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in FIRST_PARTY and top != "__future__":
+                    found.append((str(path.relative_to(REPO)), node.lineno, top))
+    return found
+
+
+def test_the_installed_packages_import_only_the_base_install_directly():
+    # pipeline/, registry/ and retrieval/ ship in the base wheel: a base install must import every
+    # one of their modules. A package of an extra is reached only through registry.extras.require,
+    # which names the extra to install instead of failing with an ImportError.
+    base, _ = _requirements()
+    for package in ["pipeline", "registry", "retrieval"]:
+        for path, line, top in _third_party_imports(package):
+            dists = _distributions_of(top)
+            assert dists & base, (f"{path}:{line} imports {top!r} ({', '.join(sorted(dists)) or 'not installed'}), "
+                                  "which the base install lacks: use registry.extras.require")
+
+
+def test_dags_import_only_the_airflow_extra():
+    _, extras = _requirements()
+    for path, line, top in _third_party_imports("dags"):
+        assert _distributions_of(top) & extras["airflow"], f"{path}:{line} imports {top!r}, not in [airflow]"
+
+
+def test_every_optional_import_names_the_extra_that_provides_it():
+    _, extras = _requirements()
+    calls = 0
+    for package in ["pipeline", "registry", "retrieval"]:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if not (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "require"):
+                    continue
+                args = node.args[:2]
+                assert len(args) == 2 and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in args), \
+                    f"{path}:{node.lineno}: require() takes the module and the extra as string literals"
+                module, extra = args[0].value, args[1].value
+                assert extra in extras, f"{path}:{node.lineno}: no extra [{extra}] in pyproject.toml"
+                dists = _distributions_of(module.split(".")[0])
+                assert dists & extras[extra], f"{path}:{node.lineno}: [{extra}] does not install {module!r}"
+                calls += 1
+    assert calls >= 5  # the walk found the optional features (models, export, reranker, embedded server, ...)
+
+
+def test_no_module_imports_by_name_behind_the_extras_door():
+    # importlib.import_module with a literal would bypass the checks above
+    for package in ["pipeline", "registry", "retrieval", "dags"]:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if path == REPO / "registry" / "extras.py":
+                continue
+            text = path.read_text()
+            assert "import_module(" not in text and "__import__(" not in text, path
