@@ -270,6 +270,45 @@ def test_cli_with_a_badly_encoded_password_names_the_url_problem_not_the_passwor
     assert "database URL" in result.stderr
 
 
+def test_schema_dump_passes_the_connection_through_the_environment(database_url, monkeypatch, capsys):
+    from registry import schema_dump
+
+    parts = conninfo.conninfo_to_dict(database_url)
+    # trust authentication ignores the password, so a real pg_dump still runs with it
+    url = conninfo.make_conninfo(database_url, password="s3cret-pw", application_name="dump")
+    monkeypatch.setenv("RAGPIPE_DATABASE_URL", url)
+    seen = []
+    real_run = subprocess.run
+
+    def spy(argv, **kwargs):  # records what the real pg_dump is given, then runs it
+        seen.append((list(argv), dict(kwargs.get("env") or {})))
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(schema_dump.subprocess, "run", spy)
+    assert schema_dump.main() == 0
+    assert "CREATE TABLE public.chunks" in capsys.readouterr().out
+    (argv, env), = seen
+    assert not any("s3cret" in a or "postgresql://" in a or "password" in a for a in argv), argv
+    assert env["PGPASSWORD"] == "s3cret-pw"
+    assert env["PGHOST"] == parts.get("host", env.get("PGHOST"))
+    assert env["PGDATABASE"].startswith("ragpipe_scratch_")
+
+
+def test_a_connection_dropped_while_idle_is_replaced_before_a_write(server_url, database_url, registry_config):
+    with Registry.open(registry_config, migrate=False) as registry:
+        registry.ping_after = 0.2
+        assert terminate(server_url, database_url) == 1
+        time.sleep(0.3)
+        registry.store_embeddings("m", ["h1"], np.ones((1, 4), dtype=np.float32))  # on a new connection
+        assert set(registry.fetch_embeddings("m", ["h1"])) == {"h1"}
+        with registry.index_lock("docs", timeout_s=1):
+            assert terminate(server_url, database_url) == 1
+            time.sleep(0.3)
+            with pytest.raises(registry_errors.ConnectionLost, match="index lock"):
+                registry.store_embeddings("m", ["h2"], np.ones((1, 4), dtype=np.float32))
+        assert registry.missing_embeddings("m", ["h1", "h2"]) == ["h2"]
+
+
 class DroppingEmbedder:
     """The deterministic embedder, while the database drops every connection of the test's database
     during the first batch (the environment acting, as an idle kill would; the vectors are real)."""
