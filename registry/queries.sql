@@ -313,6 +313,9 @@ LISTEN ragpipe_alias;
 -- Is an idle connection still there? (registry.Registry checks before using one again.)
 SELECT 1;
 
+-- name: database_size
+SELECT pg_database_size(current_database());
+
 -- name: gc_rows
 -- Rows no retained version can contain any more.
 DELETE FROM chunks

@@ -325,6 +325,11 @@ class Registry(VersionStore):
         row = self.conn.execute(q("count_active_chunks"), {"index": index}).fetchone()
         return int(row[0]) if row else 0
 
+    def database_bytes(self) -> int:
+        """The registry database's size on disk (benchmarks report it)."""
+        row = self.conn.execute(q("database_size")).fetchone()
+        return int(row[0]) if row else 0
+
     def active_chunks_of_deleted_documents(self, index: str) -> int:
         row = self.conn.execute(q("active_chunks_of_deleted_documents"), {"index": index}).fetchone()
         return int(row[0]) if row else 0
