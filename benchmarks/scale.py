@@ -132,7 +132,7 @@ def phase_run(root: str, url: str, home: str, artifacts: str, min_recall: float)
         started = time.perf_counter()
         summary = run_index(root, registry, embedder, _config(artifacts, min_recall))
         wall = time.perf_counter() - started
-        size = registry.conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        size = registry.database_bytes()
     stages = summary.stage_seconds
     return {"wall_seconds": round(wall, 2), "excluding_embedding_seconds": round(wall - stages.get("embed", 0.0), 2),
             "stage_seconds": stages, "version": summary.version, "chunks": summary.chunks,

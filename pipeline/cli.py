@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search,
                 "eval": _cmd_eval, "bench": _cmd_bench, "dags-folder": _cmd_dags_folder}
     from pipeline.errors import PipelineError
+    from registry.db import connection_error
     from registry.errors import RegistryError
     from retrieval.errors import RetrievalError
 
@@ -467,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, RegistryError, RetrievalError) as exc:
         print(f"ragpipe: {exc}", file=sys.stderr)
         return EXIT_TRANSIENT if exc.transient else EXIT_TERMINAL
+    except Exception as exc:
+        lost = connection_error(exc)  # the server dropped a connection in use (restart, failover)
+        if lost is None:
+            raise
+        print(f"ragpipe: {lost}", file=sys.stderr)
+        return EXIT_TRANSIENT
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ def recording(
             summary.error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        if summary.status != "running" and not registry.conn.closed and not registry.conn.broken:
+        if summary.status != "running" and registry.connected:  # a lost connection: the next run records it
             registry.finish_run(
                 summary.run_id,
                 status=summary.status,

@@ -274,7 +274,7 @@ def _step(registry: Registry, state: RunState, *, final: bool) -> Iterator[None]
         with recording(registry, state, final=final, keep_running=is_transient):
             yield
     finally:
-        if not registry.conn.closed and not registry.conn.broken:
+        if registry.connected:
             registry.save_run_state(state.summary.run_id, state.to_json())
 
 

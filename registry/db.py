@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import time
 import warnings
@@ -11,11 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import psycopg
 from psycopg import conninfo, sql
 
-from registry.errors import MigrationError, RegistryUnavailable
+from registry.errors import ConnectionLost, DatabaseUrlInvalid, MigrationError, RegistryUnavailable
 from registry.extras import require
 
 logger = logging.getLogger(__name__)
@@ -94,16 +96,123 @@ def _embedded_url(home: Path) -> str:
     return server.get_uri()  # type: ignore[attr-defined]
 
 
-def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
-    """Open a connection, turning connection failures into :class:`RegistryUnavailable`."""
+APPLICATION_NAME = "ragpipe"  # how the registry's sessions show in pg_stat_activity
+
+
+def connect(url: str, *, autocommit: bool = False, application_name: str = APPLICATION_NAME) -> psycopg.Connection:
+    """Open a connection, turning connection failures into registry errors without the password.
+
+    Raises:
+        RegistryUnavailable: the server cannot be reached or refused the connection (transient).
+        DatabaseUrlInvalid: the URL cannot be parsed (terminal: fix the configuration).
+    """
     try:
-        return psycopg.connect(url, autocommit=autocommit, application_name="ragpipe")
+        return psycopg.connect(url, autocommit=autocommit, application_name=application_name)
     except psycopg.OperationalError as exc:
-        raise RegistryUnavailable(f"cannot connect to the registry database: {_redact(str(exc))}") from exc
+        raise RegistryUnavailable(f"cannot connect to the registry database: {one_line(redact(str(exc), url))}; "
+                                  f"retry later") from None
+    except psycopg.ProgrammingError as exc:  # libpq could not parse the conninfo
+        raise DatabaseUrlInvalid(f"the registry database URL is invalid: {one_line(redact(str(exc), url))}") from None
 
 
-def _redact(message: str) -> str:
-    return re.sub(r"(password=)\S+", r"\1***", message)
+@dataclass(frozen=True)
+class Backoff:
+    """Bounded exponential backoff with jitter, for reconnecting.
+
+    Attributes:
+        initial: the first delay in seconds; each next one doubles, up to ``maximum``.
+        maximum: the longest delay.
+        budget: stop once the delays add up to this many seconds; None never stops.
+    """
+
+    initial: float = 0.1
+    maximum: float = 2.0
+    budget: float | None = 10.0
+
+    def delays(self, limit: int | None = None) -> Iterator[float]:
+        """The delays to sleep before each next attempt. Each is drawn from the upper half of its
+        step ("equal jitter"), so that processes dropped together do not reconnect in lockstep."""
+        spent, step, n = 0.0, self.initial, 0
+        while (self.budget is None or spent < self.budget) and (limit is None or n < limit):
+            delay = random.uniform(step / 2, step)
+            spent += delay
+            n += 1
+            yield delay
+            step = min(step * 2, self.maximum)
+
+
+def connect_with_backoff(url: str, backoff: Backoff, *, autocommit: bool = True,
+                         application_name: str = APPLICATION_NAME) -> psycopg.Connection:
+    """Connect, retrying while the server is unreachable, for at most ``backoff.budget`` seconds.
+
+    Raises:
+        RegistryUnavailable: still unreachable when the budget ran out.
+        DatabaseUrlInvalid: the URL cannot be parsed (never retried).
+    """
+    attempts = 0
+    started = time.monotonic()
+    for delay in backoff.delays():
+        attempts += 1
+        try:
+            return connect(url, autocommit=autocommit, application_name=application_name)
+        except RegistryUnavailable as exc:
+            logger.warning("registry database unreachable (%s); reconnect attempt %d in %.2f s", exc, attempts + 1,
+                           delay)
+            time.sleep(delay)
+    try:  # the last attempt, once the budget is spent
+        return connect(url, autocommit=autocommit, application_name=application_name)
+    except RegistryUnavailable as exc:
+        raise RegistryUnavailable(f"{exc} (gave up reconnecting after {attempts + 1} attempts over "
+                                  f"{time.monotonic() - started:.1f} s)") from None
+
+
+# The password in URL userinfo (scheme://user:PASSWORD@host) and in key=value conninfo (quoted or not).
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact(message: str, url: str | None = None) -> str:
+    """``message`` without any password: URL userinfo and ``password=`` values are masked, and so is
+    every occurrence of ``url``'s own password (raw, as written, or percent-decoded), which libpq and
+    psycopg quote in their errors, e.g. a badly percent-encoded one."""
+    secrets = _passwords_in(url) if url else set()
+    for secret in sorted(secrets, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    message = _URL_PASSWORD.sub(r"\1***\3", message)
+    return _KEYWORD_PASSWORD.sub(r"\1***", message)
+
+
+def _passwords_in(url: str) -> set[str]:
+    found = {m.group(2) for m in _URL_PASSWORD.finditer(url)}
+    found |= {m.group(2).strip("'") for m in _KEYWORD_PASSWORD.finditer(url)}
+    found |= {unquote(s) for s in found}
+    try:
+        password = conninfo.conninfo_to_dict(url).get("password")
+    except psycopg.Error:
+        password = None
+    if password:
+        found.add(str(password))
+    return {s for s in found if s}
+
+
+def one_line(message: str) -> str:
+    """libpq's multi-line messages as one line."""
+    return " ".join(message.split())
+
+
+def connection_error(exc: BaseException, url: str | None = None) -> RegistryUnavailable | None:
+    """A registry error for a database failure that surfaced as a raw psycopg error (a connection the
+    server dropped, a failover, a transaction lost mid-way), or None when ``exc`` is not one."""
+    if isinstance(exc, RegistryUnavailable):
+        return exc
+    if not isinstance(exc, psycopg.OperationalError):
+        return None
+    message = one_line(redact(str(exc), url))
+    state = exc.sqlstate or ""
+    # no SQLSTATE: the client found the socket gone; 08: connection exception; 57P: the server shut down
+    if not state or state.startswith(("08", "57P")):
+        return ConnectionLost(f"lost the connection to the registry database ({message}); retry")
+    return RegistryUnavailable(f"the registry database failed ({message}); retry")
 
 
 def upgrade(conn: psycopg.Connection, sql_dir: Path = SQL_DIR) -> list[int]:

@@ -15,6 +15,15 @@ class RegistryUnavailable(RegistryError):
     transient = True
 
 
+class ConnectionLost(RegistryUnavailable):
+    """The server dropped a connection (restart, failover, idle kill) while it was in use or held
+    session state (an advisory lock); what was in flight may not have happened: retry."""
+
+
+class DatabaseUrlInvalid(RegistryError):
+    """The registry database URL cannot be parsed; fix the configuration."""
+
+
 class MigrationError(RegistryError):
     """A migration file is malformed or failed to apply."""
 

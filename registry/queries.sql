@@ -305,6 +305,17 @@ ORDER BY version_seq DESC LIMIT 1;
 -- name: notify_alias
 SELECT pg_notify('ragpipe_alias', %(payload)s);
 
+-- name: listen_alias
+-- The channel notify_alias sends on; registry.listener waits on it.
+LISTEN ragpipe_alias;
+
+-- name: ping
+-- Is an idle connection still there? (registry.Registry checks before using one again.)
+SELECT 1;
+
+-- name: database_size
+SELECT pg_database_size(current_database());
+
 -- name: gc_rows
 -- Rows no retained version can contain any more.
 DELETE FROM chunks

@@ -10,21 +10,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from registry import db
 from registry.config import RegistryConfig
-from registry.errors import IndexLocked, RunNotRunning
+from registry.errors import ConnectionLost, IndexLocked, RunNotRunning
 from registry.queries import q
 from registry.versions import VersionStore
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DocumentState(NamedTuple):
@@ -43,12 +46,27 @@ class Registry(VersionStore):
 
     Use :meth:`open` to connect (starting the embedded server and migrating on first use).
     The connection runs in autocommit mode; every multi-statement write is an explicit transaction.
+
+    When the server drops the connection (a restart, a failover, an idle kill), the statement in
+    flight fails and the next use reconnects, with backoff (``reconnect_backoff``); a connection
+    idle for ``ping_after`` seconds is checked before its next use, so a drop while idle costs
+    nothing. Only :meth:`read` runs a statement again, and only idempotent reads go through it; a
+    transaction lost mid-way fails with the error that found the drop (transient), and its block
+    ends before anything reconnects. A connection that held the index lock is never silently
+    replaced: the lock went with it, so every use raises :class:`ConnectionLost` until the
+    :meth:`index_lock` block ends.
     """
 
+    reconnect_backoff = db.Backoff()
+    ping_after = 1.0
+
     def __init__(self, conn: psycopg.Connection, url: str, home: Path = Path(".ragpipe")) -> None:
-        self.conn = conn
+        self._conn = conn
         self.url = url
         self.home = home
+        self._locks: set[str] = set()  # index locks this session holds: lost with the connection
+        self._lost_locks: set[str] = set()  # index locks a dropped connection took with it
+        self._used = time.monotonic()
 
     @classmethod
     def open(cls, config: RegistryConfig | None = None, *, migrate: bool = True) -> "Registry":
@@ -67,8 +85,63 @@ class Registry(VersionStore):
             db.ensure_schema(url)
         return cls(db.connect(url, autocommit=True), url, config.home)
 
+    @property
+    def conn(self) -> psycopg.Connection:
+        """The live connection, reopened (with backoff) when the server dropped the last one.
+
+        Raises:
+            ConnectionLost: the dropped connection held an index lock (the block holding it must end).
+            RegistryUnavailable: the server stayed unreachable for the whole backoff budget.
+        """
+        now = time.monotonic()
+        if now - self._used >= self.ping_after:
+            self._ping()
+        self._used = now
+        if self._conn.broken:
+            self._lost_locks |= self._locks
+            self._locks.clear()
+            if not self._lost_locks:
+                logger.warning("registry connection lost; reconnecting")
+                self._conn = db.connect_with_backoff(self.url, self.reconnect_backoff)
+        if self._lost_locks:
+            raise ConnectionLost(
+                f"lost the connection to the registry database while holding the index lock of "
+                f"{', '.join(sorted(self._lost_locks))!r}; the lock went with it, so this run stopped; "
+                f"retry: the next run finishes its work"
+            )
+        return self._conn
+
+    def _ping(self) -> None:
+        """Check an idle connection between transactions (inside one, the statement finds a drop)."""
+        if self._conn.closed or self._conn.info.transaction_status != TransactionStatus.IDLE:
+            return
+        try:
+            self._conn.execute(q("ping"))
+        except psycopg.OperationalError:
+            if not self._conn.broken:
+                raise
+            logger.warning("registry connection found dropped after %.1f s idle", time.monotonic() - self._used)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is usable now, without reconnecting (for best-effort bookkeeping)."""
+        return not self._conn.closed and not self._lost_locks
+
+    def read(self, query: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run an idempotent read (a method of this registry); when the server drops the connection
+        under it, reconnect and run it again. Under an index lock the drop raises :class:`ConnectionLost`.
+        """
+        try:
+            return query(*args, **kwargs)
+        except psycopg.OperationalError:
+            if not self._conn.broken:
+                raise  # the server answered with an error: not a lost connection
+            logger.warning("registry connection lost during a read; reconnecting to read again")
+            _ = self.conn  # reconnects, or raises ConnectionLost under a lock
+            return query(*args, **kwargs)
+
     def close(self) -> None:
-        self.conn.close()
+        self._conn.close()
 
     def __enter__(self) -> "Registry":
         return self
@@ -84,6 +157,7 @@ class Registry(VersionStore):
 
         Raises:
             IndexLocked: another process held it for ``timeout_s`` seconds.
+            ConnectionLost: the connection, and with it the lock, was lost inside the block.
         """
         deadline = time.monotonic() + timeout_s
         delay = 0.05
@@ -97,11 +171,21 @@ class Registry(VersionStore):
                 )
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+        self._locks.add(index)
         try:
             yield
         finally:
-            if not self.conn.closed:
-                self.conn.execute(q("release_index_lock"), {"index": index})
+            held = index in self._locks
+            self._locks.discard(index)
+            self._lost_locks.discard(index)  # the block that lost it is over: the registry may reconnect
+            if held and not self._conn.closed:
+                try:
+                    self._conn.execute(q("release_index_lock"), {"index": index})
+                except psycopg.OperationalError:
+                    if not self._conn.broken:
+                        raise
+                    logger.warning("registry connection lost while releasing the lock of index %r; "
+                                   "the server released it", index)
 
     # -- documents and runs --------------------------------------------------------------------
 
@@ -239,6 +323,11 @@ class Registry(VersionStore):
 
     def count_active_chunks(self, index: str) -> int:
         row = self.conn.execute(q("count_active_chunks"), {"index": index}).fetchone()
+        return int(row[0]) if row else 0
+
+    def database_bytes(self) -> int:
+        """The registry database's size on disk (benchmarks report it)."""
+        row = self.conn.execute(q("database_size")).fetchone()
         return int(row[0]) if row else 0
 
     def active_chunks_of_deleted_documents(self, index: str) -> int:

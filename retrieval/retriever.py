@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from registry import Registry, RegistryConfig
+from registry.listener import AliasListener
 from retrieval import telemetry
 from retrieval.errors import AliasNotFound, ModelError, ModelMismatch
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
@@ -198,13 +199,14 @@ class Retriever:
 
     def _resolve(self, shadow: bool = False) -> VersionInfo | None:
         with self._registry_lock:
-            row = next((a for a in self._registry.list_aliases() if a["alias"] == self.alias), None)
+            aliases = self._registry.read(self._registry.list_aliases)  # reconnects if the server dropped it
+            row = next((a for a in aliases if a["alias"] == self.alias), None)
             if row is None:
                 raise AliasNotFound(f"alias {self.alias!r} does not exist; publish a version with `ragpipe index`")
             name = row["shadow_version"] if shadow else row["version"]
             if name is None:
                 return None
-            version = self._registry.get_version(name)
+            version = self._registry.read(self._registry.get_version, name)
         assert version is not None
         return VersionInfo(alias=self.alias, index=version["index_name"], version=name,
                            artifact_uri=version["artifact_uri"], model_id=version["model_id"],
@@ -231,25 +233,18 @@ class Retriever:
         return loaded
 
     def _follow(self) -> None:
-        """Switch to newly published versions: LISTEN for notifications, poll as a fallback."""
-        from registry.db import connect
-
-        while not self._closed.is_set():
+        """Switch to newly published versions on the registry's notifications, and re-check after
+        every reconnection and poll interval. A failed re-check is retried at the next one; the
+        loaded version keeps serving meanwhile."""
+        listener = AliasListener(self._registry.url, poll_interval=self.config.poll_interval)
+        for change in listener.changes(self._closed):
+            if change.alias not in (None, self.alias):
+                continue
             try:
-                with connect(self._registry.url, autocommit=True) as conn:
-                    conn.execute("LISTEN ragpipe_alias")
-                    self.refresh()
-                    last_poll = time.monotonic()
-                    while not self._closed.is_set():
-                        # short waits keep close() prompt; the poll interval bounds a missed notification
-                        notes = list(conn.notifies(timeout=0.25, stop_after=1))
-                        mine = any(json.loads(n.payload).get("alias") == self.alias for n in notes)
-                        if mine or time.monotonic() - last_poll >= self.config.poll_interval:
-                            self.refresh()
-                            last_poll = time.monotonic()
-            except Exception:  # the database went away: keep serving, retry
-                logger.warning("alias follower: cannot follow alias %s; retrying", self.alias, exc_info=True)
-                self._closed.wait(self.config.poll_interval)
+                self.refresh()
+            except Exception:  # the database went away again: the listener reconnects, then re-checks
+                logger.warning("alias follower: cannot refresh alias %s; serving %s until the next check",
+                               self.alias, self._current.info.version, exc_info=True)
 
     def refresh(self) -> bool:
         """Load the alias's current version if it changed; returns whether the retriever switched."""

@@ -1,7 +1,10 @@
-"""Import direction (dags → pipeline → {retrieval, registry}) and no pickle anywhere."""
+"""Import direction (dags → pipeline → {retrieval, registry}), SQL only in registry/, and no pickle anywhere."""
 
 import ast
 import functools
+import re
+
+import pytest
 
 from conftest import REPO
 
@@ -197,3 +200,94 @@ def test_no_module_imports_by_name_behind_the_extras_door():
                 continue
             text = path.read_text()
             assert "import_module(" not in text and "__import__(" not in text, path
+# What SQL looks like, in two kinds of pattern. Statements in capitals (the house style) by their
+# leading keyword alone; SQL in any case by shapes that English prose does not take: a keyword with
+# the clause that must follow it (INSERT INTO t (, DELETE FROM t WHERE, UPDATE t SET c =, ...),
+# PostgreSQL's functions, ON CONFLICT. "Update the cache", "delete from the source" or "LISTEN/NOTIFY"
+# in a docstring do not match.
+_STATEMENT = ("SELECT|INSERT|UPDATE|DELETE|MERGE|WITH|CREATE|DROP|ALTER|TRUNCATE|COPY|GRANT|REVOKE|LISTEN|UNLISTEN"
+              "|NOTIFY|BEGIN|START|COMMIT|END|ROLLBACK|SAVEPOINT|RELEASE|VACUUM|ANALYZE|EXPLAIN|SET|SHOW|RESET|LOCK"
+              "|DO|CALL|PREPARE|EXECUTE|DECLARE|FETCH|DISCARD|REFRESH|CLUSTER|REINDEX|COMMENT|SECURITY")
+_OBJECT = r"(TABLE|INDEX|DATABASE|VIEW|MATERIALIZED|SCHEMA|FUNCTION|PROCEDURE|TRIGGER|SEQUENCE|EXTENSION|ROLE|USER|TYPE)"
+_NAME = r"[a-z_\"][\w.\"]*"
+_SQL_PATTERNS = [
+    re.compile(rf"^\s*({_STATEMENT})(?=\s|;|\(|$)", re.MULTILINE),
+    *(re.compile(p, re.IGNORECASE | re.MULTILINE) for p in [
+        rf"^\s*select\s+.+?\s+from\s+{_NAME}(\s+(where|join|order|group|limit|as|natural|left|cross)\b|\s*;?\s*$)",
+        rf"^\s*select\s+({_NAME}|\d+|\*)(\s*,\s*({_NAME}|\d+))*\s*;?\s*$",
+        rf"\binsert\s+into\s+{_NAME}\s*(\(|values\b|select\b|default\b)",
+        rf"\bupdate\s+{_NAME}\s+set\s+{_NAME}\s*=",
+        rf"\bdelete\s+from\s+{_NAME}(\s+(where|using|returning)\b|\s*;?\s*$)",
+        rf"\b(create|drop|alter)\s+((or\s+replace|temp|temporary|unique|unlogged|if\s+(not\s+)?exists)\s+)*{_OBJECT}\b",
+        rf"^\s*(listen|unlisten|notify)\s+{_NAME}\s*(;|,|$)",
+        r"\bpg_[a-z_]+\s*\(",
+        r"\bon\s+conflict\s*(\(|do\b)",
+        r"\bcopy\s+.+\b(from\s+stdin|to\s+stdout)\b",
+    ]),
+]
+
+
+def looks_like_sql(text: str) -> bool:
+    return any(p.search(text) for p in _SQL_PATTERNS)
+
+
+def string_constants(path):
+    """Every string literal of a module, f-strings' literal parts joined with a placeholder."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            yield "".join(v.value if isinstance(v, ast.Constant) else "x" for v in node.values), node.lineno
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.value, node.lineno
+
+
+@pytest.mark.parametrize(("text", "sql"), [
+    ("LISTEN ragpipe_alias", True),
+    ("  listen ragpipe_alias", True),
+    ("SELECT pg_database_size(current_database())", True),
+    ("select 1", True),
+    ("COMMIT", True),
+    ("SELECT chunk_hash, created_at FROM embeddings", True),
+    ("delete from chunks where index_name = %(index)s", True),
+    ("insert into runs (x) values (1)", True),
+    ("update runs set status = 'failed'", True),
+    ("create temp table stage (x int)", True),
+    ("x ON CONFLICT DO NOTHING", True),
+    ("NOTIFY ragpipe_alias, 'x'", True),
+    ("Select the best hits and update the cache.", False),
+    ("follow: follow the alias (LISTEN/NOTIFY plus a poll every few seconds).", False),
+    ("documents to delete from the source", False),
+    ("Set the embedding model", False),
+    ("publish: one transaction + NOTIFY", False),
+    ("update", False),
+    ("%(levelname)s %(name)s: %(message)s", False),
+    ("Create the table of hits", False),
+    ("listen to the registry", False),
+    ("select 1;", True),
+    ("DO $$ BEGIN END $$", True),
+    ("copy stage_x (a, b) from stdin", True),
+])
+def test_sql_detector(text, sql):
+    assert looks_like_sql(text) is sql
+
+
+def test_no_sql_outside_the_registry():
+    found = []
+    for package in ["pipeline", "retrieval", "dags", "benchmarks"]:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for text, line in string_constants(path):
+                if looks_like_sql(text):
+                    found.append(f"{path.relative_to(REPO)}:{line}: {text.strip()[:60]!r}")
+    assert found == [], "SQL outside registry/ (add a named query to registry/queries.sql):\n" + "\n".join(found)
+
+
+def test_nothing_outside_the_registry_reaches_for_its_connection():
+    # the registry's connection is how SQL would leak out again: `.conn`, `.execute(...)`, `.cursor()`
+    found = []
+    for package in ["pipeline", "retrieval", "dags", "benchmarks"]:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if isinstance(node, ast.Attribute) and node.attr in {"conn", "execute", "executemany", "cursor",
+                                                                     "notifies", "pgconn"}:
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno}: .{node.attr}")
+    assert found == []
