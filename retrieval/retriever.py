@@ -42,7 +42,7 @@ class RetrievalConfig:
     Attributes:
         retrievers: ``hybrid`` (BM25 and HNSW), ``bm25`` or ``vector`` alone.
         candidates: how many candidates each of BM25 and HNSW returns (N).
-        ef: HNSW search breadth; raised to ``candidates`` when smaller.
+        ef: HNSW search breadth; a search for n > ef neighbours searches at breadth n (hnswlib: max(ef, k)).
         fusion: ``rrf`` (reciprocal rank fusion) or ``weighted`` (min-max normalized scores).
         rrf_k: the k of reciprocal rank fusion.
         vector_weight: weight of the vector list in weighted fusion (BM25 gets the rest).
@@ -352,9 +352,8 @@ class Retriever:
         knn = None
         if n:
             with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n, "retrieval.queries": len(queries)}):
-                version.hnsw.set_ef(max(self.config.ef, n))
                 try:
-                    knn = version.hnsw.knn_query(vectors, k=n)
+                    knn = version.knn_query(vectors, n, self.config.ef)
                 except RuntimeError:  # a query got fewer than n neighbours: each one alone, exactly if need be
                     logger.info("HNSW returned fewer than %d neighbours for a query of the batch", n)
         return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]))
@@ -513,8 +512,7 @@ def _vector_search(version: LoadedVersion, vector: np.ndarray, n: int, ef: int) 
     the graph cannot return n neighbours (hnswlib raises then)."""
     if n < version.size:
         try:
-            version.hnsw.set_ef(max(ef, n))
-            found = version.hnsw.knn_query(vector, k=n)
+            found = version.knn_query(vector, n, ef)
             return found[0][0], found[1][0]
         except RuntimeError:
             logger.info("HNSW returned fewer than %d neighbours; searching exactly", n)

@@ -2,7 +2,9 @@
 lock, following the alias, caches, tracing, and many threads through alias swaps."""
 
 import json
+import sys
 import threading
+from collections import Counter
 import time
 from datetime import datetime, timezone
 
@@ -233,3 +235,63 @@ def test_search_many_searches_exactly_when_the_graph_returns_too_few(corpus, reg
         single = [[(h.chunk_id, round(h.score, 5)) for h in r.search(q, k=2)] for q in queries]
     assert got == single  # the batch falls back query by query, as a single search does
     assert [g[0] for g in got] == [e[0] for e in expected]  # exact search finds what the graph found
+
+
+def _publish_random_corpus(tmp_path, registry, embedder, n=1500, seed=7):
+    """n short documents of words drawn from a small vocabulary: HNSW at a small ef misses neighbours."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = [f"term{i}" for i in range(300)]
+    rows = [{"doc_id": f"d/{i:04d}", "text": " ".join(rng.choice(vocab) for _ in range(12)) + "."} for i in range(n)]
+    src = tmp_path / "random.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    publish(src, registry, embedder)
+    return [" ".join(rng.choice(vocab) for _ in range(4)) for _ in range(12)]
+
+
+def _hit_keys(hits):
+    return [(h.chunk_id, h.vector.rank, h.vector.score, h.bm25.rank, h.fused.rank, h.rerank.rank) for h in hits]
+
+
+def test_threads_searching_at_different_depths_get_single_threaded_results(tmp_path, registry, registry_config,
+                                                                         embedder):
+    # hnswlib keeps ef on the index, shared by every thread; a query that looks deeper (a larger k, or
+    # a filter that makes the retriever fetch 4x more candidates) needs a larger breadth than others
+    queries = _publish_random_corpus(tmp_path, registry, embedder)
+    requests = [(q, k, f) for q in queries for k, f in [(3, None), (150, None), (3, {"doc_id_prefix": "d/00"})]]
+    with open_retriever(registry_config, embedder, ef=8, candidates=8, result_cache_size=0) as r:
+        expected = {i: _hit_keys(r.search(q, k, f)) for i, (q, k, f) in enumerate(requests)}
+        expected_many = [_hit_keys(h) for h in r.search_many(queries, k=3)]
+        assert len({tuple(expected[i]) for i in range(0, len(requests), 3)}) > 1
+        wrong, errors = [], []
+
+        def worker(seed):
+            import random
+
+            order = list(range(len(requests))) * 6
+            random.Random(seed).shuffle(order)
+            try:
+                for n, i in enumerate(order):
+                    q, k, f = requests[i]
+                    got = _hit_keys(r.search(q, k, f))
+                    if got != expected[i]:
+                        wrong.append((q, k, f))
+                    if n % 10 == 0 and [_hit_keys(h) for h in r.search_many(queries, k=3)] != expected_many:
+                        wrong.append(("search_many", 3, None))
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)  # switch threads often: between setting ef and searching, say
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(interval)
+    assert errors == []
+    by_kind = Counter("search_many" if q == "search_many" else f"k={k}, filters={f}" for q, k, f in wrong)
+    assert wrong == [], f"{len(wrong)} concurrent searches differ from single-threaded ones: {dict(by_kind)}"
