@@ -10,10 +10,10 @@ Term ids are stable across versions: new terms are appended to the vocabulary.
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +41,25 @@ _TOKEN = re.compile(r"[a-z0-9]+")
 
 
 class Analyzer:
-    """Lowercase alphanumeric terms, stop words removed, Snowball English stemming (PyStemmer)."""
+    """Lowercase alphanumeric terms, stop words removed, Snowball English stemming (PyStemmer).
+
+    Safe to share between threads: each thread stems with its own PyStemmer object, which keeps
+    state between its calls into libstemmer and a word cache, and is documented as not thread-safe.
+    """
 
     version = ANALYZER_VERSION
 
-    @cached_property
-    def _stemmer(self):  # type: ignore[no-untyped-def]
-        import Stemmer
+    def __init__(self) -> None:
+        self._local = threading.local()
 
-        return Stemmer.Stemmer("english")
+    @property
+    def _stemmer(self):  # type: ignore[no-untyped-def]
+        stemmer = getattr(self._local, "stemmer", None)
+        if stemmer is None:
+            import Stemmer
+
+            stemmer = self._local.stemmer = Stemmer.Stemmer("english")
+        return stemmer
 
     def terms(self, text: str) -> list[str]:
         words = [w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS]
