@@ -2,6 +2,7 @@
 
 import threading
 
+from conftest import run_threads
 from retrieval.bm25 import Analyzer
 
 WORDS = ("connections nationalization generously hopefulness relational conditional universities effective "
@@ -9,8 +10,8 @@ WORDS = ("connections nationalization generously hopefulness relational conditio
 
 
 def _texts(n=400):
-    # many distinct words, so the stemmer's cache misses and is purged while threads share it
-    return [" ".join(f"{WORDS[(i + j) % len(WORDS)]}{'s' * (j % 3)}x{i % 97}" for j in range(25)) for i in range(n)]
+    # some thousand distinct words that stem ("bconnections" -> "bconnect"): the stemmer works, not its cache
+    return [" ".join(f"{chr(97 + (i + j) % 26)}{WORDS[(i * j) % len(WORDS)]}" for j in range(25)) for i in range(n)]
 
 
 def test_each_thread_stems_with_its_own_stemmer():
@@ -24,11 +25,7 @@ def test_each_thread_stems_with_its_own_stemmer():
         stemmers[n] = analyzer._stemmer
         assert analyzer._stemmer is stemmers[n]  # and keeps it
 
-    threads = [threading.Thread(target=grab, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert run_threads(grab, [(n,) for n in range(4)]) == []
     assert len({id(s) for s in stemmers.values()}) == 4
 
 
@@ -36,20 +33,11 @@ def test_concurrent_analysis_equals_single_threaded():
     texts = _texts()
     expected = [Analyzer().terms(t) for t in texts]
     shared = Analyzer()
-    wrong, errors = [], []
+    wrong = []
 
     def work():
-        try:
-            for _ in range(5):
-                for text, terms in zip(texts, expected):
-                    if shared.terms(text) != terms:
-                        wrong.append(text)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for _ in range(5):
+            wrong.extend(text for text, terms in zip(texts, expected) if shared.terms(text) != terms)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and wrong == []
+    assert run_threads(work, [()] * 8) == []
+    assert wrong == []

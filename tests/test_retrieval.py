@@ -2,6 +2,7 @@
 lock, following the alias, caches, tracing, and many threads through alias swaps."""
 
 import json
+import random
 import sys
 import threading
 from collections import Counter
@@ -11,7 +12,7 @@ from datetime import datetime, timezone
 import pytest
 
 from benchmarks.embedders import DeterministicEmbedder
-from conftest import write_tree
+from conftest import run_threads, write_tree
 from pipeline.config import IndexConfig
 from pipeline.runner import RunOptions, run_index
 from retrieval import Retriever
@@ -239,8 +240,6 @@ def test_search_many_searches_exactly_when_the_graph_returns_too_few(corpus, reg
 
 def _publish_random_corpus(tmp_path, registry, embedder, n=1500, seed=7):
     """n short documents of words drawn from a small vocabulary: HNSW at a small ef misses neighbours."""
-    import random
-
     rng = random.Random(seed)
     vocab = [f"term{i}" for i in range(300)]
     rows = [{"doc_id": f"d/{i:04d}", "text": " ".join(rng.choice(vocab) for _ in range(12)) + "."} for i in range(n)]
@@ -264,32 +263,22 @@ def test_threads_searching_at_different_depths_get_single_threaded_results(tmp_p
         expected = {i: _hit_keys(r.search(q, k, f)) for i, (q, k, f) in enumerate(requests)}
         expected_many = [_hit_keys(h) for h in r.search_many(queries, k=3)]
         assert len({tuple(expected[i]) for i in range(0, len(requests), 3)}) > 1
-        wrong, errors = [], []
+        wrong = []
 
         def worker(seed):
-            import random
-
             order = list(range(len(requests))) * 6
             random.Random(seed).shuffle(order)
-            try:
-                for n, i in enumerate(order):
-                    q, k, f = requests[i]
-                    got = _hit_keys(r.search(q, k, f))
-                    if got != expected[i]:
-                        wrong.append((q, k, f))
-                    if n % 10 == 0 and [_hit_keys(h) for h in r.search_many(queries, k=3)] != expected_many:
-                        wrong.append(("search_many", 3, None))
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+            for n, i in enumerate(order):
+                q, k, f = requests[i]
+                if _hit_keys(r.search(q, k, f)) != expected[i]:
+                    wrong.append((q, k, f))
+                if n % 10 == 0 and [_hit_keys(h) for h in r.search_many(queries, k=3)] != expected_many:
+                    wrong.append(("search_many", 3, None))
 
-        threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
         interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-5)  # switch threads often: between setting ef and searching, say
         try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            errors = run_threads(worker, [(seed,) for seed in range(8)])
         finally:
             sys.setswitchinterval(interval)
     assert errors == []

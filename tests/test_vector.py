@@ -1,9 +1,8 @@
 """The vector stage's guard of hnswlib's shared search breadth, on a real hnswlib index."""
 
-import threading
-
 import numpy as np
 
+from conftest import run_threads
 from retrieval.vector import EfGate
 
 
@@ -20,21 +19,14 @@ def test_searches_needing_different_ef_get_their_own_breadth():
     efs = [1, 200]
     expected = {ef: gate.knn_query(index, queries, 5, ef)[0] for ef in efs}
     assert not np.array_equal(expected[1], expected[200])  # the breadth changes the answer
-    wrong, errors = [], []
+    wrong = []
 
     def worker(ef):
-        try:
-            for _ in range(60):
-                for i in range(0, len(queries), 8):  # batches: hnswlib reads ef once per query
-                    labels = gate.knn_query(index, queries[i : i + 8], 5, ef)[0]
-                    if not np.array_equal(labels, expected[ef][i : i + 8]):
-                        wrong.append(ef)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for _ in range(60):
+            for i in range(0, len(queries), 8):  # batches: hnswlib reads ef once per query
+                labels = gate.knn_query(index, queries[i : i + 8], 5, ef)[0]
+                if not np.array_equal(labels, expected[ef][i : i + 8]):
+                    wrong.append(ef)
 
-    threads = [threading.Thread(target=worker, args=(efs[n % 2],)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and wrong == []
+    assert run_threads(worker, [(efs[n % 2],) for n in range(6)]) == []
+    assert wrong == []
