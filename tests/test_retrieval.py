@@ -196,6 +196,24 @@ def test_mirror_mode_measures_the_shadow_and_serves_the_primary(corpus, registry
     assert stats["queries"] == 1 and 0.0 <= stats["mean_overlap_at_10"] <= 1.0 and stats["shadow_p50_ms"] > 0
 
 
+def test_mirror_statistics_stay_bounded_under_concurrent_queries(corpus, registry, registry_config, embedder):
+    other = DeterministicEmbedder(dim=64)
+    run_index(str(corpus), registry, other, IndexConfig(lock_timeout=5), options=RunOptions(full=True, shadow=True))
+    queries = ["heat shields protect capsules", "lift from wings", "rollback of an alias", "deleted documents"]
+    with open_retriever(registry_config, [embedder, other], mirror_fraction=1.0, mirror_window=25,
+                        result_cache_size=0) as r:
+        r.refresh()  # loads the shadow
+
+        def search(n):
+            for i in range(30):
+                r.search(queries[(n + i) % len(queries)], k=3)
+
+        assert run_threads(search, [(n,) for n in range(8)]) == []
+        stats = r.mirror.summary()
+    assert stats["queries"] == 240 and stats["latency_window"] == 25
+    assert 0.0 <= stats["mean_overlap_at_10"] <= 1.0 and stats["primary_p50_ms"] > 0 and stats["shadow_p50_ms"] > 0
+
+
 def test_staged_chunks_appear_when_their_time_comes(tmp_path, registry, registry_config, embedder):
     from datetime import timedelta
 
