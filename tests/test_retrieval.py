@@ -302,3 +302,14 @@ def test_threads_searching_at_different_depths_get_single_threaded_results(tmp_p
     assert errors == []
     by_kind = Counter("search_many" if q == "search_many" else f"k={k}, filters={f}" for q, k, f in wrong)
     assert wrong == [], f"{len(wrong)} concurrent searches differ from single-threaded ones: {dict(by_kind)}"
+
+
+@pytest.mark.parametrize("texts", [["Wings generate lift."], ["Wings generate lift.", "Heat shields and wings."]])
+def test_tiny_indexes_give_matching_chunks_a_bm25_score(tmp_path, registry, registry_config, embedder, texts):
+    src = tmp_path / "tiny.jsonl"
+    src.write_text("".join(json.dumps({"doc_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    publish(src, registry, embedder)
+    with open_retriever(registry_config, embedder, retrievers="bm25", reranker="none") as r:
+        hits = r.search("lift", k=2)
+    assert [h.doc_id for h in hits] == ["d0"]
+    assert hits[0].bm25.score > 0 and hits[0].bm25.rank == 1
