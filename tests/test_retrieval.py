@@ -313,3 +313,55 @@ def test_tiny_indexes_give_matching_chunks_a_bm25_score(tmp_path, registry, regi
         hits = r.search("lift", k=2)
     assert [h.doc_id for h in hits] == ["d0"]
     assert hits[0].bm25.score > 0 and hits[0].bm25.rank == 1
+
+
+TITLED = [{"doc_id": "flutter", "text": "Flutter is a self-excited oscillation of a wing.",
+           "metadata": {"title": "Wing flutter"}},
+          {"doc_id": "plain", "text": "Heat shields protect capsules during reentry."}]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chunk_table_keeps_each_chunks_context(tmp_path, registry, registry_config, embedder):
+    src = _write_jsonl(tmp_path / "docs.jsonl", TITLED)
+    publish(src, registry, embedder)
+    _write_jsonl(src, TITLED + [{"doc_id": "new", "text": "Swept wings delay drag rise."}])
+    second = publish(src, registry, embedder)  # incremental: the parent's rows are copied
+    assert not second.full_build
+    with open_retriever(registry_config, embedder) as r:
+        v = r._current
+        context = {v.columns["doc_id"][i]: v.columns["context"][i] for i in range(v.size)}
+    assert context == {"flutter": "Wing flutter", "plain": "", "new": ""}
+
+
+def test_versions_written_before_the_context_column_still_load(tmp_path, registry, registry_config, embedder):
+    import pyarrow.parquet as pq
+
+    from retrieval.artifacts import CHUNKS_FILE, MANIFEST, sha256_file
+
+    src = _write_jsonl(tmp_path / "docs.jsonl", TITLED)
+    old = publish(src, registry, embedder).version
+    directory = registry_config.home / "artifacts" / "docs" / old
+    # rewrite the version as the first manifest format wrote it: no context column
+    chunks = pq.read_table(directory / CHUNKS_FILE)
+    pq.write_table(chunks.drop_columns(["context"]), directory / CHUNKS_FILE)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["format"] = 1
+    manifest["files"][CHUNKS_FILE] = {"sha256": sha256_file(directory / CHUNKS_FILE),
+                                      "bytes": (directory / CHUNKS_FILE).stat().st_size}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    registry.mark_version_built(old, registry.get_version(old)["artifact_uri"], manifest)
+
+    with open_retriever(registry_config, embedder) as r:
+        hits = r.search("oscillation of a wing", k=2)
+        assert r.version == old and hits[0].doc_id == "flutter"
+        assert {r._current.columns["context"][i] for i in range(r._current.size)} == {None}  # read as no context
+    # the next run does not extend a chunk table without contexts: it builds the version in full
+    _write_jsonl(src, TITLED + [{"doc_id": "new", "text": "Swept wings delay drag rise."}])
+    nxt = publish(src, registry, embedder)
+    assert nxt.full_build
+    rows = pq.read_table(registry_config.home / "artifacts" / "docs" / nxt.version / CHUNKS_FILE).to_pylist()
+    assert {r["doc_id"]: r["context"] for r in rows} == {"flutter": "Wing flutter", "plain": "", "new": ""}
