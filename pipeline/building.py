@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import faults
-from pipeline.chunking import indexed_text
 from retrieval.artifacts import (
     CHUNK_SCHEMA,
     CHUNKS_FILE,
@@ -30,6 +29,7 @@ from retrieval.artifacts import (
     MATRIX_FILE,
     METRIC,
     VECTORS_FILE,
+    indexed_text,
     sha256_file,
 )
 from retrieval.bm25 import B, K1, Analyzer, BM25Tables
@@ -146,6 +146,7 @@ def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None, np.ndarr
             "source_uri": [plan.doc_fields[r["doc_id"]][0] for r in rows],
             "metadata": [json.dumps(plan.doc_fields[r["doc_id"]][1], sort_keys=True) for r in rows],
             "valid_from": [plan.doc_fields[r["doc_id"]][2] for r in rows],
+            "context": [r["context"] for r in rows],
         },
         schema=CHUNK_SCHEMA,
     )

@@ -38,6 +38,7 @@ from typing import Protocol
 
 from pipeline.hashing import chunk_id_for, sha256_hex
 from pipeline.sources import SourceDocument
+from retrieval.artifacts import indexed_text  # the chunk table's definition of what a chunk is indexed as
 
 CHUNKER_ALGORITHM = "sections-v1"
 
@@ -80,13 +81,6 @@ def chunk_context(metadata: dict[str, object]) -> str:
     if not isinstance(title, str):
         return ""
     return " ".join(title.split())[:MAX_CONTEXT_CHARS]
-
-
-def indexed_text(context: str, text: str) -> str:
-    """A chunk's text as embedded and BM25-indexed: prefixed with its context unless it begins with it."""
-    if not context or text.startswith(context):
-        return text
-    return f"{context}\n\n{text}"
 
 
 @dataclass(frozen=True)

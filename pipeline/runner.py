@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import faults
-from retrieval.artifacts import ArtifactStore
+from retrieval.artifacts import MANIFEST_FORMAT, ArtifactStore
 from retrieval.onnx import EncoderRef
 from pipeline.building import BuildPlan, HnswParams, build_version
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
@@ -570,9 +570,11 @@ def gc_run(registry: Registry, config: IndexConfig, state: RunState) -> dict[str
 
 
 def _same_build_settings(manifest: dict[str, Any], config: IndexConfig) -> bool:
-    """Whether a version can be extended: same BM25 analyzer and HNSW graph parameters."""
+    """Whether a version can be extended: same manifest format (a format 1 chunk table has no
+    contexts to copy), BM25 analyzer and HNSW graph parameters."""
     return (
-        manifest.get("bm25", {}).get("analyzer") == ANALYZER_VERSION
+        manifest.get("format") == MANIFEST_FORMAT
+        and manifest.get("bm25", {}).get("analyzer") == ANALYZER_VERSION
         and manifest.get("hnsw", {}).get("M") == config.hnsw_m
         and manifest.get("hnsw", {}).get("ef_construction") == config.hnsw_ef_construction
     )

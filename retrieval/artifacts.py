@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: the chunk table has a context column (format 1 versions read it as null: no context)
 CHUNKS_FILE = "chunks.parquet"
 VECTORS_FILE = "vectors.hnsw"
 MATRIX_FILE = "vectors.npy"  # full-precision vectors, row i = row i of the chunk table
@@ -42,10 +42,17 @@ CHUNK_SCHEMA = pa.schema(
         ("source_uri", pa.string()),
         ("metadata", pa.string()),  # JSON object
         ("valid_from", pa.timestamp("us", tz="UTC")),
+        ("context", pa.string()),  # the line the chunk was indexed with ("" when none), see indexed_text
     ]
 )
 
 
+def indexed_text(context: str | None, text: str) -> str:
+    """A chunk's text as embedded, BM25-indexed and reranked: prefixed with its context (its
+    document's title) unless it begins with it."""
+    if not context or text.startswith(context):
+        return text
+    return f"{context}\n\n{text}"
 
 
 def sha256_file(path: Path) -> str:

@@ -10,10 +10,10 @@ Term ids are stable across versions: new terms are appended to the vocabulary.
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +41,25 @@ _TOKEN = re.compile(r"[a-z0-9]+")
 
 
 class Analyzer:
-    """Lowercase alphanumeric terms, stop words removed, Snowball English stemming (PyStemmer)."""
+    """Lowercase alphanumeric terms, stop words removed, Snowball English stemming (PyStemmer).
+
+    Safe to share between threads: each thread stems with its own PyStemmer object, which keeps
+    state between its calls into libstemmer and a word cache, and is documented as not thread-safe.
+    """
 
     version = ANALYZER_VERSION
 
-    @cached_property
-    def _stemmer(self):  # type: ignore[no-untyped-def]
-        import Stemmer
+    def __init__(self) -> None:
+        self._local = threading.local()
 
-        return Stemmer.Stemmer("english")
+    @property
+    def _stemmer(self):  # type: ignore[no-untyped-def]
+        stemmer = getattr(self._local, "stemmer", None)
+        if stemmer is None:
+            import Stemmer
+
+            stemmer = self._local.stemmer = Stemmer.Stemmer("english")
+        return stemmer
 
     def terms(self, text: str) -> list[str]:
         words = [w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS]
@@ -142,12 +152,37 @@ class BM25Tables:
 EPSILON = 0.25  # rank-bm25's floor for negative idf: EPSILON * mean idf
 
 
+def bm25_idf(df: np.ndarray, n: int) -> np.ndarray:
+    """Inverse document frequencies of terms found in ``df`` of ``n`` chunks each: rank-bm25's
+    ``BM25Okapi`` idf wherever that is positive, a positive floor where it is not.
+
+    BM25Okapi's idf is ``log((n - df + 0.5) / (df + 0.5))``, with negative values (terms in more
+    than half the chunks) replaced by ``EPSILON * mean idf``. That is 0 for a term in exactly half
+    the chunks, and never positive in one- and two-chunk indexes (``log(1/3)`` for n=1, ``0`` and
+    ``log(1/5)`` for n=2, so the mean is negative too): a matching chunk would score nothing.
+    Where BM25Okapi's idf is zero or negative, the idf is ``EPSILON * the mean of the positive
+    idfs``, or ``EPSILON`` when no idf is positive. Terms with ``df == 0`` (gone from every chunk)
+    count for nothing and score nothing.
+    """
+    df = df.astype(np.float64)
+    present = df > 0
+    raw = np.log(n - df + 0.5) - np.log(df + 0.5)
+    idf = raw.copy()
+    mean_idf = float(raw[present].mean()) if present.any() else 0.0
+    idf[present & (raw < 0)] = EPSILON * mean_idf  # BM25Okapi's own floor
+    positive = present & (raw > 0)
+    floor = EPSILON * (float(raw[positive].mean()) if positive.any() else 1.0)
+    idf[present & (idf <= 0)] = floor
+    return idf
+
+
 class BM25Scorer:
     """Serves BM25 queries over a version's tables: an inverted index built once at load.
 
     Scores are those of rank-bm25's ``BM25Okapi`` (same idf with its epsilon floor, same k1, b and
-    length normalization, repeated query terms counted again), computed with numpy over posting
-    lists instead of a Python loop over every chunk.
+    length normalization, repeated query terms counted again) wherever BM25Okapi's idf is
+    positive, computed with numpy over posting lists instead of a Python loop over every chunk;
+    where it is not, :func:`bm25_idf` floors it so that a matching term always counts.
     """
 
     def __init__(self, tables: BM25Tables, analyzer: Analyzer | None = None, k1: float = K1, b: float = B) -> None:
@@ -170,12 +205,7 @@ class BM25Scorer:
         vocab = len(tables.terms)
         self._offsets = np.zeros(vocab + 1, dtype=np.int64)
         np.cumsum(np.bincount(flat_terms, minlength=vocab), out=self._offsets[1:])
-        df = tables.df.astype(np.float64)
-        present = df > 0
-        idf = np.log(self.size - df + 0.5) - np.log(df + 0.5)
-        mean_idf = float(idf[present].mean()) if present.any() else 0.0
-        idf[present & (idf < 0)] = EPSILON * mean_idf
-        self._idf = idf.astype(np.float32)
+        self._idf = bm25_idf(tables.df, self.size).astype(np.float32)
         self._term_id = {t: i for i, t in enumerate(tables.terms)}
 
     def scores(self, query: str) -> np.ndarray:

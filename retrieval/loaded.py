@@ -18,6 +18,7 @@ from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, MATRIX_FILE
 from retrieval.bm25 import ANALYZER_VERSION, Analyzer, BM25Scorer, BM25Tables
 from retrieval.errors import VersionUnavailable
 from retrieval.onnx import EncoderRef
+from retrieval.vector import EfGate
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class LoadedVersion:
         self.dim = int(self.manifest["model"]["dim"])
         self.hnsw = hnswlib.Index(space=self.manifest["metric"], dim=self.dim)
         self.hnsw.load_index(str(directory / VECTORS_FILE))
+        self._ef = EfGate()
         self.bm25 = BM25Scorer(BM25Tables.read(directory), Analyzer())
         self.bm25_row = {int(k): i for i, k in enumerate(self.bm25.keys.tolist())}
         chunks = pq.read_table(directory / CHUNKS_FILE, schema=CHUNK_SCHEMA)
@@ -119,6 +121,11 @@ class LoadedVersion:
             cached = json.loads(self.columns["metadata"][row] or "{}")
             self._metadata_cache[row] = cached
         return cached
+
+    def knn_query(self, vectors: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW labels and distances of the ``k`` nearest chunks at breadth ``max(ef, k)``, safe beside
+        other threads (the graph's ef is shared: set it only through here)."""
+        return self._ef.knn_query(self.hnsw, vectors, k, ef)
 
     def vectors(self, keys: list[int]) -> np.ndarray:
         """Full-precision vectors of chunks (the version's vector matrix, memory-mapped)."""

@@ -8,7 +8,8 @@
   candidates, makes a candidate's score independent of how deep the candidate list goes and of
   its weakest members (Bruch et al., "An Analysis of Fusion Functions for Hybrid Retrieval", 2023,
   found the same: theoretical-minimum normalization is the robust choice for convex combination).
-- :class:`CrossEncoderReranker`: any sentence-transformers CrossEncoder, by name or local path.
+- :class:`CrossEncoderReranker`: any sentence-transformers CrossEncoder, by name or local path. It
+  scores the text that was embedded: the chunk's context (its document's title) and its text.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from retrieval.artifacts import indexed_text
 
 if TYPE_CHECKING:
     from retrieval.loaded import LoadedVersion
@@ -88,8 +91,9 @@ class CrossEncoderReranker:
         keys = list(keys)
         if not keys:
             return {}
-        texts = version.columns["text"]
-        pairs = [(query, texts[version.row[k]]) for k in keys]
+        # the text that was embedded and BM25-indexed: the chunk's context (its document's title) first
+        texts, contexts = version.columns["text"], version.columns["context"]
+        pairs = [(query, indexed_text(contexts[version.row[k]], texts[version.row[k]])) for k in keys]
         scores = np.asarray(self._model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False))
         if scores.ndim > 1:  # a model with several labels: take the last (the "relevant" one)
             scores = scores[:, -1]

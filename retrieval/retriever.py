@@ -16,9 +16,9 @@ import logging
 import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -44,7 +44,7 @@ class RetrievalConfig:
     Attributes:
         retrievers: ``hybrid`` (BM25 and HNSW), ``bm25`` or ``vector`` alone.
         candidates: how many candidates each of BM25 and HNSW returns (N).
-        ef: HNSW search breadth; raised to ``candidates`` when smaller.
+        ef: HNSW search breadth; a search for n > ef neighbours searches at breadth n (hnswlib: max(ef, k)).
         fusion: ``rrf`` (reciprocal rank fusion) or ``weighted`` (min-max normalized scores).
         rrf_k: the k of reciprocal rank fusion.
         vector_weight: weight of the vector list in weighted fusion (BM25 gets the rest).
@@ -56,6 +56,7 @@ class RetrievalConfig:
         query_cache_size / result_cache_size: LRU sizes (0 turns a cache off).
         follow: follow the alias (LISTEN/NOTIFY plus a poll every ``poll_interval`` seconds).
         mirror_fraction: share of queries also run against the alias's shadow version.
+        mirror_window: how many of the latest mirrored queries the latency medians cover.
     """
 
     retrievers: str = "hybrid"
@@ -74,6 +75,7 @@ class RetrievalConfig:
     follow: bool = True
     poll_interval: float = 5.0
     mirror_fraction: float = 0.0
+    mirror_window: int = 1000
 
     def __post_init__(self) -> None:
         if self.encoder_backend not in ("auto", "onnx", "torch"):
@@ -86,6 +88,8 @@ class RetrievalConfig:
             raise ValueError("candidates and rerank_depth must be positive")
         if not 0.0 <= self.mirror_fraction <= 1.0:
             raise ValueError(f"mirror_fraction must be within [0, 1], got {self.mirror_fraction}")
+        if self.mirror_window < 1:
+            raise ValueError(f"mirror_window must be positive, got {self.mirror_window}")
 
 
 class Hits(list):  # type: ignore[type-arg]
@@ -121,23 +125,51 @@ class _LRU:
             self._data.clear()
 
 
-@dataclass
 class MirrorStats:
-    """What mirroring queries to the shadow version has shown so far."""
+    """What mirroring queries to the shadow version has shown so far: bounded memory, thread-safe.
 
-    queries: int = 0
-    overlap_at_10: list[float] = field(default_factory=list)
-    primary_ms: list[float] = field(default_factory=list)
-    shadow_ms: list[float] = field(default_factory=list)
+    ``queries`` and the mean overlap@10 are streaming aggregates over every mirrored query (a count
+    and a sum); the latency medians are over a fixed-size window of the last ``window`` mirrored
+    queries, since a median cannot be streamed exactly. Memory is O(window) however long the
+    retriever serves.
+    """
+
+    def __init__(self, window: int = 1000) -> None:
+        if window < 1:
+            raise ValueError(f"the mirror window must be positive, got {window}")
+        self.window = window
+        self._lock = threading.Lock()
+        self._queries = 0
+        self._overlap_sum = 0.0
+        self._primary_ms: deque[float] = deque(maxlen=window)
+        self._shadow_ms: deque[float] = deque(maxlen=window)
+
+    @property
+    def queries(self) -> int:
+        return self._queries
+
+    def record(self, overlap_at_10: float, primary_ms: float, shadow_ms: float) -> None:
+        """Add one mirrored query: its overlap@10 and both versions' latencies."""
+        with self._lock:
+            self._queries += 1
+            self._overlap_sum += overlap_at_10
+            self._primary_ms.append(primary_ms)
+            self._shadow_ms.append(shadow_ms)
 
     def summary(self) -> dict[str, float]:
-        if not self.queries:
+        """``queries`` and ``mean_overlap_at_10`` over every mirrored query; ``primary_p50_ms`` and
+        ``shadow_p50_ms`` over the last ``latency_window`` of them."""
+        with self._lock:
+            queries, overlap_sum = self._queries, self._overlap_sum
+            primary, shadow = list(self._primary_ms), list(self._shadow_ms)
+        if not queries:
             return {"queries": 0}
         return {
-            "queries": self.queries,
-            "mean_overlap_at_10": float(np.mean(self.overlap_at_10)),
-            "primary_p50_ms": float(np.median(self.primary_ms)),
-            "shadow_p50_ms": float(np.median(self.shadow_ms)),
+            "queries": queries,
+            "mean_overlap_at_10": overlap_sum / queries,
+            "primary_p50_ms": float(np.median(primary)),
+            "shadow_p50_ms": float(np.median(shadow)),
+            "latency_window": len(primary),
         }
 
 
@@ -162,7 +194,7 @@ class Retriever:
         self._query_cache = _LRU(config.query_cache_size)
         self._result_cache = _LRU(config.result_cache_size)
         self._shadow: LoadedVersion | None = None
-        self.mirror = MirrorStats()
+        self.mirror = MirrorStats(config.mirror_window)
         self._closed = threading.Event()
         try:
             self._current = self._load(self._resolve())
@@ -363,9 +395,8 @@ class Retriever:
         knn = None
         if n:
             with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n, "retrieval.queries": len(queries)}):
-                version.hnsw.set_ef(max(self.config.ef, n))
                 try:
-                    knn = version.hnsw.knn_query(vectors, k=n)
+                    knn = version.knn_query(vectors, n, self.config.ef)
                 except RuntimeError:  # a query got fewer than n neighbours: each one alone, exactly if need be
                     logger.info("HNSW returned fewer than %d neighbours for a query of the batch", n)
         return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]))
@@ -414,10 +445,8 @@ class Retriever:
             return
         mine = {h.chunk_id for h in primary[:10]}
         theirs = {h.chunk_id for h in other[:10]}
-        self.mirror.queries += 1
-        self.mirror.overlap_at_10.append(len(mine & theirs) / max(1, min(10, len(mine) or 1)))
-        self.mirror.primary_ms.append(primary_ms)
-        self.mirror.shadow_ms.append((time.perf_counter() - started) * 1000)
+        self.mirror.record(len(mine & theirs) / max(1, min(10, len(mine) or 1)), primary_ms,
+                           (time.perf_counter() - started) * 1000)
 
     def _ranked(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
                 filters: dict[str, Any] | None, knn: tuple[np.ndarray, np.ndarray] | None = None) -> Hits:
@@ -524,8 +553,7 @@ def _vector_search(version: LoadedVersion, vector: np.ndarray, n: int, ef: int) 
     the graph cannot return n neighbours (hnswlib raises then)."""
     if n < version.size:
         try:
-            version.hnsw.set_ef(max(ef, n))
-            found = version.hnsw.knn_query(vector, k=n)
+            found = version.knn_query(vector, n, ef)
             return found[0][0], found[1][0]
         except RuntimeError:
             logger.info("HNSW returned fewer than %d neighbours; searching exactly", n)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,22 @@ def write_tree(root: Path, files: dict[str, str | bytes]) -> Path:
         else:
             path.write_text(content, encoding="utf-8")
     return root
+
+
+def run_threads(target: Callable[..., object], args: Sequence[tuple[object, ...]]) -> list[Exception]:
+    """Run ``target(*a)`` in one thread per ``a`` in ``args``, all started before any is joined; return
+    what the threads raised (a thread's exception is otherwise only printed)."""
+    errors: list[Exception] = []
+
+    def guarded(*a: object) -> None:
+        try:
+            target(*a)
+        except Exception as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

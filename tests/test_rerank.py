@@ -34,8 +34,9 @@ def tiny_cross_encoder(tmp_path_factory):
     for name in ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
         shutil.copy(source / name, path / name)
     torch.manual_seed(0)
+    # weights ten times the default scale: different texts score clearly apart (about 0.01, not 1e-6)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, num_labels=1)
+                        intermediate_size=64, num_labels=1, initializer_range=0.2)
     BertForSequenceClassification(config).save_pretrained(path)
     return str(path)
 
@@ -46,12 +47,13 @@ def test_cross_encoder_by_path_scores_pairs(tiny_cross_encoder):
 
     reranker = CrossEncoderReranker(tiny_cross_encoder)
 
-    class Version:  # the two attributes a reranker reads
-        columns = {"text": ["wing lift", "heat shield", "drag polar"]}
+    class Version:  # the two attributes a reranker reads; None: a version written before contexts
+        columns = {"text": ["wing lift", "heat shield", "drag polar"], "context": ["", "Reentry", None]}
         row = {10: 0, 11: 1, 12: 2}
 
     scores = reranker.rerank("lift of a wing", np.zeros(4), [10, 11, 12], Version(), np.zeros(3))
-    expected = CrossEncoder(tiny_cross_encoder).predict([("lift of a wing", t) for t in Version.columns["text"]])
+    seen = ["wing lift", "Reentry\n\nheat shield", "drag polar"]  # the texts that were embedded
+    expected = CrossEncoder(tiny_cross_encoder).predict([("lift of a wing", t) for t in seen])
     assert list(scores) == [10, 11, 12]
     np.testing.assert_allclose([scores[k] for k in (10, 11, 12)], np.ravel(expected), rtol=1e-5)
     assert reranker.name == f"cross-encoder({tiny_cross_encoder})"
@@ -97,3 +99,34 @@ def test_bm25_matches_rank_bm25_on_cranfield(shared_data):
     assert np.mean(overlap) >= 0.99
     assert abs(np.mean(ours_ndcg) - np.mean(ref_ndcg)) < 0.002
     assert np.mean(ours_ndcg) > 0.36  # stemming and stop words: above the 0.348 of plain tokens
+
+
+@pytest.mark.slow
+@pytest.mark.db
+def test_cross_encoder_scores_titled_chunks_with_their_title(tmp_path, registry, registry_config, embedder,
+                                                             tiny_cross_encoder):
+    import json
+
+    from sentence_transformers import CrossEncoder
+
+    from pipeline.config import IndexConfig
+    from pipeline.runner import run_index
+    from retrieval import Retriever
+
+    rows = [{"doc_id": "flutter", "text": "Flutter is a self-excited oscillation of a wing.",
+             "metadata": {"title": "Wing flutter"}},
+            {"doc_id": "plain", "text": "Heat shields protect capsules during reentry."}]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_index(str(src), registry, embedder, IndexConfig(lock_timeout=5))
+    query = "oscillation of a wing"
+    with Retriever.open("docs", registry_config.database_url, home=registry_config.home, encoder=embedder,
+                        follow=False, reranker=tiny_cross_encoder) as r:
+        hits = {h.doc_id: h for h in r.search(query, k=2)}
+    model = CrossEncoder(tiny_cross_encoder)
+    titled, plain = hits["flutter"], hits["plain"]
+    with_title, bare = model.predict([(query, "Wing flutter\n\n" + titled.text), (query, titled.text)])
+    assert titled.text == rows[0]["text"]  # the hit still shows the source's text
+    assert titled.rerank.score == pytest.approx(float(with_title), rel=1e-5)
+    assert abs(titled.rerank.score - float(bare)) > 1e-3
+    assert plain.rerank.score == pytest.approx(float(model.predict([(query, plain.text)])[0]), rel=1e-5)

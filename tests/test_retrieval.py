@@ -2,14 +2,17 @@
 lock, following the alias, caches, tracing, and many threads through alias swaps."""
 
 import json
+import random
+import sys
 import threading
+from collections import Counter
 import time
 from datetime import datetime, timezone
 
 import pytest
 
 from benchmarks.embedders import DeterministicEmbedder
-from conftest import write_tree
+from conftest import run_threads, write_tree
 from pipeline.config import IndexConfig
 from pipeline.runner import RunOptions, run_index
 from retrieval import Retriever
@@ -193,6 +196,24 @@ def test_mirror_mode_measures_the_shadow_and_serves_the_primary(corpus, registry
     assert stats["queries"] == 1 and 0.0 <= stats["mean_overlap_at_10"] <= 1.0 and stats["shadow_p50_ms"] > 0
 
 
+def test_mirror_statistics_stay_bounded_under_concurrent_queries(corpus, registry, registry_config, embedder):
+    other = DeterministicEmbedder(dim=64)
+    run_index(str(corpus), registry, other, IndexConfig(lock_timeout=5), options=RunOptions(full=True, shadow=True))
+    queries = ["heat shields protect capsules", "lift from wings", "rollback of an alias", "deleted documents"]
+    with open_retriever(registry_config, [embedder, other], mirror_fraction=1.0, mirror_window=25,
+                        result_cache_size=0) as r:
+        r.refresh()  # loads the shadow
+
+        def search(n):
+            for i in range(30):
+                r.search(queries[(n + i) % len(queries)], k=3)
+
+        assert run_threads(search, [(n,) for n in range(8)]) == []
+        stats = r.mirror.summary()
+    assert stats["queries"] == 240 and stats["latency_window"] == 25
+    assert 0.0 <= stats["mean_overlap_at_10"] <= 1.0 and stats["primary_p50_ms"] > 0 and stats["shadow_p50_ms"] > 0
+
+
 def test_staged_chunks_appear_when_their_time_comes(tmp_path, registry, registry_config, embedder):
     from datetime import timedelta
 
@@ -233,3 +254,114 @@ def test_search_many_searches_exactly_when_the_graph_returns_too_few(corpus, reg
         single = [[(h.chunk_id, round(h.score, 5)) for h in r.search(q, k=2)] for q in queries]
     assert got == single  # the batch falls back query by query, as a single search does
     assert [g[0] for g in got] == [e[0] for e in expected]  # exact search finds what the graph found
+
+
+def _publish_random_corpus(tmp_path, registry, embedder, n=1500, seed=7):
+    """n short documents of words drawn from a small vocabulary: HNSW at a small ef misses neighbours."""
+    rng = random.Random(seed)
+    vocab = [f"term{i}" for i in range(300)]
+    rows = [{"doc_id": f"d/{i:04d}", "text": " ".join(rng.choice(vocab) for _ in range(12)) + "."} for i in range(n)]
+    src = tmp_path / "random.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    publish(src, registry, embedder)
+    return [" ".join(rng.choice(vocab) for _ in range(4)) for _ in range(12)]
+
+
+def _hit_keys(hits):
+    return [(h.chunk_id, h.vector.rank, h.vector.score, h.bm25.rank, h.fused.rank, h.rerank.rank) for h in hits]
+
+
+def test_threads_searching_at_different_depths_get_single_threaded_results(tmp_path, registry, registry_config,
+                                                                         embedder):
+    # hnswlib keeps ef on the index, shared by every thread; a query that looks deeper (a larger k, or
+    # a filter that makes the retriever fetch 4x more candidates) needs a larger breadth than others
+    queries = _publish_random_corpus(tmp_path, registry, embedder)
+    requests = [(q, k, f) for q in queries for k, f in [(3, None), (150, None), (3, {"doc_id_prefix": "d/00"})]]
+    with open_retriever(registry_config, embedder, ef=8, candidates=8, result_cache_size=0) as r:
+        expected = {i: _hit_keys(r.search(q, k, f)) for i, (q, k, f) in enumerate(requests)}
+        expected_many = [_hit_keys(h) for h in r.search_many(queries, k=3)]
+        assert len({tuple(expected[i]) for i in range(0, len(requests), 3)}) > 1
+        wrong = []
+
+        def worker(seed):
+            order = list(range(len(requests))) * 6
+            random.Random(seed).shuffle(order)
+            for n, i in enumerate(order):
+                q, k, f = requests[i]
+                if _hit_keys(r.search(q, k, f)) != expected[i]:
+                    wrong.append((q, k, f))
+                if n % 10 == 0 and [_hit_keys(h) for h in r.search_many(queries, k=3)] != expected_many:
+                    wrong.append(("search_many", 3, None))
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-5)  # switch threads often: between setting ef and searching, say
+        try:
+            errors = run_threads(worker, [(seed,) for seed in range(8)])
+        finally:
+            sys.setswitchinterval(interval)
+    assert errors == []
+    by_kind = Counter("search_many" if q == "search_many" else f"k={k}, filters={f}" for q, k, f in wrong)
+    assert wrong == [], f"{len(wrong)} concurrent searches differ from single-threaded ones: {dict(by_kind)}"
+
+
+@pytest.mark.parametrize("texts", [["Wings generate lift."], ["Wings generate lift.", "Heat shields and wings."]])
+def test_tiny_indexes_give_matching_chunks_a_bm25_score(tmp_path, registry, registry_config, embedder, texts):
+    src = tmp_path / "tiny.jsonl"
+    src.write_text("".join(json.dumps({"doc_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    publish(src, registry, embedder)
+    with open_retriever(registry_config, embedder, retrievers="bm25", reranker="none") as r:
+        hits = r.search("lift", k=2)
+    assert [h.doc_id for h in hits] == ["d0"]
+    assert hits[0].bm25.score > 0 and hits[0].bm25.rank == 1
+
+
+TITLED = [{"doc_id": "flutter", "text": "Flutter is a self-excited oscillation of a wing.",
+           "metadata": {"title": "Wing flutter"}},
+          {"doc_id": "plain", "text": "Heat shields protect capsules during reentry."}]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_chunk_table_keeps_each_chunks_context(tmp_path, registry, registry_config, embedder):
+    src = _write_jsonl(tmp_path / "docs.jsonl", TITLED)
+    publish(src, registry, embedder)
+    _write_jsonl(src, TITLED + [{"doc_id": "new", "text": "Swept wings delay drag rise."}])
+    second = publish(src, registry, embedder)  # incremental: the parent's rows are copied
+    assert not second.full_build
+    with open_retriever(registry_config, embedder) as r:
+        v = r._current
+        context = {v.columns["doc_id"][i]: v.columns["context"][i] for i in range(v.size)}
+    assert context == {"flutter": "Wing flutter", "plain": "", "new": ""}
+
+
+def test_versions_written_before_the_context_column_still_load(tmp_path, registry, registry_config, embedder):
+    import pyarrow.parquet as pq
+
+    from retrieval.artifacts import CHUNKS_FILE, MANIFEST, sha256_file
+
+    src = _write_jsonl(tmp_path / "docs.jsonl", TITLED)
+    old = publish(src, registry, embedder).version
+    directory = registry_config.home / "artifacts" / "docs" / old
+    # rewrite the version as the first manifest format wrote it: no context column
+    chunks = pq.read_table(directory / CHUNKS_FILE)
+    pq.write_table(chunks.drop_columns(["context"]), directory / CHUNKS_FILE)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["format"] = 1
+    manifest["files"][CHUNKS_FILE] = {"sha256": sha256_file(directory / CHUNKS_FILE),
+                                      "bytes": (directory / CHUNKS_FILE).stat().st_size}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    registry.mark_version_built(old, registry.get_version(old)["artifact_uri"], manifest)
+
+    with open_retriever(registry_config, embedder) as r:
+        hits = r.search("oscillation of a wing", k=2)
+        assert r.version == old and hits[0].doc_id == "flutter"
+        assert {r._current.columns["context"][i] for i in range(r._current.size)} == {None}  # read as no context
+    # the next run does not extend a chunk table without contexts: it builds the version in full
+    _write_jsonl(src, TITLED + [{"doc_id": "new", "text": "Swept wings delay drag rise."}])
+    nxt = publish(src, registry, embedder)
+    assert nxt.full_build
+    rows = pq.read_table(registry_config.home / "artifacts" / "docs" / nxt.version / CHUNKS_FILE).to_pylist()
+    assert {r["doc_id"]: r["context"] for r in rows} == {"flutter": "Wing flutter", "plain": "", "new": ""}
