@@ -116,12 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true")
     _add_registry_flags(verify)
 
-    from benchmarks import BENCHMARKS
-
-    bench = sub.add_parser("bench", help="run a benchmark; prints its JSON result (see docs/benchmarks.md)")
-    bench.add_argument("name", choices=list(BENCHMARKS))
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options (NAME --help)")
-
     replay = sub.add_parser("replay", help="replay a recorded edit history and check every step")
     replay.add_argument("replay_dir", type=Path, help="directory with base.jsonl and changes.jsonl")
     replay.add_argument("--embedder", choices=["model", "deterministic"], default="model",
@@ -398,7 +392,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     config = _index_config(args)
     if args.embedder == "deterministic":
-        from benchmarks.embedders import DeterministicEmbedder
+        from pipeline.deterministic import DeterministicEmbedder
 
         embedder: Any = DeterministicEmbedder(tokenizer_model=config.model)
     else:
@@ -426,12 +420,6 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0 if result["stale"] == 0 and result["missing"] == 0 else EXIT_TERMINAL
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks import run_benchmark
-
-    return run_benchmark(args.name, args.args)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -442,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
                 "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search,
-                "eval": _cmd_eval, "bench": _cmd_bench}
+                "eval": _cmd_eval}
     from pipeline.errors import PipelineError
     from registry.errors import RegistryError
     from retrieval.errors import RetrievalError

@@ -78,3 +78,22 @@ def test_alias_versions_and_verify_commands(tmp_path, database_url, embedder):
     broken = ragpipe(["verify"], database_url, home)
     assert broken.returncode == 1
     assert f"!!  {first.version}: file vectors.hnsw does not match its manifest checksum" in broken.stdout
+
+
+def test_replay_with_the_deterministic_embedder(tmp_path, database_url):
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    (replay / "base.jsonl").write_text(json.dumps({"doc_id": "a.md", "text": "# A\n\nAlpha.\n"}) + "\n")
+    (replay / "changes.jsonl").write_text(
+        json.dumps({"step": 1, "doc_id": "b.md", "op": "upsert", "text": "# B\n\nBeta.\n"}) + "\n")
+    result = ragpipe(["replay", str(replay), "--embedder", "deterministic", "--json"], database_url, tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["model_id"] == "deterministic-hashing-384"
+    assert (data["steps"], data["stale"], data["missing"], data["final_chunks"]) == (1, 0, 0, 2)
+
+
+def test_benchmarks_run_as_their_own_module_not_a_ragpipe_command(tmp_path, database_url):
+    assert ragpipe(["bench", "noop"], database_url, tmp_path / "home").returncode == 2
+    usage = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage: python -m benchmarks {noop,publish,query,embed,scale,replay}" in usage.stderr

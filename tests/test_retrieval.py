@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from benchmarks.embedders import DeterministicEmbedder
+from pipeline.deterministic import DeterministicEmbedder
 from conftest import write_tree
 from pipeline.config import IndexConfig
 from pipeline.runner import RunOptions, run_index
