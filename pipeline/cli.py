@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.cli_output import (
     format_alias_move,
     format_evaluation,
+    format_gc,
     format_hits,
     format_replay,
     format_run,
@@ -54,6 +55,7 @@ def _index_config(args: argparse.Namespace) -> Any:
         max_document_bytes=getattr(args, "max_document_bytes", None),
         lock_timeout=getattr(args, "lock_timeout", None),
         allow_delete_all=getattr(args, "allow_delete_all", None),
+        embedding_cache_ttl=getattr(args, "embedding_cache_ttl", None),
     )
 
 
@@ -157,6 +159,17 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.gc import collect_all
+    from registry import Registry
+
+    config = _index_config(args)
+    with Registry.open(_registry_config(args)) as registry:
+        report = collect_all(registry, config)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_gc(report))
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from pipeline.runner import artifact_store
     from pipeline.verify import verify_index
@@ -235,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
                 "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search,
-                "eval": _cmd_eval}
+                "eval": _cmd_eval, "gc": _cmd_gc}
     from pipeline.errors import PipelineError
     from registry.errors import RegistryError
     from retrieval.errors import RetrievalError

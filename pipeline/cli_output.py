@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for annotations only: printing needs none of the pipeline loaded
+    from pipeline.gc import GcReport
     from pipeline.runner import RunSummary
     from registry.versions import AliasMove
     from retrieval.hit import Hit
@@ -95,6 +96,26 @@ def format_alias_move(move: AliasMove) -> str:
 
 def format_versions_gc(result: Mapping[str, Any]) -> str:
     return f"removed {len(result['versions_removed'])} versions and {result['rows_removed']} registry rows"
+
+
+def format_gc(report: GcReport) -> str:
+    """What ``ragpipe gc`` removed: versions and their rows, cache entries, downloaded copies."""
+    versions = f" ({', '.join(report.versions_removed)})" if report.versions_removed else ""
+    return "\n".join([
+        f"gc of index {report.index!r}",
+        f"  versions         {len(report.versions_removed)} removed{versions}, {report.rows_removed} registry rows",
+        f"  embedding cache  {report.embeddings_removed} entries removed ({report.embedding_bytes} bytes of vectors):"
+        f" used by no retained version, older than {format_duration(report.embedding_cache_ttl)}",
+        f"  download cache   {len(report.downloads_removed)} directories removed ({report.download_bytes} bytes)",
+    ])
+
+
+def format_duration(seconds: float) -> str:
+    """A duration in the largest unit that keeps it readable: days, hours, else seconds."""
+    for unit, size in (("days", 86400.0), ("hours", 3600.0)):
+        if seconds >= size:
+            return f"{seconds / size:.4g} {unit}"
+    return f"{seconds:.4g} s"
 
 
 def format_hits(hits: Sequence[Hit], alias: str, version: str | None) -> str:

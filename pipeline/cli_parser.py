@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 INDEX_HELP = "index name (env RAGPIPE_INDEX; default docs)"
 ARTIFACTS_HELP = "where versions' files live (env RAGPIPE_ARTIFACTS)"
+RETENTION_HELP = "versions to keep (env RAGPIPE_RETENTION; default 5)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +96,7 @@ def add_versions(commands: Commands) -> None:
                             ("gc", "remove versions beyond the retention count")]:
         cmd = versions_sub.add_parser(name, help=help_text)
         cmd.add_argument("--index", help=INDEX_HELP)
-        cmd.add_argument("--retention", type=int, help="versions to keep (env RAGPIPE_RETENTION; default 5)")
+        cmd.add_argument("--retention", type=int, help=RETENTION_HELP)
         cmd.add_argument("--artifacts", help=ARTIFACTS_HELP)
         add_output_flags(cmd)
 
@@ -151,7 +152,18 @@ def add_replay(commands: Commands) -> None:
     add_registry_flags(replay)
 
 
+def add_gc(commands: Commands) -> None:
+    gc = commands.add_parser("gc", help="remove old versions, unused embedding-cache entries and stale downloads")
+    gc.add_argument("--index", help=INDEX_HELP)
+    gc.add_argument("--retention", type=int, help=RETENTION_HELP)
+    gc.add_argument("--embedding-cache-ttl", type=float,
+                    help="seconds an embedding-cache entry no retained version uses is kept "
+                         "(env RAGPIPE_EMBEDDING_CACHE_TTL; default 2592000, 30 days)")
+    gc.add_argument("--artifacts", help=ARTIFACTS_HELP)
+    add_output_flags(gc)
+
+
 # the order of ``ragpipe --help``
 COMMAND_GROUPS: list[Callable[[Commands], None]] = [
-    add_db, add_index, add_alias, add_versions, add_runs, add_search, add_eval, add_verify, add_replay,
+    add_db, add_index, add_alias, add_versions, add_runs, add_search, add_eval, add_verify, add_replay, add_gc,
 ]

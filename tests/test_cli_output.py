@@ -2,7 +2,7 @@
 
 from datetime import datetime, timedelta, timezone
 
-from pipeline.cli_output import format_hits, format_run, format_summary, format_table
+from pipeline.cli_output import format_duration, format_hits, format_run, format_summary, format_table
 from pipeline.runner import RunSummary
 from retrieval.hit import Hit, StageScore
 
@@ -56,3 +56,8 @@ def test_hits_show_every_stage_and_none_for_a_stage_that_missed():
         "    " + "word " * 32 + "...",  # the first 160 characters
         "    file:///a.md",
     ]
+
+
+def test_durations_read_in_days_hours_or_seconds():
+    assert [format_duration(s) for s in (30 * 86400, 36 * 3600, 5400, 90, 0)] == [
+        "30 days", "1.5 days", "1.5 hours", "90 s", "0 s"]
