@@ -64,7 +64,7 @@ bench-replay: install
 
 # any benchmark of docs/benchmarks.md: make bench NAME=replay ARGS="--steps 20"
 bench: $(BENCH_STAMP)
-	$(VENV)/bin/ragpipe bench $(NAME) $(ARGS)
+	$(PY) -m benchmarks $(NAME) $(ARGS)
 
 # Regenerate sql/schema.sql from the migrations (needs pg_dump and RAGPIPE_DATABASE_URL's server).
 schema: install

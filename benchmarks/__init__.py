@@ -1,4 +1,4 @@
-"""Benchmarks and the helpers they need; never imported by product defaults."""
+"""Benchmarks (`python -m benchmarks NAME`) and the helpers they need; nothing in the product imports them."""
 
 from __future__ import annotations
 

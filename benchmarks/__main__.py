@@ -1,4 +1,4 @@
-"""Entry point: ``python -m benchmarks NAME [options]`` (or ``ragpipe bench NAME``) prints one JSON result."""
+"""Entry point: ``python -m benchmarks NAME [options]`` (or ``make bench NAME=...``) prints one JSON result."""
 
 from __future__ import annotations
 

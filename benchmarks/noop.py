@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.embedders import DeterministicEmbedder
+from pipeline.deterministic import DeterministicEmbedder
 from pipeline.config import IndexConfig
 from pipeline.replay import load_replay
 from pipeline.runner import run_index

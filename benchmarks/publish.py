@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.embedders import DeterministicEmbedder
+from pipeline.deterministic import DeterministicEmbedder
 from benchmarks.noop import _sentences
 from pipeline.config import IndexConfig
 from pipeline.runner import run_index

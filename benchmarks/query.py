@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.embedders import DeterministicEmbedder
+from pipeline.deterministic import DeterministicEmbedder
 from benchmarks.noop import _sentences
 from benchmarks.publish import make_docs
 from pipeline.config import IndexConfig

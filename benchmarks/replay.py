@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.embedders import DeterministicEmbedder
+from pipeline.deterministic import DeterministicEmbedder
 from pipeline.replay import Documents, load_replay, run_replay
 
 MAX_TOKENS = 254

@@ -68,7 +68,7 @@ def perturb(text: str, rng: random.Random, vocab: list[str], rate: float = 1 / 1
 
 def chunk_counts(items: list[tuple[str, str]]) -> list[int]:
     """How many chunks each template makes with the default chunker and model tokenizer."""
-    from benchmarks.embedders import DeterministicEmbedder
+    from pipeline.deterministic import DeterministicEmbedder
     from pipeline.chunking import chunk_document
     from pipeline.sources import scan_records
 
@@ -123,7 +123,7 @@ def _config(artifacts: str, min_recall: float) -> Any:
 
 
 def phase_run(root: str, url: str, home: str, artifacts: str, min_recall: float) -> dict[str, Any]:
-    from benchmarks.embedders import DeterministicEmbedder
+    from pipeline.deterministic import DeterministicEmbedder
     from pipeline.runner import run_index
     from registry import Registry, RegistryConfig
 

@@ -45,6 +45,8 @@ class IndexConfig:
             task each).
         run_lease: seconds an orchestrated run keeps the index reserved between two of its steps;
             each step renews it. A run whose lease ran out may be taken over.
+        embedding_cache_ttl: seconds an embedding cache entry that no retained version uses (of
+            any index, with the entry's model) is kept before ``ragpipe gc`` deletes it.
     """
 
     index: str = "docs"
@@ -69,6 +71,7 @@ class IndexConfig:
     retention: int = 5
     embed_task_size: int = 2048
     run_lease: float = 3600.0
+    embedding_cache_ttl: float = 30 * 86400.0
 
     def __post_init__(self) -> None:
         if not _INDEX_NAME.match(self.index):
@@ -89,6 +92,8 @@ class IndexConfig:
             raise ConfigError(f"max_document_bytes must be positive, got {self.max_document_bytes}")
         if self.lock_timeout < 0:
             raise ConfigError(f"lock_timeout must not be negative, got {self.lock_timeout}")
+        if self.embedding_cache_ttl < 0:
+            raise ConfigError(f"embedding_cache_ttl must not be negative, got {self.embedding_cache_ttl}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "IndexConfig":

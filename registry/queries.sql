@@ -56,6 +56,33 @@ WHERE NOT EXISTS (
     SELECT 1 FROM embeddings e WHERE e.model_id = %(model_id)s AND e.chunk_hash = h.chunk_hash
 );
 
+-- name: share_embedding_cache
+-- Taken before looking up cache misses, in the same transaction: cache gc (lock_embedding_cache)
+-- waits for lookups in flight, and a lookup after a gc sees what it deleted.
+SELECT pg_advisory_xact_lock_shared(hashtextextended('ragpipe.embedding_cache', 0));
+
+-- name: lock_embedding_cache
+SELECT pg_advisory_xact_lock(hashtextextended('ragpipe.embedding_cache', 0));
+
+-- name: collect_embeddings
+-- Entries older than the minimum age that no chunk row of a retained version (building, validated,
+-- published or retired; of any index) uses with the entry's model. Returns (entries, vector bytes).
+WITH retained AS (
+    SELECT index_name, version_seq, model_id FROM index_versions
+    WHERE status IN ('building', 'validated', 'published', 'retired')
+), used AS (
+    SELECT r.model_id, c.chunk_hash
+    FROM retained r JOIN chunks c ON c.index_name = r.index_name
+    WHERE c.added_seq <= r.version_seq AND (c.retired_seq IS NULL OR c.retired_seq > r.version_seq)
+      AND c.status <> 'discarded'
+), gone AS (
+    DELETE FROM embeddings e
+    WHERE e.created_at < now() - make_interval(secs => %(min_age_s)s::float8)
+      AND NOT EXISTS (SELECT 1 FROM used u WHERE u.model_id = e.model_id AND u.chunk_hash = e.chunk_hash)
+    RETURNING octet_length(e.vector) AS bytes
+)
+SELECT count(*), coalesce(sum(bytes), 0) FROM gone;
+
 -- name: create_stage_embeddings
 CREATE TEMP TABLE stage_embeddings (chunk_hash text, dim integer, vector bytea) ON COMMIT DROP;
 

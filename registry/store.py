@@ -41,6 +41,13 @@ class DocumentState(NamedTuple):
     chunk_count: int
 
 
+class CacheCollection(NamedTuple):
+    """What a cache gc deleted: entries, and the bytes of their vectors."""
+
+    entries: int
+    bytes: int
+
+
 class Registry(VersionStore):
     """A connection to the registry database.
 
@@ -283,9 +290,23 @@ class Registry(VersionStore):
         unique = list(dict.fromkeys(chunk_hashes))
         if not unique:
             return []
-        rows = self.conn.execute(q("missing_embeddings"), {"hashes": unique, "model_id": model_id}).fetchall()
+        # the shared lock first, the lookup in a statement of its own (a snapshot taken after it):
+        # a cache gc either finished before (its deletions are seen, those texts are embedded again)
+        # or starts after, when the rows staged before this lookup protect what it found
+        with self.conn.transaction():
+            self.conn.execute(q("share_embedding_cache"))
+            rows = self.conn.execute(q("missing_embeddings"), {"hashes": unique, "model_id": model_id}).fetchall()
         missing = {row[0] for row in rows}
         return [h for h in unique if h in missing]
+
+    def collect_embeddings(self, min_age_s: float) -> CacheCollection:
+        """Delete cache entries older than ``min_age_s`` that no retained version of any index uses
+        with the entry's model (serialized with cache lookups, see :meth:`missing_embeddings`)."""
+        with self.conn.transaction():
+            self.conn.execute(q("lock_embedding_cache"))
+            row = self.conn.execute(q("collect_embeddings"), {"min_age_s": min_age_s}).fetchone()
+        assert row is not None
+        return CacheCollection(entries=int(row[0]), bytes=int(row[1]))
 
     def store_embeddings(self, model_id: str, chunk_hashes: Sequence[str], vectors: np.ndarray) -> None:
         """Insert vectors into the cache and commit (existing entries are kept as they are)."""

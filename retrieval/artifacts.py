@@ -26,6 +26,7 @@ CHUNKS_FILE = "chunks.parquet"
 VECTORS_FILE = "vectors.hnsw"
 MATRIX_FILE = "vectors.npy"  # full-precision vectors, row i = row i of the chunk table
 METRIC = "ip"  # inner product on L2-normalized vectors = cosine
+DOWNLOAD_SUFFIX = ".download"  # a copy being downloaded; renamed to the version's name when complete
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -53,6 +54,16 @@ def indexed_text(context: str | None, text: str) -> str:
     if not context or text.startswith(context):
         return text
     return f"{context}\n\n{text}"
+
+
+def is_remote(artifact_uri: str) -> bool:
+    """Whether a version's files live in an object store (readers use a downloaded copy)."""
+    return "://" in artifact_uri and not artifact_uri.startswith("file://")
+
+
+def download_directory(artifact_uri: str, cache_dir: Path) -> Path:
+    """Where a retriever keeps its downloaded copy of a remote version under ``cache_dir``."""
+    return cache_dir / artifact_uri.replace("://", "/").replace(":", "_")
 
 
 def sha256_file(path: Path) -> str:
@@ -134,7 +145,7 @@ class ArtifactStore:
             from pyarrow import fs
 
             filesystem, base = fs.FileSystem.from_uri(self.version_uri(index, version))
-            partial = target.with_name(f".{version}.download")
+            partial = target.with_name(f".{version}{DOWNLOAD_SUFFIX}")
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             fs.copy_files(base, str(partial), source_filesystem=filesystem)

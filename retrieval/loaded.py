@@ -14,7 +14,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, MATRIX_FILE, VECTORS_FILE
+from retrieval.artifacts import (
+    CHUNK_SCHEMA,
+    CHUNKS_FILE,
+    DOWNLOAD_SUFFIX,
+    MANIFEST,
+    MATRIX_FILE,
+    VECTORS_FILE,
+    download_directory,
+    is_remote,
+)
 from retrieval.bm25 import ANALYZER_VERSION, Analyzer, BM25Scorer, BM25Tables
 from retrieval.errors import VersionUnavailable
 from retrieval.onnx import EncoderRef
@@ -35,17 +44,17 @@ class VersionInfo:
 
 def local_directory(artifact_uri: str, cache_dir: Path) -> Path:
     """A local directory with the version's files: the URI itself, or a downloaded copy."""
-    if "://" not in artifact_uri or artifact_uri.startswith("file://"):
+    if not is_remote(artifact_uri):
         path = Path(artifact_uri.removeprefix("file://"))
         if not (path / MANIFEST).is_file():
             raise VersionUnavailable(f"version files missing at {artifact_uri}")
         return path
     from pyarrow import fs
 
-    target = cache_dir / artifact_uri.replace("://", "/").replace(":", "_")
+    target = download_directory(artifact_uri, cache_dir)
     if not (target / MANIFEST).is_file():
         filesystem, base = fs.FileSystem.from_uri(artifact_uri)
-        partial = target.with_name(target.name + ".download")
+        partial = target.with_name(target.name + DOWNLOAD_SUFFIX)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         try:

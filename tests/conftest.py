@@ -84,7 +84,7 @@ def registry(registry_config: RegistryConfig) -> Iterator[Registry]:
 @pytest.fixture(scope="session")
 def embedder():  # type: ignore[no-untyped-def]
     """Hash-derived vectors with the real model's tokenizer: real chunking, instant embedding."""
-    from benchmarks.embedders import DeterministicEmbedder
+    from pipeline.deterministic import DeterministicEmbedder
 
     return DeterministicEmbedder()
 

@@ -78,3 +78,62 @@ def test_alias_versions_and_verify_commands(tmp_path, database_url, embedder):
     broken = ragpipe(["verify"], database_url, home)
     assert broken.returncode == 1
     assert f"!!  {first.version}: file vectors.hnsw does not match its manifest checksum" in broken.stdout
+
+
+def test_replay_with_the_deterministic_embedder(tmp_path, database_url):
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    (replay / "base.jsonl").write_text(json.dumps({"doc_id": "a.md", "text": "# A\n\nAlpha.\n"}) + "\n")
+    (replay / "changes.jsonl").write_text(
+        json.dumps({"step": 1, "doc_id": "b.md", "op": "upsert", "text": "# B\n\nBeta.\n"}) + "\n")
+    result = ragpipe(["replay", str(replay), "--embedder", "deterministic", "--json"], database_url, tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["model_id"] == "deterministic-hashing-384"
+    assert (data["steps"], data["stale"], data["missing"], data["final_chunks"]) == (1, 0, 0, 2)
+
+
+def test_benchmarks_run_as_their_own_module_not_a_ragpipe_command(tmp_path, database_url):
+    assert ragpipe(["bench", "noop"], database_url, tmp_path / "home").returncode == 2
+    usage = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage: python -m benchmarks {noop,publish,query,embed,scale,replay,install}" in usage.stderr
+
+
+def test_gc_reports_versions_cache_entries_and_downloads_it_removed(tmp_path, database_url, embedder):
+    from pipeline.config import IndexConfig
+    from pipeline.runner import run_index
+
+    home = tmp_path / "home"
+    src = write_tree(tmp_path / "src", {"a.md": "# A\n\nAlpha.\n", "b.md": "# B\n\nBeta.\n"})
+    config = IndexConfig(retention=2)  # the third run's own gc removes the first version
+    with Registry.open(RegistryConfig(database_url=database_url, home=home), migrate=False) as reg:
+        versions = [run_index(str(src), reg, embedder, config).version]
+        for text in ("Beta, revised.", "Beta, revised again."):
+            (src / "b.md").write_text(f"# B\n\n{text}\n")
+            versions.append(run_index(str(src), reg, embedder, config).version)
+        reg.conn.execute("UPDATE embeddings SET created_at = now() - interval '40 days'")
+    cache = home / "cache" / "docs"
+    (cache / versions[0]).mkdir(parents=True)  # a copy of the removed version downloaded here before
+    (cache / versions[0] / "vectors.hnsw").write_bytes(b"x" * 100)
+    (cache / f".{versions[2]}.download").mkdir()  # a download of the live version, in flight
+
+    bad = ragpipe(["gc", "--embedding-cache-ttl", "-1"], database_url, home)
+    assert bad.returncode == 1 and "embedding_cache_ttl must not be negative, got -1.0" in bad.stderr
+    result = ragpipe(["gc", "--retention", "1", "--json"], database_url, home)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["versions_removed"] == [versions[1]] and report["rows_removed"] == 1
+    # the first two texts of b.md: the rows of the first went with its version, the second's now
+    assert report["embedding_cache"] == {"entries_removed": 2, "bytes_removed": 2 * 4 * embedder.dim,
+                                         "ttl_seconds": 2592000.0}
+    assert report["download_cache"] == {"directories_removed": [str(cache / versions[0])], "bytes_removed": 100}
+    assert (cache / f".{versions[2]}.download").is_dir()
+
+    again = ragpipe(["gc", "--retention", "1"], database_url, home)
+    assert again.returncode == 0 and again.stdout.splitlines() == [
+        "gc of index 'docs'",
+        "  versions         0 removed, 0 registry rows",
+        "  embedding cache  0 entries removed (0 bytes of vectors): used by no retained version, older than 30 days",
+        "  download cache   0 directories removed (0 bytes)",
+    ]
+    assert ragpipe(["verify"], database_url, home).returncode == 0

@@ -1,5 +1,10 @@
 """Rerankers: a real sentence-transformers CrossEncoder (a tiny one built offline) by path, and the
-default exact hybrid rescoring; BM25 parity with rank-bm25 on the Cranfield collection."""
+default exact hybrid rescoring; BM25 parity with rank-bm25 on a built-in corpus (always) and on the
+Cranfield collection (with the shared data)."""
+
+import json
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +80,58 @@ def test_exact_hybrid_rescorer_weights_both_signals():
     # candidate 2, the lowest cosine, would rescale candidate 3's cosine from 0.6 to 0)
     fewer = ExactHybridRescorer(0.7).rerank("q", query, [1, 3], Version(), bm25)
     assert fewer == pytest.approx({1: scores[1], 3: scores[3]})
+
+
+BM25_CORPUS = Path(__file__).parent / "data" / "bm25_corpus.jsonl"
+BM25_QUERIES = [
+    "lift of a wing", "drag", "wing drag system", "system", "the system of the data",  # common terms: floored idf
+    "shock shock", "running runners run", "heat", "1903", "naïve café", "zeppelin", "the of and",
+    "laminar turbulent boundary layer transition", "bread dough rise", "cache key hash", "octave pitch frequency",
+]
+
+
+def _bm25_corpus() -> list[tuple[str, str]]:
+    return [(d["id"], d["text"]) for d in map(json.loads, BM25_CORPUS.read_text(encoding="utf-8").splitlines())]
+
+
+def _assert_scores_match(scorer: BM25Scorer, analyzer: Analyzer, texts: list[str], queries: list[str]) -> None:
+    from rank_bm25 import BM25Okapi
+
+    reference = BM25Okapi([analyzer.terms(t) for t in texts])
+    for query in queries:
+        np.testing.assert_allclose(scorer.scores(query), reference.get_scores(analyzer.terms(query)),
+                                   rtol=1e-5, atol=1e-6, err_msg=query)
+
+
+def test_bm25_matches_rank_bm25_on_a_built_in_corpus():
+    docs = _bm25_corpus()
+    analyzer = Analyzer()
+    terms = [analyzer.terms(text) for _, text in docs]
+    df = Counter(t for doc_terms in terms for t in set(doc_terms))
+    # the corpus reaches the formula's edge cases: idf below 0 (floored at epsilon * mean idf),
+    # saturating term frequency, and documents of no terms at all
+    assert max(df.values()) > len(docs) / 2
+    assert max(c for doc_terms in terms for c in Counter(doc_terms).values()) >= 5
+    assert sum(not t for t in terms) == 2
+    texts = [text for _, text in docs]
+    scorer = BM25Scorer(BM25Tables.empty().update([], list(enumerate(texts)), analyzer), analyzer)
+    _assert_scores_match(scorer, analyzer, texts, BM25_QUERIES + texts)
+
+
+def test_incremental_bm25_tables_match_rank_bm25_over_the_resulting_corpus():
+    docs = _bm25_corpus()
+    analyzer = Analyzer()
+    base = BM25Tables.empty().update([], [(i, text) for i, (_, text) in enumerate(docs[:30])], analyzer)
+    # drop documents whose terms occur nowhere else (their df falls to 0 but they stay in the
+    # vocabulary), add the rest and a changed copy of one
+    removed = [i for i, (doc_id, _) in enumerate(docs[:30]) if doc_id in {"wing-3", "music-1", "sport-1", "cook-4"}]
+    added = [(30 + i, text) for i, (_, text) in enumerate(docs[30:])] + [(99, docs[0][1] + " Revised: flaps.")]
+    tables = base.update(removed, added, analyzer)
+    assert (tables.df == 0).any()
+    kept = [text for i, (_, text) in enumerate(docs[:30]) if i not in removed]
+    texts = kept + [text for _, text in added]
+    assert list(tables.keys) == [i for i in range(30) if i not in removed] + [k for k, _ in added]
+    _assert_scores_match(BM25Scorer(tables, analyzer), analyzer, texts, BM25_QUERIES + texts)
 
 
 @pytest.mark.slow

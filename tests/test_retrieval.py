@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from benchmarks.embedders import DeterministicEmbedder
+from pipeline.deterministic import DeterministicEmbedder
 from conftest import run_threads, write_tree
 from pipeline.config import IndexConfig
 from pipeline.runner import RunOptions, run_index

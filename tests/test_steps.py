@@ -216,7 +216,7 @@ def test_terminal_errors_end_the_run_and_transient_ones_keep_it(source, registry
 def test_rebuild_with_another_model_builds_a_shadow(source, registry_config, embedder):
     """What rag_index_rebuild does with its `model` param: a full version with the other model,
     attached as the alias's shadow while the live version keeps serving."""
-    from benchmarks.embedders import DeterministicEmbedder
+    from pipeline.deterministic import DeterministicEmbedder
 
     live = whole_run(source, registry_config, embedder)["publish"]["version"]
     other = DeterministicEmbedder(dim=64)
@@ -232,7 +232,7 @@ def test_rebuild_with_another_model_builds_a_shadow(source, registry_config, emb
 KILLED_STEP = r"""
 import sys
 from pathlib import Path
-from benchmarks.embedders import DeterministicEmbedder
+from pipeline.deterministic import DeterministicEmbedder
 from pipeline import steps
 from pipeline.config import IndexConfig
 from registry import RegistryConfig

@@ -7,7 +7,7 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.embedders import DeterministicEmbedder
+from pipeline.deterministic import DeterministicEmbedder
 from conftest import write_tree
 from retrieval.artifacts import ArtifactStore
 from retrieval.artifacts import CHUNKS_FILE

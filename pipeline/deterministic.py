@@ -1,11 +1,12 @@
-"""A deterministic embedder for counting runs: fast, reproducible, and a weak retriever by design.
+"""The deterministic embedder for counting runs, replays and tests: fast, reproducible, a weak retriever by design.
 
 It tokenizes like the default model (so chunk boundaries match a real run) and embeds by feature
 hashing: every lowercase word that is not a stop word adds +1 or -1 to one of ``dim`` coordinates
 chosen by its CRC-32, and the sum is L2-normalized. Texts that share words are near each other, so vector indexes see data
 with real neighbourhoods (random vectors would be an unrealistic worst case for HNSW), and identical
-texts get identical vectors. It lives here, outside the product, and is chosen only explicitly
-(``ragpipe replay --embedder deterministic``, benchmarks, tests).
+texts get identical vectors. It is never a default: nothing in the product reaches it unless asked
+(``ragpipe replay --embedder deterministic``, the benchmarks, the test suite), and its model id
+(``deterministic-hashing-DIM``) keeps its vectors apart from every real model's in the cache.
 """
 
 from __future__ import annotations
