@@ -236,3 +236,48 @@ def test_an_installed_wheel_finds_its_migrations_and_dags_outside_a_checkout(dis
     folder = cli("dags-folder")
     assert folder.returncode == 0 and Path(folder.stdout.strip()) == target / "pipeline" / "dags"
     assert (Path(folder.stdout.strip()) / "rag_index.py").is_file()
+
+
+@pytest.fixture(scope="module")
+def base_venv(dist, tmp_path_factory) -> Path:
+    """A real base install: a fresh virtual environment with the built wheel and its dependencies."""
+    venv = tmp_path_factory.mktemp("base") / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
+                          "--disable-pip-version-check", str(next(dist.glob("ragpipe-*.whl")))],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=venv.parent)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    return venv
+
+
+@pytest.mark.db
+@pytest.mark.slow
+def test_a_real_base_install_searches_and_says_what_indexing_needs(base_venv, published, tmp_path):
+    from retrieval import Retriever
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(RAGPIPE_DATABASE_URL=published["url"], RAGPIPE_HOME=str(tmp_path / "home"))
+    listed = subprocess.run([str(base_venv / "bin" / "python"), "-c", "import importlib.metadata as m; "
+                             "print('\\n'.join(d.metadata['Name'].lower() for d in m.distributions()))"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    installed = set(listed.stdout.split())
+    assert "ragpipe" in installed and not installed & {"torch", "apache-airflow", "apache-airflow-core",
+                                                       "sentence-transformers", "transformers", "pgserver"}
+
+    def ragpipe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(base_venv / "bin" / "ragpipe"), *args], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+
+    assert ragpipe("--version").stdout.strip() == "ragpipe 0.2.0"
+    src = write_tree(tmp_path / "src", {"a.md": "# A\n\nAlpha.\n"})
+    refused = ragpipe("index", str(src), "--index", "other")
+    assert refused.returncode == 1 and 'pip install "ragpipe[pipeline]"' in refused.stderr
+    assert "Traceback" not in refused.stderr
+    found = ragpipe("search", "why does a wing stall?", "--index", "docs", "--k", "4", "--json")
+    assert found.returncode == 0, found.stderr
+    with Retriever.open("docs", published["url"], home=published["home"], follow=False) as full:
+        expected = [h.to_dict() for h in full.search("why does a wing stall?", k=4)]
+    got = json.loads(found.stdout)
+    assert [h["chunk_id"] for h in got] == [h["chunk_id"] for h in expected]
+    assert [h["score"] for h in got] == pytest.approx([h["score"] for h in expected], abs=1e-6)
