@@ -84,11 +84,11 @@ def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 1
     """
     from retrieval import Retriever
     from retrieval.models import SentenceTransformerEmbedder
-    from retrieval.onnx import OnnxEncoder
+    from pipeline.encoders import OnnxModelEncoder
 
     queries = [json.loads(line)["text"] for line in open(shared / "cranfield" / "queries.jsonl", encoding="utf-8")]
     model_id = DeterministicEmbedder().model_id
-    encoders = {"onnx": lambda: OnnxEncoder("sentence-transformers/all-MiniLM-L6-v2", Path(home) / "cache"),
+    encoders = {"onnx": lambda: OnnxModelEncoder("sentence-transformers/all-MiniLM-L6-v2", Path(home) / "cache"),
                 "torch": lambda: SentenceTransformerEmbedder(device="cpu")}
     out: dict[str, Any] = {"queries": len(queries), "ef": ef}
     fallbacks = _FallbackCounter()
