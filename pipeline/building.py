@@ -24,6 +24,7 @@ from pipeline import faults
 from pipeline.chunking import indexed_text
 from retrieval.artifacts import (
     CHUNK_SCHEMA,
+    PAGE_COLUMNS,
     CHUNKS_FILE,
     MANIFEST,
     MANIFEST_FORMAT,
@@ -146,6 +147,7 @@ def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None, np.ndarr
             "source_uri": [plan.doc_fields[r["doc_id"]][0] for r in rows],
             "metadata": [json.dumps(plan.doc_fields[r["doc_id"]][1], sort_keys=True) for r in rows],
             "valid_from": [plan.doc_fields[r["doc_id"]][2] for r in rows],
+            **{name: [r.get(name) for r in rows] for name in PAGE_COLUMNS},
         },
         schema=CHUNK_SCHEMA,
     )

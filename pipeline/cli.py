@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--include", action="append", help="glob of files to index (repeatable)")
     index.add_argument("--exclude", action="append", help="glob of files to leave out (repeatable)")
     index.add_argument("--max-document-bytes", type=int, help="skip larger documents (default 10 MiB)")
+    index.add_argument("--extract-timeout", type=float, help="seconds per PDF, DOCX or HTML extraction (default 60)")
+    index.add_argument("--extract-memory-mb", type=int, help="memory limit of the extraction worker (default 1024)")
+    index.add_argument("--max-unzipped-bytes", type=int, help="refuse DOCX files expanding beyond this (default 100 MiB)")
     index.add_argument("--lock-timeout", type=float, help="seconds to wait for another run (default 600)")
     index.add_argument("--allow-delete-all", action="store_true", default=None,
                        help="let an empty source delete every document of the index")
@@ -170,6 +173,9 @@ def _index_config(args: argparse.Namespace) -> Any:
         include=tuple(args.include) if getattr(args, "include", None) else None,
         exclude=tuple(args.exclude) if getattr(args, "exclude", None) else None,
         max_document_bytes=getattr(args, "max_document_bytes", None),
+        extract_timeout=getattr(args, "extract_timeout", None),
+        extract_memory_mb=getattr(args, "extract_memory_mb", None),
+        max_unzipped_bytes=getattr(args, "max_unzipped_bytes", None),
         lock_timeout=getattr(args, "lock_timeout", None),
         allow_delete_all=getattr(args, "allow_delete_all", None),
     )
@@ -367,6 +373,13 @@ def _retrieval_overrides(args: argparse.Namespace) -> dict[str, Any]:
                               "fusion": getattr(args, "fusion", None)}.items() if v is not None}
 
 
+def _pages(hit: Any) -> str:
+    """"p. 3" or "pp. 3-4", with the printed labels where the file defines them."""
+    span = f"p. {hit.page_start}" if hit.page_start == hit.page_end else f"pp. {hit.page_start}-{hit.page_end}"
+    labels = [label for label in dict.fromkeys([hit.page_label_start, hit.page_label_end]) if label]
+    return span + (f" (labelled {'-'.join(labels)})" if labels else "")
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from retrieval import Retriever
 
@@ -381,7 +394,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     print(f"{len(hits)} hits from {retriever.alias!r} version {retriever.version}")
     for rank, h in enumerate(hits, start=1):
         where = " > ".join(h.heading_path) or "(no heading)"
-        print(f"{rank:>2}. {h.score:.4f}  {h.doc_id}  [{where}]  chars {h.char_start}-{h.char_end}")
+        pages = "" if h.page_start is None else f"  {_pages(h)}"
+        print(f"{rank:>2}. {h.score:.4f}  {h.doc_id}  [{where}]{pages}  chars {h.char_start}-{h.char_end}")
         stages = "  ".join(f"{name} {s.score:.4f} (#{s.rank})" if s.score is not None else f"{name} -"
                            for name, s in (("bm25", h.bm25), ("vector", h.vector), ("fused", h.fused),
                                            ("rerank", h.rerank)))
