@@ -97,6 +97,8 @@ def _extract(pdfium: Any, pdf: Any) -> Extracted:
         last = max((k for k, line in enumerate(lines) if line.strip()), default=-1)
         kept = lines[first : last + 1]
         chars += sum(len(line) - line.count(" ") for line in kept)
+        line_of = {i: min(max(k - first, 0), max(len(kept) - 1, 0)) for i, k in line_of.items()}
+        kept, line_of = _separate_headings(kept, line_of, bookmarks)
         if number:
             parts.append("\n\n")
             length += 2
@@ -104,7 +106,7 @@ def _extract(pdfium: Any, pdf: Any) -> Extracted:
         for line in kept:
             starts.append(starts[-1] + len(line) + 1)
         for i, k in line_of.items():
-            anchors[i] = starts[min(max(k - first, 0), max(len(kept) - 1, 0))]
+            anchors[i] = starts[k]
         text = "\n".join(kept)
         label = pdf.get_page_label(number) or None
         pages.append(PageSpan(number + 1, length, length + len(text), label))
@@ -122,6 +124,28 @@ def _extract(pdfium: Any, pdf: Any) -> Extracted:
     headings = _headings(full, bookmarks, anchors)
     title = _title(pdf) or (bookmarks[0].path[0] if bookmarks else None)
     return Extracted(full, title, Layout(tuple(pages), headings), version())
+
+
+def _separate_headings(
+    lines: list[str], line_of: dict[int, int], bookmarks: list[_Bookmark]
+) -> tuple[list[str], dict[int, int]]:
+    """A line that shows its bookmark's title is a heading: a blank line after it makes it a block of
+    its own, as headings are in the other formats (the chunker joins a heading to what follows)."""
+    headings = sorted({k for i, k in line_of.items() if _shows_title(lines[k], bookmarks[i].path[-1])})
+    if not headings:
+        return lines, line_of
+    out: list[str] = []
+    moved: dict[int, int] = {}
+    for k, line in enumerate(lines):
+        moved[k] = len(out)
+        out.append(line)
+        if k in headings and k + 1 < len(lines) and lines[k + 1].strip():
+            out.append("")
+    return out, {i: moved[k] for i, k in line_of.items()}
+
+
+def _shows_title(line: str, title: str) -> bool:
+    return bool(title) and title in " ".join(line.split()) and len(line) <= 2 * len(title) + 16
 
 
 def _outline(pdf: Any, count: int) -> list[_Bookmark]:
@@ -184,8 +208,7 @@ def _headings(text: str, bookmarks: list[_Bookmark], anchors: dict[int, int]) ->
         line_end = text.find("\n", start)
         line_end = len(text) if line_end == -1 else line_end
         # the bookmark's title is the line it points at (hyperref's \section): that line is the heading
-        line = " ".join(text[start:line_end].split())
-        body = line_end if line and path[-1] and path[-1] in line else start
+        body = line_end if _shows_title(text[start:line_end], path[-1]) else start
         spans.append(HeadingSpan(start, body, path))
     return tuple(spans)
 
