@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline import faults
 from retrieval.artifacts import (
     CHUNK_SCHEMA,
+    PAGE_COLUMNS,
     CHUNKS_FILE,
     MANIFEST,
     MANIFEST_FORMAT,
@@ -147,6 +148,7 @@ def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None, np.ndarr
             "metadata": [json.dumps(plan.doc_fields[r["doc_id"]][1], sort_keys=True) for r in rows],
             "valid_from": [plan.doc_fields[r["doc_id"]][2] for r in rows],
             "context": [r["context"] for r in rows],
+            **{name: [r.get(name) for r in rows] for name in PAGE_COLUMNS},
         },
         schema=CHUNK_SCHEMA,
     )

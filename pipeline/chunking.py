@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from pipeline.formats import PageRange
 from pipeline.hashing import chunk_id_for, sha256_hex
 from pipeline.sources import SourceDocument
 from retrieval.artifacts import indexed_text  # the chunk table's definition of what a chunk is indexed as
@@ -65,6 +66,7 @@ class Chunk:
     token_count: int
     text: str
     context: str = ""  # the document title the chunk is indexed with ("" when none)
+    pages: PageRange | None = None  # the physical pages (and their labels) it spans; None: no pages
 
     @property
     def indexed_text(self) -> str:
@@ -249,6 +251,20 @@ def python_sections(text: str) -> list[Section]:
     return [Section(tuple(p for p in s.heading_path if p), s.start, s.end, s.body_start) for s in sections]
 
 
+def document_sections(doc: SourceDocument) -> list[Section]:
+    """The sections of a document: its extractor's headings when it has them, else by its format."""
+    if doc.layout is None:
+        return split_sections(doc.text, doc.format)
+    sections: list[Section] = []
+    headings = doc.layout.headings
+    if not headings or headings[0].start > 0:
+        sections.append(Section((), 0, headings[0].start if headings else len(doc.text), 0))
+    for i, heading in enumerate(headings):
+        end = headings[i + 1].start if i + 1 < len(headings) else len(doc.text)
+        sections.append(Section(heading.path, heading.start, end, heading.body_start))
+    return sections
+
+
 def split_sections(text: str, fmt: str) -> list[Section]:
     if fmt == "markdown":
         return markdown_sections(text)
@@ -403,7 +419,7 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) 
     if context and counter.count([context])[0] > max_tokens // 8:
         context = ""  # a title this long would crowd out the chunk's own text
     cutter = _Cutter(text, counter, max_tokens)
-    sections = split_sections(text, doc.format)
+    sections = document_sections(doc)
     section_spans = [_paragraphs(text, s.start, s.end, doc.format) for s in sections]
     flat = [span for spans in section_spans for span in spans]
     counts = counter.count([text[s:e] for s, e in flat]) if flat else []
@@ -467,9 +483,12 @@ def _make_chunk(
     text = doc.text[start:end]
     context = context if indexed_text(context, text) != text else ""
     chunk_hash = sha256_hex(indexed_text(context, text))
+    pages = doc.layout.pages_of(start, end) if doc.layout is not None else None
     return Chunk(
         doc_id=doc.doc_id,
-        chunk_id=chunk_id_for(doc.doc_id, ordinal, heading_path, start, end, chunk_hash),
+        chunk_id=chunk_id_for(doc.doc_id, ordinal, heading_path, start, end, chunk_hash,
+                              pages=None if pages is None else (pages.start, pages.end, pages.label_start,
+                                                                pages.label_end)),
         chunk_hash=chunk_hash,
         ordinal=ordinal,
         heading_path=heading_path,
@@ -478,5 +497,6 @@ def _make_chunk(
         token_count=tokens,
         text=text,
         context=context,
+        pages=pages,
     )
 

@@ -118,13 +118,21 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.4g} s"
 
 
+def format_pages(hit: Hit) -> str:
+    """"p. 3" or "pp. 3-4", with the printed labels where the file defines them."""
+    span = f"p. {hit.page_start}" if hit.page_start == hit.page_end else f"pp. {hit.page_start}-{hit.page_end}"
+    labels = [label for label in dict.fromkeys([hit.page_label_start, hit.page_label_end]) if label]
+    return span + (f" (labelled {'-'.join(labels)})" if labels else "")
+
+
 def format_hits(hits: Sequence[Hit], alias: str, version: str | None) -> str:
     """Search hits, best first: score, document, heading path and characters, each stage's score and
     rank, the start of the text and the source."""
     lines = [f"{len(hits)} hits from {alias!r} version {version}"]
     for rank, h in enumerate(hits, start=1):
         where = " > ".join(h.heading_path) or "(no heading)"
-        lines.append(f"{rank:>2}. {h.score:.4f}  {h.doc_id}  [{where}]  chars {h.char_start}-{h.char_end}")
+        pages = "" if h.page_start is None else f"  {format_pages(h)}"
+        lines.append(f"{rank:>2}. {h.score:.4f}  {h.doc_id}  [{where}]{pages}  chars {h.char_start}-{h.char_end}")
         stages = "  ".join(f"{name} {s.score:.4f} (#{s.rank})" if s.score is not None else f"{name} -"
                            for name, s in (("bm25", h.bm25), ("vector", h.vector), ("fused", h.fused),
                                            ("rerank", h.rerank)))

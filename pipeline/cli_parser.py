@@ -63,6 +63,9 @@ def add_index(commands: Commands) -> None:
     index.add_argument("--include", action="append", help="glob of files to index (repeatable)")
     index.add_argument("--exclude", action="append", help="glob of files to leave out (repeatable)")
     index.add_argument("--max-document-bytes", type=int, help="skip larger documents (default 10 MiB)")
+    index.add_argument("--extract-timeout", type=float, help="seconds per PDF, DOCX or HTML extraction (default 60)")
+    index.add_argument("--extract-memory-mb", type=int, help="memory limit of the extraction worker (default 1024)")
+    index.add_argument("--max-unzipped-bytes", type=int, help="refuse DOCX files expanding beyond this (default 100 MiB)")
     index.add_argument("--lock-timeout", type=float, help="seconds to wait for another run (default 600)")
     index.add_argument("--allow-delete-all", action="store_true", default=None,
                        help="let an empty source delete every document of the index")

@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.embedding import DEFAULT_MODEL
 from pipeline.errors import ConfigError
+from pipeline.formats.isolation import DEFAULT_MAX_UNZIPPED_BYTES, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 from pipeline.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DEFAULT_MAX_BYTES
 
 _INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -30,6 +31,9 @@ class IndexConfig:
         include: glob patterns of files to index (directory sources).
         exclude: glob patterns of files and directories to leave out.
         max_document_bytes: larger documents are skipped with a reason.
+        extract_timeout: seconds one PDF, DOCX or HTML file's extraction may take.
+        extract_memory_mb: the extraction worker's address-space limit in MiB.
+        max_unzipped_bytes: the most a DOCX's zip members may expand to (larger: refused as a zip bomb).
         lock_timeout: seconds to wait for another run on the same index.
         allow_delete_all: let a run whose source is empty delete every document.
         alias: the alias runs publish to (default: the index name).
@@ -56,6 +60,9 @@ class IndexConfig:
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     max_document_bytes: int = DEFAULT_MAX_BYTES
+    extract_timeout: float = DEFAULT_TIMEOUT_S
+    extract_memory_mb: int = DEFAULT_MEMORY_MB
+    max_unzipped_bytes: int = DEFAULT_MAX_UNZIPPED_BYTES
     lock_timeout: float = 600.0
     allow_delete_all: bool = False
     alias: str = ""
@@ -90,6 +97,9 @@ class IndexConfig:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size}")
         if self.max_document_bytes < 1:
             raise ConfigError(f"max_document_bytes must be positive, got {self.max_document_bytes}")
+        if self.extract_timeout <= 0 or self.extract_memory_mb < 64 or self.max_unzipped_bytes < 1:
+            raise ConfigError("extract_timeout must be positive, extract_memory_mb at least 64, "
+                              "max_unzipped_bytes positive")
         if self.lock_timeout < 0:
             raise ConfigError(f"lock_timeout must not be negative, got {self.lock_timeout}")
         if self.embedding_cache_ttl < 0:

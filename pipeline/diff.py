@@ -48,10 +48,13 @@ class ChangeSet:
 
 def document_chunker(chunker_version: str, doc: SourceDocument) -> str:
     """What decides one document's chunks besides its text: the chunker configuration, the document's
-    format and the title its chunks are indexed with (see ``pipeline.chunking``)."""
+    format, the title its chunks are indexed with (see ``pipeline.chunking``) and, for a PDF, DOCX or
+    HTML file, its extractor's version and the digest of the pages and headings it found — so an
+    upgraded extractor re-chunks exactly the documents of its format."""
     context = chunk_context(doc.metadata)
     title = f";title={sha256_hex(context)[:16]}" if context else ""
-    return f"{chunker_version};format={doc.format}{title}"
+    extraction = f";extractor={doc.extraction}" if doc.extraction else ""
+    return f"{chunker_version};format={doc.format}{title}{extraction}"
 
 
 def plan_changes(

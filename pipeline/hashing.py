@@ -46,12 +46,16 @@ def metadata_hash(metadata: dict[str, Any], source_uri: str) -> str:
 
 
 def chunk_id_for(
-    doc_id: str, ordinal: int, heading_path: tuple[str, ...], char_start: int, char_end: int, chunk_hash: str
+    doc_id: str, ordinal: int, heading_path: tuple[str, ...], char_start: int, char_end: int, chunk_hash: str,
+    pages: tuple[int, int, str | None, str | None] | None = None,
 ) -> str:
-    """The id of one chunk placement: equal ids mean equal document, position, headings and text."""
-    canonical = json.dumps(
-        [doc_id, ordinal, list(heading_path), char_start, char_end, chunk_hash],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    """The id of one chunk placement: equal ids mean equal document, position, headings, pages and text.
+
+    ``pages`` (first and last page, their labels) is part of the id only for documents with pages,
+    so the ids of every other chunk stay what they were.
+    """
+    placement: list[Any] = [doc_id, ordinal, list(heading_path), char_start, char_end, chunk_hash]
+    if pages is not None:
+        placement.append(list(pages))
+    canonical = json.dumps(placement, ensure_ascii=False, separators=(",", ":"))
     return sha256_hex(canonical)

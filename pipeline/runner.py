@@ -34,6 +34,7 @@ from pipeline.config import IndexConfig
 from pipeline.diff import ChangeSet, document_chunker, plan_changes
 from pipeline.embedding import Embedder, embed_in_batches
 from pipeline.errors import EmbeddingError, UnsafeDeletion, VersionRejected
+from pipeline.formats.isolation import ExtractLimits
 from pipeline.sources import SourceDocument, SourceScan, scan_source
 from pipeline.validation import Thresholds, validate_version
 from registry import Registry
@@ -150,7 +151,8 @@ class RunState:
     def documents(self) -> list[SourceDocument]:
         """The documents to write, without their texts (what publishing records)."""
         return [SourceDocument(d["doc_id"], "", d["source_uri"], d["format"], d["metadata"], d["content_hash"],
-                               d["metadata_hash"], _parse_time(d["valid_from"])) for d in self.to_write]
+                               d["metadata_hash"], _parse_time(d["valid_from"]), extraction=d.get("extraction", ""))
+                for d in self.to_write]
 
     def valid_from(self) -> dict[str, datetime | None]:
         return {d["doc_id"]: _parse_time(d["valid_from"]) for d in self.to_write}
@@ -171,7 +173,7 @@ class RunState:
 def _doc_record(doc: SourceDocument) -> dict[str, Any]:
     return {"doc_id": doc.doc_id, "source_uri": doc.source_uri, "format": doc.format, "metadata": doc.metadata,
             "content_hash": doc.content_hash, "metadata_hash": doc.metadata_hash,
-            "valid_from": doc.valid_from.isoformat() if doc.valid_from else None}
+            "valid_from": doc.valid_from.isoformat() if doc.valid_from else None, "extraction": doc.extraction}
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -298,7 +300,9 @@ def plan_run(
             scan = source
         else:
             scan = scan_source(
-                source, include=config.include, exclude=config.exclude, max_bytes=config.max_document_bytes
+                source, include=config.include, exclude=config.exclude, max_bytes=config.max_document_bytes,
+                limits=ExtractLimits(timeout_s=config.extract_timeout, memory_mb=config.extract_memory_mb,
+                                     max_unzipped_bytes=config.max_unzipped_bytes),
             )
         summary.skipped = [s.to_dict() for s in scan.skipped]
         for skip in scan.skipped:

@@ -14,17 +14,18 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes
 
 from pipeline.errors import SourceUnavailable
-from pipeline.hashing import content_hash, metadata_hash, normalize_text
+from pipeline.formats import EXTRACTED_FORMATS, Extracted, Layout, Unextractable, extract_document
+from pipeline.formats.isolation import ExtractLimits, IsolatedExtractor
+from pipeline.hashing import content_hash, metadata_hash, normalize_text, sha256_hex
 
 DEFAULT_INCLUDE = (
     "*.md", "*.markdown", "*.mdx", "*.rst", "*.txt", "*.text", "*.html", "*.htm",
-    "*.py", "*.pyi", "*.adoc", "*.tex", "*.org",
+    "*.py", "*.pyi", "*.adoc", "*.tex", "*.org", "*.pdf", "*.docx",
 )  # fmt: skip
 DEFAULT_EXCLUDE = (".*", "*/.*")  # hidden files and directories
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
@@ -40,8 +41,10 @@ _FORMATS = {
 class SourceDocument:
     """One document as ragpipe sees it: normalized text plus its hashes.
 
-    ``text`` is the normalized text (HTML is reduced to its text with headings kept); chunk
-    offsets index it.
+    ``text`` is the normalized text (PDF, DOCX and HTML: the text their extractor found); chunk
+    offsets index it. ``layout`` holds an extracted document's page and heading spans over ``text``;
+    ``extraction`` names its extractor version and a digest of the layout (part of the document's
+    chunker configuration, see ``pipeline.diff.document_chunker``).
     """
 
     doc_id: str
@@ -52,6 +55,8 @@ class SourceDocument:
     content_hash: str = ""
     metadata_hash: str = ""
     valid_from: datetime | None = None  # from metadata["valid_from"]: hidden from retrieval before then
+    layout: Layout | None = None
+    extraction: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,9 +93,14 @@ def format_for(doc_id: str, metadata: dict[str, Any] | None = None) -> str:
 
 
 def make_document(
-    doc_id: str, raw_text: str, source_uri: str, metadata: dict[str, Any] | None = None
+    doc_id: str, raw_text: str, source_uri: str, metadata: dict[str, Any] | None = None,
+    *, extracted: Extracted | None = None, fmt: str | None = None,
 ) -> SourceDocument | SkippedDocument:
-    """Normalize and hash one document, or say why it cannot be indexed."""
+    """Normalize and hash one document, or say why it cannot be indexed.
+
+    ``extracted`` is what an extractor made of a PDF, DOCX or HTML file (of format ``fmt``): its
+    text is indexed as it is, and its title becomes ``metadata["title"]`` unless one is given.
+    """
     metadata = dict(metadata or {})
     if not doc_id or len(doc_id) > MAX_DOC_ID_LENGTH or "\x00" in doc_id:
         return SkippedDocument(doc_id[:80], "invalid doc_id (empty, longer than 1024 characters or with NUL)")
@@ -99,11 +109,20 @@ def make_document(
         valid_from = parse_timestamp(metadata["valid_from"])
         if valid_from is None:
             return SkippedDocument(doc_id, f"metadata.valid_from {metadata['valid_from']!r} is not an ISO 8601 timestamp")
-    fmt = format_for(doc_id, metadata)
-    if fmt == "html":
-        raw_text = html_to_text(raw_text)
-        fmt = "markdown"
-    text = normalize_text(raw_text)
+    fmt = fmt or format_for(doc_id, metadata)
+    if extracted is None and fmt == "html":
+        try:  # an HTML record of a JSONL source: text, extracted in this process
+            extracted = extract_document(fmt, raw_text.encode("utf-8"))
+        except Unextractable as exc:
+            return SkippedDocument(doc_id, str(exc), gone=True)
+    layout, extraction = None, ""
+    if extracted is not None:
+        text, layout = extracted.text, extracted.layout
+        extraction = f"{extracted.extractor};layout={sha256_hex(json.dumps(layout.to_json()))[:16]}"
+        if extracted.title and "title" not in metadata:
+            metadata["title"] = extracted.title
+    else:
+        text = normalize_text(raw_text)
     if not text.strip():
         return SkippedDocument(doc_id, "empty document", gone=True)
     return SourceDocument(
@@ -115,6 +134,8 @@ def make_document(
         content_hash=content_hash(text),
         metadata_hash=metadata_hash(metadata, source_uri),
         valid_from=valid_from,
+        layout=layout,
+        extraction=extraction,
     )
 
 
@@ -135,8 +156,11 @@ def scan_source(
     include: Iterable[str] = DEFAULT_INCLUDE,
     exclude: Iterable[str] = DEFAULT_EXCLUDE,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    limits: ExtractLimits = ExtractLimits(),
 ) -> SourceScan:
     """Read every document of a source: a directory tree or a ``.jsonl`` file.
+
+    PDF, DOCX and HTML files are extracted in a worker process under ``limits``.
 
     Raises:
         SourceUnavailable: the source does not exist or cannot be read at all.
@@ -151,22 +175,25 @@ def scan_source(
     if stat.S_ISDIR(st.st_mode):
         if not os.access(path, os.R_OK | os.X_OK):
             raise SourceUnavailable(f"source directory {source} is not readable; nothing was changed")
-        return _scan_directory(path.resolve(), tuple(include), tuple(exclude), max_bytes)
+        return _scan_directory(path.resolve(), tuple(include), tuple(exclude), max_bytes, limits)
     if path.suffix.lower() == ".jsonl":
         return _scan_jsonl(path.resolve(), max_bytes)
     raise SourceUnavailable(f"source {source} is neither a directory nor a .jsonl file; nothing was changed")
 
 
-def _scan_directory(root: Path, include: tuple[str, ...], exclude: tuple[str, ...], max_bytes: int) -> SourceScan:
+def _scan_directory(
+    root: Path, include: tuple[str, ...], exclude: tuple[str, ...], max_bytes: int, limits: ExtractLimits
+) -> SourceScan:
     skipped: list[SkippedDocument] = []
     wanted = _compile(include)
     files = [(rel, entry) for rel, entry in _walk(root, _compile(exclude), skipped) if wanted(rel)]
     uri_prefix = root.as_uri().rstrip("/") + "/"
 
     def read_slice(part: list[tuple[str, os.DirEntry[str]]]) -> list[SourceDocument | SkippedDocument]:
-        return [_read_file(uri_prefix, rel, entry, max_bytes) for rel, entry in part]
+        return [_read_file(uri_prefix, rel, entry, max_bytes, extractor) for rel, entry in part]
 
-    results = read_slice(files)
+    with IsolatedExtractor(limits) as extractor:  # its worker starts with the first PDF, DOCX or HTML file
+        results = read_slice(files)
     documents = sorted((r for r in results if isinstance(r, SourceDocument)), key=lambda d: d.doc_id)
     skipped.extend(sorted((r for r in results if isinstance(r, SkippedDocument)), key=lambda d: d.doc_id))
     return SourceScan(source=root.as_uri(), documents=documents, skipped=skipped)
@@ -237,7 +264,9 @@ def _read_at_most(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def _read_file(uri_prefix: str, rel: str, entry: os.DirEntry[str], max_bytes: int) -> SourceDocument | SkippedDocument:
+def _read_file(
+    uri_prefix: str, rel: str, entry: os.DirEntry[str], max_bytes: int, extractor: IsolatedExtractor
+) -> SourceDocument | SkippedDocument:
     try:
         size = entry.stat(follow_symlinks=True).st_size
         if size > max_bytes:
@@ -247,13 +276,20 @@ def _read_file(uri_prefix: str, rel: str, entry: os.DirEntry[str], max_bytes: in
         return SkippedDocument(rel, f"unreadable: {exc.strerror}")
     if len(data) > size:
         return SkippedDocument(rel, "changed while being read; the next run will pick it up")
+    uri = uri_prefix + quote_from_bytes(os.fsencode(rel))
+    fmt = EXTRACTED_FORMATS.get(os.path.splitext(rel)[1].lower())
+    if fmt is not None:
+        extracted = extractor.extract(fmt, data)
+        if isinstance(extracted, str):
+            return SkippedDocument(rel, extracted)
+        return make_document(rel, extracted.text, uri, extracted=extracted, fmt=fmt)
     if b"\x00" in data[:8192]:
         return SkippedDocument(rel, "binary file (NUL bytes)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         return SkippedDocument(rel, f"not valid UTF-8 text (byte {exc.start})")
-    return make_document(rel, text, uri_prefix + quote_from_bytes(os.fsencode(rel)))
+    return make_document(rel, text, uri)
 
 
 def _scan_jsonl(path: Path, max_bytes: int) -> SourceScan:
@@ -314,59 +350,6 @@ def _parse_jsonl_line(raw: bytes, max_bytes: int) -> tuple[str, str, dict[str, A
     if len(text.encode("utf-8")) > max_bytes:
         return f"doc_id {doc_id!r}: text larger than the {max_bytes}-byte limit"
     return doc_id, text, metadata
-
-
-class _HTMLText(HTMLParser):
-    """Reduce HTML to text: headings become Markdown headings, block elements paragraph breaks."""
-
-    _BLOCK = {"p", "div", "section", "article", "li", "ul", "ol", "table", "tr", "blockquote", "br", "hr",
-              "pre", "dd", "dt", "header", "footer", "main", "nav", "aside", "figure", "figcaption"}  # fmt: skip
-    _SKIP = {"script", "style", "head", "noscript", "template", "svg"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skip_depth = 0
-        self.pre_depth = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self.skip_depth += 1
-        elif len(tag) == 2 and tag[0] == "h" and tag[1] in "123456":
-            self.parts.append("\n\n" + "#" * int(tag[1]) + " ")
-        elif tag in self._BLOCK:
-            self.parts.append("\n\n" if tag != "br" else "\n")
-            if tag == "pre":
-                self.pre_depth += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self.skip_depth = max(0, self.skip_depth - 1)
-        elif (len(tag) == 2 and tag[0] == "h" and tag[1] in "123456") or tag in self._BLOCK:
-            self.parts.append("\n\n")
-            if tag == "pre":
-                self.pre_depth = max(0, self.pre_depth - 1)
-
-    def handle_data(self, data: str) -> None:
-        if self.skip_depth:
-            return
-        if self.pre_depth:
-            self.parts.append(data)
-        else:
-            self.parts.append(" ".join(data.split()) + (" " if data[-1:].isspace() else ""))
-
-
-def html_to_text(html: str) -> str:
-    """Return the readable text of an HTML page, headings kept as ``#`` lines."""
-    parser = _HTMLText()
-    parser.feed(html)
-    parser.close()
-    lines = [line.strip() if not line.startswith("    ") else line.rstrip() for line in "".join(parser.parts).split("\n")]
-    out: list[str] = []
-    for line in lines:
-        if line or (out and out[-1]):
-            out.append(line)
-    return "\n".join(out).strip("\n")
 
 
 def scan_records(records: Iterable[tuple[str, str, dict[str, Any]]], source: str) -> SourceScan:

@@ -21,6 +21,7 @@ Guarantees, step by step:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ import pyarrow as pa
 from pipeline.config import IndexConfig
 from pipeline.embedding import Embedder
 from pipeline.errors import ConfigError
+from pipeline.formats import Layout
 from pipeline.runner import (
     RunOptions,
     RunState,
@@ -111,7 +113,8 @@ def plan(
             if state.changed:
                 wanted = set(state.to_chunk)
                 docs = [d for d in scan.documents if d.doc_id in wanted]
-                table = pa.table({"doc_id": [d.doc_id for d in docs], "text": [d.text for d in docs]})
+                table = pa.table({"doc_id": [d.doc_id for d in docs], "text": [d.text for d in docs],
+                                  "layout": [json.dumps(d.layout.to_json()) if d.layout else None for d in docs]})
                 uri = store.write_run_table(config.index, state.summary.run_id, "documents.parquet", table)
             else:
                 state.summary.status = "succeeded"
@@ -139,7 +142,8 @@ def stage(
             planned = {d.doc_id: d for d in state.documents()}
             docs = []
             for row in table:
-                doc = replace(planned[row["doc_id"]], text=row["text"])
+                doc = replace(planned[row["doc_id"]], text=row["text"],
+                              layout=Layout.from_json(json.loads(row.get("layout") or "null")))
                 if content_hash(doc.text) != doc.content_hash:
                     raise ConfigError(
                         f"document {doc.doc_id!r}: the run's workspace text does not match its planned hash")

@@ -131,12 +131,12 @@ WHERE index_name = %(index)s AND doc_id = ANY(%(doc_ids)s::text[]) AND status = 
 CREATE TEMP TABLE stage_chunks (
     doc_id text, chunk_id text, chunk_hash text, ordinal integer, heading_path text[],
     char_start integer, char_end integer, token_count integer, text text, valid_from timestamptz,
-    context text
+    context text, page_start integer, page_end integer, page_label_start text, page_label_end text
 ) ON COMMIT DROP;
 
 -- name: copy_stage_chunks_versioned
 COPY stage_chunks (doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text,
-                   valid_from, context)
+                   valid_from, context, page_start, page_end, page_label_start, page_label_end)
 FROM STDIN;
 
 -- name: count_active_chunks
@@ -147,7 +147,7 @@ SELECT chunk_id FROM chunks WHERE index_name = %(index)s AND status = 'active';
 
 -- name: active_chunks
 SELECT chunk_key, doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count,
-       text, version
+       text, version, page_start, page_end, page_label_start, page_label_end
 FROM chunks
 WHERE index_name = %(index)s AND status = 'active'
 ORDER BY doc_id, ordinal;
@@ -197,9 +197,11 @@ WHERE version = %(version)s;
 
 -- name: stage_new_chunks
 INSERT INTO chunks (index_name, doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end,
-                    token_count, text, version, status, run_id, added_seq, valid_from, context)
+                    token_count, text, version, status, run_id, added_seq, valid_from, context,
+                    page_start, page_end, page_label_start, page_label_end)
 SELECT %(index)s, s.doc_id, s.chunk_id, s.chunk_hash, s.ordinal, s.heading_path, s.char_start, s.char_end,
-       s.token_count, s.text, %(version)s, 'pending', %(run_id)s, %(seq)s, s.valid_from, s.context
+       s.token_count, s.text, %(version)s, 'pending', %(run_id)s, %(seq)s, s.valid_from, s.context,
+       s.page_start, s.page_end, s.page_label_start, s.page_label_end
 FROM stage_chunks s
 WHERE NOT EXISTS (
     SELECT 1 FROM chunks c WHERE c.index_name = %(index)s AND c.status = 'active' AND c.chunk_id = s.chunk_id
@@ -230,7 +232,7 @@ WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL O
 
 -- name: member_rows
 SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text,
-       context
+       context, page_start, page_end, page_label_start, page_label_end
 FROM chunks
 WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
   AND status <> 'discarded' AND (%(all_docs)s OR doc_id = ANY(%(doc_ids)s::text[]))

@@ -99,9 +99,11 @@ class VersionStore:
             cur.execute(q("create_stage_chunks_versioned"))
             with cur.copy(q("copy_stage_chunks_versioned")) as copy:
                 for c in chunks:
+                    pages = (c.pages.start, c.pages.end, c.pages.label_start, c.pages.label_end) if c.pages else (
+                        None, None, None, None)
                     copy.write_row(
                         (c.doc_id, c.chunk_id, c.chunk_hash, c.ordinal, list(c.heading_path), c.char_start,
-                         c.char_end, c.token_count, c.text, valid_from.get(c.doc_id), c.context)
+                         c.char_end, c.token_count, c.text, valid_from.get(c.doc_id), c.context, *pages)
                     )
             cur.execute(q("stage_new_chunks"), params)
             added = cur.rowcount

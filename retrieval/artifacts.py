@@ -44,8 +44,15 @@ CHUNK_SCHEMA = pa.schema(
         ("metadata", pa.string()),  # JSON object
         ("valid_from", pa.timestamp("us", tz="UTC")),
         ("context", pa.string()),  # the line the chunk was indexed with ("" when none), see indexed_text
+        # pages of documents that have them (PDF); versions written before read them as None
+        ("page_start", pa.int32()),
+        ("page_end", pa.int32()),
+        ("page_label_start", pa.string()),
+        ("page_label_end", pa.string()),
     ]
 )
+
+PAGE_COLUMNS = ("page_start", "page_end", "page_label_start", "page_label_end")
 
 
 def indexed_text(context: str | None, text: str) -> str:

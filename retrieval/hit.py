@@ -37,6 +37,11 @@ class Hit:
     fused: StageScore
     rerank: StageScore
     metadata: dict[str, Any]
+    # 1-based physical pages the chunk spans, and the labels the file prints on them (PDF; else None)
+    page_start: int | None = None
+    page_end: int | None = None
+    page_label_start: str | None = None
+    page_label_end: str | None = None
 
     @property
     def score(self) -> float:

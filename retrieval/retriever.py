@@ -30,7 +30,7 @@ from retrieval import telemetry
 from retrieval.errors import AliasNotFound, ModelError, ModelMismatch
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
 from retrieval.hit import Hit, StageScore
-from retrieval.artifacts import store_root
+from retrieval.artifacts import PAGE_COLUMNS, store_root
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
 from retrieval.rerank import Reranker, make_reranker
 
@@ -545,6 +545,7 @@ class Retriever:
             chunk_hash=c["chunk_hash"][row], index_version=version.info.version, alias=self.alias,
             version_updated_at=version.info.updated_at, model_id=version.info.model_id,
             bm25=bm25, vector=vector, fused=fused, rerank=rerank, metadata=version.metadata(row),
+            **{name: c[name][row] for name in PAGE_COLUMNS},
         )
 
 

@@ -57,6 +57,10 @@ CREATE TABLE public.chunks (
     retired_seq bigint,
     valid_from timestamp with time zone,
     context text DEFAULT ''::text NOT NULL,
+    page_start integer,
+    page_end integer,
+    page_label_start text,
+    page_label_end text,
     CONSTRAINT chunks_check CHECK (((char_start >= 0) AND (char_end > char_start))),
     CONSTRAINT chunks_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'active'::text, 'superseded'::text, 'deleted'::text, 'discarded'::text])))
 );

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.chunking import chunk_document, split_sections
+from pipeline.chunking import chunk_document, document_sections, split_sections
 from pipeline.embedding import SentenceTransformerEmbedder
 from pipeline.sources import make_document
 
@@ -196,9 +196,9 @@ def test_oversized_sentence_and_word_are_split(model_counter):
 def test_html_is_reduced_to_text_with_headings():
     d = make_document("page.html", "<html><head><style>x{}</style></head><body><h1>Title</h1><p>Hello <b>world</b>.</p>"
                       "<h2>Sub</h2><p>More.</p><script>evil()</script></body></html>", "uri")
-    assert d.format == "markdown"
-    assert d.text == "# Title\n\nHello world.\n\n## Sub\n\nMore."
-    assert [s.heading_path for s in split_sections(d.text, d.format)] == [("Title",), ("Title", "Sub")]
+    assert d.format == "html"
+    assert d.text == "Title\n\nHello world.\n\nSub\n\nMore."
+    assert [s.heading_path for s in document_sections(d)] == [("Title",), ("Title", "Sub")]
 
 
 # -- properties --------------------------------------------------------------------------------
