@@ -8,15 +8,19 @@ never sees a partial version.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -46,14 +50,90 @@ CHUNK_SCHEMA = pa.schema(
 )
 
 
-
-
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# -- writing files: a full disk must fail as an OSError naming the file, never as a signal ---------
+
+DISK_FULL_SLACK = 1 << 20  # an incomplete write with less than this free is taken for a full disk
+
+
+@contextmanager
+def writing_file(path: Path) -> Iterator[Path]:
+    """Give an OSError raised while writing ``path`` the file's name (pyarrow's errors carry none)."""
+    try:
+        yield path
+    except OSError as exc:
+        if exc.filename or exc.errno is None:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+
+
+def allocate_matrix(path: Path, shape: tuple[int, int], dtype: Any = np.float32) -> np.memmap:
+    """A new ``.npy`` file of ``shape``, mapped for writing, every block allocated before mapping.
+
+    A write into a memory-mapped page the filesystem cannot back kills the process with SIGBUS
+    (``np.lib.format.open_memmap`` maps a sparse file); allocating first makes a full disk fail
+    here, as an OSError (ENOSPC) naming the file.
+    """
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    with writing_file(path), open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        offset = fh.tell()
+        fh.flush()
+        os.posix_fallocate(fh.fileno(), 0, offset + shape[0] * shape[1] * dtype.itemsize)
+    return np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=shape)
+
+
+# hnswlib's saveIndex header (hnswalg.h): offsetLevel0, max_elements, cur_element_count,
+# size_data_per_element, label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0, M, mult,
+# ef_construction; then the level-0 records, then each element's upper-level link list behind its
+# 4-byte length.
+_HNSW_HEADER = struct.Struct("<6QiI3QdQ")
+
+
+def hnsw_file_problem(path: Path) -> str | None:
+    """Why the hnswlib index file at ``path`` is incomplete or malformed, or None when its header
+    and link-list lengths account for its size exactly (the check hnswlib's loadIndex makes)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(_HNSW_HEADER.size)
+        if len(head) < _HNSW_HEADER.size:
+            return f"{size} bytes, shorter than the index header"
+        fields = _HNSW_HEADER.unpack(head)
+        count, record = fields[2], fields[3]
+        level0_end = _HNSW_HEADER.size + count * record
+        if level0_end + 4 * count > size:
+            return f"{size} bytes, too short for {count} elements of {record} bytes"
+        fh.seek(level0_end)
+        tail = fh.read()
+    if len(tail) % 4:
+        return f"{size} bytes: the link lists end inside a 4-byte word"
+    words = np.frombuffer(tail, dtype="<u4").tolist()  # link-list lengths are multiples of 4 bytes
+    at = 0
+    for _ in range(count):
+        if at >= len(words):
+            return f"{size} bytes: the link lists of {count} elements do not fit"
+        at += 1 + words[at] // 4
+    if at != len(words):
+        return f"{size} bytes: {4 * (len(words) - at)} bytes follow the last link list"
+    return None
+
+
+def check_hnsw_written(path: Path) -> None:
+    """Raise OSError naming ``path`` when hnswlib's ``save_index`` left it incomplete.
+
+    hnswlib writes through a C++ stream and ignores write errors, so a full disk leaves a truncated
+    file without an error; ENOSPC when the filesystem is (nearly) full, else EIO.
+    """
+    problem = hnsw_file_problem(path)
+    if problem is None:
+        return
+    code = errno.ENOSPC if shutil.disk_usage(path.parent).free < DISK_FULL_SLACK else errno.EIO
+    raise OSError(code, f"{os.strerror(code)} (the HNSW index was written incompletely: {problem})", str(path))
 
 
 class ArtifactStore:
@@ -192,6 +272,7 @@ class ArtifactStore:
 
 
 RUNS_DIR = "_runs"
+
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
