@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import struct
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -166,7 +166,7 @@ class ArtifactStore:
         if self._local_root is not None:
             parent = self._local_root / index
             parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
+            tmp = _new_directory(parent, version)
             try:
                 yield tmp
                 tmp.rename(parent / version)
@@ -174,7 +174,7 @@ class ArtifactStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.cache_dir))
+        tmp = _new_directory(self.cache_dir, version)
         try:
             yield tmp
             self._upload(tmp, index, version)
@@ -273,6 +273,13 @@ class ArtifactStore:
 
 RUNS_DIR = "_runs"
 
+
+def _new_directory(parent: Path, version: str) -> Path:
+    """A fresh hidden directory for a version being written, with the mode the umask gives
+    (``tempfile.mkdtemp`` makes 0700, which readers running as another user cannot open)."""
+    path = parent / f".{version}.{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    return path
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
