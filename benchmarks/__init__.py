@@ -9,6 +9,7 @@ from pathlib import Path
 BENCHMARKS = {
     "noop": "benchmarks.noop", "publish": "benchmarks.publish", "query": "benchmarks.query",
     "embed": "benchmarks.embed", "scale": "benchmarks.scale", "replay": "benchmarks.replay",
+    "checksums": "benchmarks.checksums",
 }
 
 

@@ -15,7 +15,8 @@ import os
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from retrieval.errors import VersionCorrupt
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -53,6 +56,63 @@ CHUNK_SCHEMA = pa.schema(
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# -- reading a version: what its manifest promises, checked ------------------------------------------
+
+_MANIFEST_SECTIONS = {"model": dict, "metric": str, "bm25": dict, "counts": dict, "files": dict}
+
+
+def read_manifest(directory: Path, version: str) -> dict[str, Any]:
+    """The version's manifest, parsed and with the sections readers rely on.
+
+    Raises:
+        VersionCorrupt: the manifest is missing, not JSON, not an object or lacks a section.
+    """
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise VersionCorrupt(f"version {version}: {MANIFEST} is missing from {directory}") from exc
+    except (ValueError, OSError) as exc:  # not UTF-8, not JSON, unreadable
+        raise VersionCorrupt(f"version {version}: {path} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise VersionCorrupt(f"version {version}: {path} holds a JSON {type(manifest).__name__}, not an object")
+    missing = [key for key, kind in _MANIFEST_SECTIONS.items() if not isinstance(manifest.get(key), kind)]
+    if missing:
+        raise VersionCorrupt(f"version {version}: {path} lacks {', '.join(missing)}")
+    return manifest
+
+
+def file_problems(directory: Path, files: Mapping[str, Mapping[str, Any]], *, checksums: bool = True) -> list[str]:
+    """What is wrong with the files a manifest lists: missing, another size, or (``checksums``)
+    another SHA-256. Files are hashed in parallel threads (hashlib releases the GIL).
+
+    Returns:
+        One line per damaged file, naming it; empty when every file is as the manifest says.
+    """
+    problems: dict[str, str] = {}
+    intact = []
+    for name, info in files.items():
+        try:
+            size = (directory / name).stat().st_size
+        except FileNotFoundError:
+            problems[name] = f"file {name} is missing"
+            continue
+        if size != info.get("bytes"):
+            problems[name] = f"file {name} has {size} bytes, its manifest says {info.get('bytes')} (truncated or rewritten)"
+        else:
+            intact.append(name)
+    if checksums and intact:
+        with ThreadPoolExecutor(max_workers=min(len(intact), os.cpu_count() or 1)) as pool:
+            digests = {name: pool.submit(sha256_file, directory / name) for name in intact}
+        for name, digest in digests.items():
+            try:
+                if digest.result() != files[name].get("sha256"):
+                    problems[name] = f"file {name} does not match its manifest checksum"
+            except OSError as exc:
+                problems[name] = f"file {name} cannot be read: {exc}"
+    return [problems[name] for name in sorted(problems)]
 
 
 # -- writing files: a full disk must fail as an OSError naming the file, never as a signal ---------
