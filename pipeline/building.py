@@ -81,7 +81,7 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
     """Write the version's files into ``out``; return its manifest (also written) and the HNSW index.
 
     Raises:
-        OSError: a file could not be written (ENOSPC for a full disk), naming the file.
+        WriteFailed: a file could not be written (ENOSPC for a full disk), naming the file.
     """
     analyzer = analyzer or Analyzer()
     chunks, parent_mask, parent_keys = _chunk_table(plan)

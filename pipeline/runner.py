@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import faults
-from retrieval.artifacts import ArtifactStore
+from retrieval.artifacts import ArtifactStore, WriteFailed
 from pipeline.building import BuildPlan, HnswParams, build_version
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
@@ -477,7 +477,7 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
         try:
             with store.writing(config.index, summary.version) as out:
                 manifest, state.built_index = build_version(out, build_plan)
-        except OSError as exc:
+        except WriteFailed as exc:  # a failed read (of the parent's files, say) stays what it is
             raise ArtifactWriteError(_write_failure(exc, summary.version, store.uri)) from exc
         uri = store.version_uri(config.index, summary.version)
         registry.mark_version_built(summary.version, uri, manifest)

@@ -120,15 +120,21 @@ def file_problems(directory: Path, files: Mapping[str, Mapping[str, Any]], *, ch
 DISK_FULL_SLACK = 1 << 20  # an incomplete write with less than this free is taken for a full disk
 
 
+class WriteFailed(OSError):
+    """An OSError met while writing one of a version's files; ``filename`` names the file."""
+
+
 @contextmanager
-def writing_file(path: Path) -> Iterator[Path]:
-    """Give an OSError raised while writing ``path`` the file's name (pyarrow's errors carry none)."""
+def writing_file(path: Path | str) -> Iterator[Path | str]:
+    """Raise any OSError met while writing ``path`` as :class:`WriteFailed` naming the file (pyarrow's
+    errors carry no name), so that callers tell a failed write from a failed read."""
     try:
         yield path
+    except WriteFailed:
+        raise
     except OSError as exc:
-        if exc.filename or exc.errno is None:
-            raise
-        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise WriteFailed(exc.errno or errno.EIO, reason, str(path)) from exc
 
 
 def allocate_matrix(path: Path, shape: tuple[int, int], dtype: Any = np.float32) -> np.memmap:
@@ -136,7 +142,7 @@ def allocate_matrix(path: Path, shape: tuple[int, int], dtype: Any = np.float32)
 
     A write into a memory-mapped page the filesystem cannot back kills the process with SIGBUS
     (``np.lib.format.open_memmap`` maps a sparse file); allocating first makes a full disk fail
-    here, as an OSError (ENOSPC) naming the file.
+    here, as :class:`WriteFailed` (ENOSPC) naming the file.
     """
     dtype = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
@@ -184,7 +190,7 @@ def hnsw_file_problem(path: Path) -> str | None:
 
 
 def check_hnsw_written(path: Path) -> None:
-    """Raise OSError naming ``path`` when hnswlib's ``save_index`` left it incomplete.
+    """Raise :class:`WriteFailed` naming ``path`` when hnswlib's ``save_index`` left it incomplete.
 
     hnswlib writes through a C++ stream and ignores write errors, so a full disk leaves a truncated
     file without an error; ENOSPC when the filesystem is (nearly) full, else EIO.
@@ -193,7 +199,7 @@ def check_hnsw_written(path: Path) -> None:
     if problem is None:
         return
     code = errno.ENOSPC if shutil.disk_usage(path.parent).free < DISK_FULL_SLACK else errno.EIO
-    raise OSError(code, f"{os.strerror(code)} (the HNSW index was written incompletely: {problem})", str(path))
+    raise WriteFailed(code, f"{os.strerror(code)} (the HNSW index was written incompletely: {problem})", str(path))
 
 
 class ArtifactStore:
@@ -229,7 +235,8 @@ class ArtifactStore:
             tmp = _new_directory(parent, version)
             try:
                 yield tmp
-                tmp.rename(parent / version)
+                with writing_file(parent / version):
+                    tmp.rename(parent / version)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return
@@ -249,7 +256,8 @@ class ArtifactStore:
         # the manifest goes last: a version without one is incomplete and never read
         names = sorted(p.name for p in local.iterdir() if p.name != MANIFEST) + [MANIFEST]
         for name in names:
-            fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=filesystem)
+            with writing_file(f"{self.version_uri(index, version)}/{name}"):
+                fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=filesystem)
 
     def local_path(self, index: str, version: str) -> Path:
         """A local directory holding the version's files (downloaded first when remote)."""

@@ -108,7 +108,7 @@ def test_running_out_of_space_in_each_file_raises_enospc(tmp_path, tmpfs, target
     assert exit_code != -signal.SIGBUS, f"SIGBUS while writing {target}"
     assert exit_code == 0 and outcome is not None, exit_code
     assert outcome["error"] is not None, f"the build wrote {target} onto a full disk without an error"
-    assert outcome["errno"] == errno.ENOSPC, outcome
+    assert outcome["error"] == "WriteFailed" and outcome["errno"] == errno.ENOSPC, outcome
     assert outcome["filename"] == str(out / target), outcome  # the error names the file it could not write
 
 
