@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +81,8 @@ def read_manifest(directory: Path, version: str) -> dict[str, Any]:
     missing = [key for key, kind in _MANIFEST_SECTIONS.items() if not isinstance(manifest.get(key), kind)]
     if missing:
         raise VersionCorrupt(f"version {version}: {path} lacks {', '.join(missing)}")
+    if not all(isinstance(f, dict) and "bytes" in f and "sha256" in f for f in manifest["files"].values()):
+        raise VersionCorrupt(f"version {version}: {path} lists files without their size and checksum")
     return manifest
 
 
@@ -124,8 +126,11 @@ class WriteFailed(OSError):
     """An OSError met while writing one of a version's files; ``filename`` names the file."""
 
 
+_Target = TypeVar("_Target", Path, str)
+
+
 @contextmanager
-def writing_file(path: Path | str) -> Iterator[Path | str]:
+def writing_file(path: _Target) -> Iterator[_Target]:
     """Raise any OSError met while writing ``path`` as :class:`WriteFailed` naming the file (pyarrow's
     errors carry no name), so that callers tell a failed write from a failed read."""
     try:

@@ -116,6 +116,8 @@ class LoadedVersion:
             try:
                 for reading, read in self._readers():
                     read(directory)
+            except (MemoryError, PermissionError):  # the machine's or the operator's trouble, not the files'
+                raise
             except Exception as exc:  # a damaged file shows as any error of the reader that meets it
                 if hashed is not None:
                     self._refuse(directory, hashed.result())  # the checksum names the cause
