@@ -102,7 +102,8 @@ def file_problems(directory: Path, files: Mapping[str, Mapping[str, Any]], *, ch
             problems[name] = f"file {name} is missing"
             continue
         if size != info.get("bytes"):
-            problems[name] = f"file {name} has {size} bytes, its manifest says {info.get('bytes')} (truncated or rewritten)"
+            problems[name] = (f"file {name} does not match its manifest checksum: it has {size} bytes, the "
+                              f"manifest says {info.get('bytes')} (truncated or rewritten)")
         else:
             intact.append(name)
     if checksums and intact:
