@@ -31,7 +31,10 @@ from retrieval.artifacts import (
     METRIC,
     VECTORS_FILE,
     indexed_text,
+    allocate_matrix,
+    check_hnsw_written,
     sha256_file,
+    writing_file,
 )
 from retrieval.bm25 import B, K1, Analyzer, BM25Tables
 from retrieval.onnx import EncoderRef
@@ -80,10 +83,15 @@ class BuildPlan:
 
 
 def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) -> tuple[dict[str, Any], Any]:
-    """Write the version's files into ``out``; return its manifest (also written) and the HNSW index."""
+    """Write the version's files into ``out``; return its manifest (also written) and the HNSW index.
+
+    Raises:
+        WriteFailed: a file could not be written (ENOSPC for a full disk), naming the file.
+    """
     analyzer = analyzer or Analyzer()
     chunks, parent_mask, parent_keys = _chunk_table(plan)
-    pq.write_table(chunks, out / CHUNKS_FILE, compression="snappy")
+    with writing_file(out / CHUNKS_FILE) as path:
+        pq.write_table(chunks, path, compression="snappy")
 
     by_key = {int(r["chunk_key"]): r for r in plan.rows}
     _write_matrix(out / MATRIX_FILE, plan, chunks, parent_mask, parent_keys, by_key)
@@ -124,7 +132,8 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
         "counts": {"chunks": chunks.num_rows, "documents": len(set(chunks.column("doc_id").to_pylist()))},
         "files": files,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    with writing_file(out / MANIFEST) as path:
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest, index
 
 
@@ -170,7 +179,7 @@ def _write_matrix(path: Path, plan: BuildPlan, chunks: pa.Table, parent_mask: np
     """Full-precision vectors aligned with the chunk table: the parent's kept rows copied in one pass,
     then the rewritten rows (from the cache when new, from the parent when kept)."""
     fresh_keys = [int(r["chunk_key"]) for r in plan.rows]
-    matrix = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(chunks.num_rows, plan.dim))
+    matrix = allocate_matrix(path, (chunks.num_rows, plan.dim))
     start = 0
     parent_of: dict[int, int] = {}
     if parent_mask is not None:
@@ -215,6 +224,7 @@ def _write_hnsw(path: Path, plan: BuildPlan, keys: Sequence[int], by_key: dict[i
         index.add_items(_vector_matrix(keys, by_key, plan), np.asarray(keys, dtype=np.int64),
                         replace_deleted=not plan.full)
     index.save_index(str(path))
+    check_hnsw_written(path)
     stored = index.get_current_count()
     info = {"max_elements": int(index.get_max_elements()), "stored": int(stored), "tombstones": int(stored - live)}
     return info, index

@@ -27,3 +27,12 @@ class EmbeddingError(PipelineError):
 
 class VersionRejected(PipelineError):
     """A built version failed validation; it is recorded as rejected and the alias did not move."""
+
+
+class ArtifactWriteError(PipelineError):
+    """A version's files could not be written (a full disk, an I/O error); nothing was published.
+
+    Transient: the run's embeddings are cached, so a rerun once the cause is fixed redoes no
+    embedding."""
+
+    transient = True

@@ -15,6 +15,7 @@ is finished by the next run without embedding anything twice.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -26,14 +27,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import faults
-from retrieval.artifacts import MANIFEST_FORMAT, ArtifactStore
+from retrieval.artifacts import MANIFEST_FORMAT, ArtifactStore, WriteFailed
 from retrieval.onnx import EncoderRef
 from pipeline.building import BuildPlan, HnswParams, build_version
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
 from pipeline.diff import ChangeSet, document_chunker, plan_changes
 from pipeline.embedding import Embedder, embed_in_batches
-from pipeline.errors import EmbeddingError, UnsafeDeletion, VersionRejected
+from pipeline.errors import ArtifactWriteError, EmbeddingError, UnsafeDeletion, VersionRejected
 from pipeline.formats.isolation import ExtractLimits
 from pipeline.sources import SourceDocument, SourceScan, scan_source
 from pipeline.validation import Thresholds, validate_version
@@ -220,7 +221,13 @@ def run_index(
                 by_id = {d.doc_id: d for d in scan.documents}
                 stage_run(registry, embedder, config, state, [by_id[d] for d in state.to_chunk])
                 embed_run(registry, embedder, config, state, progress)
-                build_run(registry, embedder, config, state)
+                try:
+                    build_run(registry, embedder, config, state)
+                except ArtifactWriteError as exc:  # this run ends here: its version goes, its embeddings stay
+                    assert state.summary.version is not None and state.seq is not None
+                    artifact_store(config, registry.home).remove(config.index, state.summary.version)
+                    registry.abandon_version(config.index, state.summary.version, state.seq, str(exc))
+                    raise
                 validate_run(registry, embedder, config, state)
                 publish_run(registry, config, state)
                 gc_run(registry, config, state)
@@ -474,8 +481,11 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
             encoder=query_encoder(store, embedder, registry.home / "cache"),
         )
         store.remove(config.index, summary.version)  # what an earlier attempt of this step left
-        with store.writing(config.index, summary.version) as out:
-            manifest, state.built_index = build_version(out, build_plan)
+        try:
+            with store.writing(config.index, summary.version) as out:
+                manifest, state.built_index = build_version(out, build_plan)
+        except WriteFailed as exc:  # a failed read (of the parent's files, say) stays what it is
+            raise ArtifactWriteError(_write_failure(exc, summary.version, store.uri)) from exc
         uri = store.version_uri(config.index, summary.version)
         registry.mark_version_built(summary.version, uri, manifest)
     state.step = "built"
@@ -503,6 +513,14 @@ def _stored_encoder(store: ArtifactStore, version: str, index: str, model_id: st
         return OnnxEncoder.from_store(store.uri, EncoderRef.from_dict(encoder), model_id, home / "cache").embed
 
     return load
+
+
+def _write_failure(exc: OSError, version: str, root: str) -> str:
+    """What an operator reads when a version's files could not be written."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (f"{'disk full' if full else 'write failed'}: cannot write {exc.filename or root} for version {version} "
+            f"({exc.strerror or exc}); alias unchanged; {'free space under ' + root if full else 'fix it'} and "
+            f"rerun (the embeddings made so far are cached)")
 
 
 def validate_run(registry: Registry, embedder: Embedder, config: IndexConfig, state: RunState) -> dict[str, Any]:

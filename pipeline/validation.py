@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from retrieval.artifacts import MANIFEST, sha256_file
-from retrieval.artifacts import CHUNKS_FILE, MATRIX_FILE, VECTORS_FILE
+from retrieval.artifacts import CHUNKS_FILE, MANIFEST, MATRIX_FILE, VECTORS_FILE, file_problems
 from retrieval.bm25 import POSTINGS_FILE
 
 RECALL_SAMPLE = 200
@@ -47,18 +46,6 @@ class Thresholds:
     golden_max_drop: float = 0.05
 
 
-def check_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Every file the manifest lists exists with its checksum."""
-    problems = []
-    for name, info in sorted(manifest.get("files", {}).items()):
-        path = directory / name
-        if not path.is_file():
-            problems.append(f"file {name} is missing")
-        elif path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
-            problems.append(f"file {name} does not match its manifest checksum")
-    return problems
-
-
 def load_hnsw(directory: Path, manifest: dict[str, Any]):  # type: ignore[no-untyped-def]
     import hnswlib
 
@@ -79,12 +66,10 @@ def check_structure(
 ) -> tuple[list[str], Any, np.ndarray]:
     """Structural invariants; returns (problems, the loaded HNSW index, the chunk keys).
 
-    ``checksums=False`` only checks that the files exist (right after a build that computed them).
+    Every file the manifest lists must exist with its size and SHA-256; ``checksums=False`` checks
+    sizes only (right after a build that computed the checksums). Damaged files end the checks.
     """
-    if checksums:
-        problems = check_files(directory, manifest)
-    else:
-        problems = [f"file {name} is missing" for name in manifest.get("files", {}) if not (directory / name).is_file()]
+    problems = file_problems(directory, manifest.get("files", {}), checksums=checksums)
     if problems:
         return problems, None, np.zeros(0, dtype=np.int64)
     chunks = pq.read_table(directory / CHUNKS_FILE, columns=["chunk_key", "doc_id"])

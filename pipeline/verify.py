@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from retrieval.artifacts import ArtifactStore
+import pyarrow.parquet as pq
+
 from pipeline.validation import check_structure
 from registry import Registry
+from retrieval.artifacts import CHUNKS_FILE, ArtifactStore, read_manifest
+from retrieval.errors import VersionCorrupt
 
 
 @dataclass
@@ -33,7 +36,11 @@ class VerifyReport:
 
 
 def verify_index(registry: Registry, store: ArtifactStore, index: str, alias: str) -> VerifyReport:
-    """Check every retained version of ``index`` and the alias that serves it."""
+    """Check every retained version of ``index`` and the alias that serves it.
+
+    Every problem of every version is reported: a damaged version (missing, truncated, rewritten or
+    unparsable files) is a finding like any other, and checking goes on with the next one.
+    """
     report = VerifyReport(index)
     versions = registry.list_versions(index)
     aliases = {a["alias"]: a for a in registry.list_aliases()}
@@ -54,22 +61,33 @@ def verify_index(registry: Registry, store: ArtifactStore, index: str, alias: st
         if not store.exists(index, name):
             report.violations.append(f"{name}: manifest missing from {store.version_uri(index, name)}")
             continue
-        directory = store.local_path(index, name)
-        manifest = json.loads((directory / "manifest.json").read_text())
-        problems, _, _ = check_structure(
-            directory, manifest, registry.member_keys(index, int(v["version_seq"])), model_id=v["model_id"]
-        )
+        keys = registry.member_keys(index, int(v["version_seq"]))
+        is_head = head is not None and name == head.version
+        try:
+            problems = _version_problems(store.local_path(index, name), name, keys, v["model_id"],
+                                         active if is_head else None)
+        except Exception as exc:  # whatever a damaged file makes a reader raise is a finding, not a crash
+            problems = [f"cannot check its files: {type(exc).__name__}: {exc}"]
         report.violations.extend(f"{name}: {p}" for p in problems)
-        if head is not None and name == head.version:
-            import pyarrow.parquet as pq
-
-            ids = set(pq.read_table(directory / "chunks.parquet", columns=["chunk_id"]).column("chunk_id").to_pylist())
-            if ids != active:
-                report.violations.append(
-                    f"{name}: head version's chunks differ from the registry's active rows "
-                    f"({len(ids - active)} only in the version, {len(active - ids)} only active)"
-                )
     deleted_with_chunks = registry.active_chunks_of_deleted_documents(index)
     if deleted_with_chunks:
         report.violations.append(f"registry: {deleted_with_chunks} active chunks belong to deleted documents")
     return report
+
+
+def _version_problems(directory: Path, version: str, keys: set[int], model_id: str,
+                      active: set[str] | None) -> list[str]:
+    """The problems of one version's files; ``active``: the registry's active chunk ids, for the head."""
+    try:
+        manifest = read_manifest(directory, version)
+    except VersionCorrupt as exc:
+        return [str(exc).removeprefix(f"version {version}: ")]
+    problems, _, _ = check_structure(directory, manifest, keys, model_id=model_id)
+    if active is not None and not problems:  # the files are whole: the head's chunks must be the active ones
+        ids = set(pq.read_table(directory / CHUNKS_FILE, columns=["chunk_id"]).column("chunk_id").to_pylist())
+        if ids != active:
+            problems.append(
+                f"head version's chunks differ from the registry's active rows "
+                f"({len(ids - active)} only in the version, {len(active - ids)} only active)"
+            )
+    return problems

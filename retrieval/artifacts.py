@@ -8,17 +8,24 @@ never sees a partial version.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
-import tempfile
-from collections.abc import Iterator
+import struct
+import uuid
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from retrieval.errors import VersionCorrupt
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 2  # 2: the chunk table has a context column (format 1 versions read it as null: no context)
@@ -55,6 +62,11 @@ CHUNK_SCHEMA = pa.schema(
 PAGE_COLUMNS = ("page_start", "page_end", "page_label_start", "page_label_end")
 
 
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def indexed_text(context: str | None, text: str) -> str:
     """A chunk's text as embedded, BM25-indexed and reranked: prefixed with its context (its
     document's title) unless it begins with it."""
@@ -73,12 +85,154 @@ def download_directory(artifact_uri: str, cache_dir: Path) -> Path:
     return cache_dir / artifact_uri.replace("://", "/").replace(":", "_")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+# -- reading a version: what its manifest promises, checked ------------------------------------------
+
+_MANIFEST_SECTIONS = {"model": dict, "metric": str, "bm25": dict, "counts": dict, "files": dict}
+
+
+def read_manifest(directory: Path, version: str) -> dict[str, Any]:
+    """The version's manifest, parsed and with the sections readers rely on.
+
+    Raises:
+        VersionCorrupt: the manifest is missing, not JSON, not an object or lacks a section.
+    """
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise VersionCorrupt(f"version {version}: {MANIFEST} is missing from {directory}") from exc
+    except (ValueError, OSError) as exc:  # not UTF-8, not JSON, unreadable
+        raise VersionCorrupt(f"version {version}: {path} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise VersionCorrupt(f"version {version}: {path} holds a JSON {type(manifest).__name__}, not an object")
+    missing = [key for key, kind in _MANIFEST_SECTIONS.items() if not isinstance(manifest.get(key), kind)]
+    if missing:
+        raise VersionCorrupt(f"version {version}: {path} lacks {', '.join(missing)}")
+    if not all(isinstance(f, dict) and "bytes" in f and "sha256" in f for f in manifest["files"].values()):
+        raise VersionCorrupt(f"version {version}: {path} lists files without their size and checksum")
+    return manifest
+
+
+def file_problems(directory: Path, files: Mapping[str, Mapping[str, Any]], *, checksums: bool = True) -> list[str]:
+    """What is wrong with the files a manifest lists: missing, another size, or (``checksums``)
+    another SHA-256. Files are hashed in parallel threads (hashlib releases the GIL).
+
+    Returns:
+        One line per damaged file, naming it; empty when every file is as the manifest says.
+    """
+    problems: dict[str, str] = {}
+    intact = []
+    for name, info in files.items():
+        try:
+            size = (directory / name).stat().st_size
+        except FileNotFoundError:
+            problems[name] = f"file {name} is missing"
+            continue
+        if size != info.get("bytes"):
+            problems[name] = (f"file {name} does not match its manifest checksum: it has {size} bytes, the "
+                              f"manifest says {info.get('bytes')} (truncated or rewritten)")
+        else:
+            intact.append(name)
+    if checksums and intact:
+        with ThreadPoolExecutor(max_workers=min(len(intact), os.cpu_count() or 1)) as pool:
+            digests = {name: pool.submit(sha256_file, directory / name) for name in intact}
+        for name, digest in digests.items():
+            try:
+                if digest.result() != files[name].get("sha256"):
+                    problems[name] = f"file {name} does not match its manifest checksum"
+            except OSError as exc:
+                problems[name] = f"file {name} cannot be read: {exc}"
+    return [problems[name] for name in sorted(problems)]
+
+
+# -- writing files: a full disk must fail as an OSError naming the file, never as a signal ---------
+
+DISK_FULL_SLACK = 1 << 20  # an incomplete write with less than this free is taken for a full disk
+
+
+class WriteFailed(OSError):
+    """An OSError met while writing one of a version's files; ``filename`` names the file."""
+
+
+_Target = TypeVar("_Target", Path, str)
+
+
+@contextmanager
+def writing_file(path: _Target) -> Iterator[_Target]:
+    """Raise any OSError met while writing ``path`` as :class:`WriteFailed` naming the file (pyarrow's
+    errors carry no name), so that callers tell a failed write from a failed read."""
+    try:
+        yield path
+    except WriteFailed:
+        raise
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise WriteFailed(exc.errno or errno.EIO, reason, str(path)) from exc
+
+
+def allocate_matrix(path: Path, shape: tuple[int, int], dtype: Any = np.float32) -> np.memmap:
+    """A new ``.npy`` file of ``shape``, mapped for writing, every block allocated before mapping.
+
+    A write into a memory-mapped page the filesystem cannot back kills the process with SIGBUS
+    (``np.lib.format.open_memmap`` maps a sparse file); allocating first makes a full disk fail
+    here, as :class:`WriteFailed` (ENOSPC) naming the file.
+    """
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    with writing_file(path), open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        offset = fh.tell()
+        fh.flush()
+        os.posix_fallocate(fh.fileno(), 0, offset + shape[0] * shape[1] * dtype.itemsize)
+    return np.memmap(path, dtype=dtype, mode="r+", offset=offset, shape=shape)
+
+
+# hnswlib's saveIndex header (hnswalg.h): offsetLevel0, max_elements, cur_element_count,
+# size_data_per_element, label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0, M, mult,
+# ef_construction; then the level-0 records, then each element's upper-level link list behind its
+# 4-byte length.
+_HNSW_HEADER = struct.Struct("<6QiI3QdQ")
+
+
+def hnsw_file_problem(path: Path) -> str | None:
+    """Why the hnswlib index file at ``path`` is incomplete or malformed, or None when its header
+    and link-list lengths account for its size exactly (the check hnswlib's loadIndex makes)."""
+    size = path.stat().st_size
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        head = fh.read(_HNSW_HEADER.size)
+        if len(head) < _HNSW_HEADER.size:
+            return f"{size} bytes, shorter than the index header"
+        fields = _HNSW_HEADER.unpack(head)
+        count, record = fields[2], fields[3]
+        level0_end = _HNSW_HEADER.size + count * record
+        if level0_end + 4 * count > size:
+            return f"{size} bytes, too short for {count} elements of {record} bytes"
+        fh.seek(level0_end)
+        tail = fh.read()
+    if len(tail) % 4:
+        return f"{size} bytes: the link lists end inside a 4-byte word"
+    words = np.frombuffer(tail, dtype="<u4").tolist()  # link-list lengths are multiples of 4 bytes
+    at = 0
+    for _ in range(count):
+        if at >= len(words):
+            return f"{size} bytes: the link lists of {count} elements do not fit"
+        at += 1 + words[at] // 4
+    if at != len(words):
+        return f"{size} bytes: {4 * (len(words) - at)} bytes follow the last link list"
+    return None
+
+
+def check_hnsw_written(path: Path) -> None:
+    """Raise :class:`WriteFailed` naming ``path`` when hnswlib's ``save_index`` left it incomplete.
+
+    hnswlib writes through a C++ stream and ignores write errors, so a full disk leaves a truncated
+    file without an error; ENOSPC when the filesystem is (nearly) full, else EIO.
+    """
+    problem = hnsw_file_problem(path)
+    if problem is None:
+        return
+    code = errno.ENOSPC if shutil.disk_usage(path.parent).free < DISK_FULL_SLACK else errno.EIO
+    raise WriteFailed(code, f"{os.strerror(code)} (the HNSW index was written incompletely: {problem})", str(path))
 
 
 def store_root(version_uri: str) -> str:
@@ -118,15 +272,16 @@ class ArtifactStore:
         if self._local_root is not None:
             parent = self._local_root / index
             parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=parent))
+            tmp = _new_directory(parent, version)
             try:
                 yield tmp
-                tmp.rename(parent / version)
+                with writing_file(parent / version):
+                    tmp.rename(parent / version)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.cache_dir))
+        tmp = _new_directory(self.cache_dir, version)
         try:
             yield tmp
             self._upload(tmp, index, version)
@@ -141,7 +296,8 @@ class ArtifactStore:
         # the manifest goes last: a version without one is incomplete and never read
         names = sorted(p.name for p in local.iterdir() if p.name != MANIFEST) + [MANIFEST]
         for name in names:
-            fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=filesystem)
+            with writing_file(f"{self.version_uri(index, version)}/{name}"):
+                fs.copy_files(str(local / name), f"{base}/{name}", destination_filesystem=filesystem)
 
     def local_path(self, index: str, version: str) -> Path:
         """A local directory holding the version's files (downloaded first when remote)."""
@@ -224,6 +380,14 @@ class ArtifactStore:
 
 
 RUNS_DIR = "_runs"
+
+
+def _new_directory(parent: Path, version: str) -> Path:
+    """A fresh hidden directory for a version being written, with the mode the umask gives
+    (``tempfile.mkdtemp`` makes 0700, which readers running as another user cannot open)."""
+    path = parent / f".{version}.{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    return path
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:

@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from retrieval.artifacts import writing_file
+
 ANALYZER_VERSION = "lower-alnum;stop-en-v1;snowball-english"
 K1 = 1.5  # rank-bm25's BM25Okapi defaults
 B = 0.75
@@ -137,9 +139,11 @@ class BM25Tables:
         return BM25Tables(postings, terms, df)
 
     def write(self, directory: Path) -> list[str]:
-        pq.write_table(self.postings, directory / POSTINGS_FILE, compression="snappy")
+        with writing_file(directory / POSTINGS_FILE) as path:
+            pq.write_table(self.postings, path, compression="snappy")
         vocab = pa.table({"term": pa.array(self.terms, pa.string()), "df": pa.array(self.df, pa.int64())})
-        pq.write_table(vocab, directory / VOCAB_FILE, compression="snappy")
+        with writing_file(directory / VOCAB_FILE) as path:
+            pq.write_table(vocab, path, compression="snappy")
         return [POSTINGS_FILE, VOCAB_FILE]
 
     @classmethod

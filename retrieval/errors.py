@@ -27,3 +27,12 @@ class VersionUnavailable(RetrievalError):
     """The version's files cannot be read."""
 
     transient = True
+
+
+class VersionCorrupt(VersionUnavailable):
+    """The version's files are damaged: missing, truncated, unparsable or not matching their checksums.
+
+    Terminal: the files are immutable, so reading them again cannot help; rebuild the version or
+    serve another one."""
+
+    transient = False

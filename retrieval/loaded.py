@@ -1,9 +1,16 @@
-"""A version loaded for serving: its HNSW index, BM25 scorer and chunk table, read once per version."""
+"""A version loaded for serving: its HNSW index, BM25 scorer and chunk table, read once per version.
+
+Loading checks what the manifest promises: every file it lists exists with its size, and its SHA-256
+(computed in background threads while the files are read) matches; a damaged version is refused with
+a :class:`VersionCorrupt` naming the file, never served.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,10 +29,12 @@ from retrieval.artifacts import (
     MATRIX_FILE,
     VECTORS_FILE,
     download_directory,
+    file_problems,
     is_remote,
+    read_manifest,
 )
-from retrieval.bm25 import ANALYZER_VERSION, Analyzer, BM25Scorer, BM25Tables
-from retrieval.errors import VersionUnavailable
+from retrieval.bm25 import ANALYZER_VERSION, POSTINGS_FILE, VOCAB_FILE, Analyzer, BM25Scorer, BM25Tables
+from retrieval.errors import VersionCorrupt, VersionUnavailable
 from retrieval.onnx import EncoderRef
 from retrieval.vector import EfGate
 
@@ -82,37 +91,84 @@ class Column:
 class LoadedVersion:
     """Everything needed to answer queries from one version. Immutable once built; thread-safe reads."""
 
-    def __init__(self, info: VersionInfo, directory: Path) -> None:
-        import hnswlib
+    def __init__(self, info: VersionInfo, directory: Path, *, verify: bool = True) -> None:
+        """Read the version in ``directory``.
 
+        Args:
+            verify: check the files' SHA-256 against the manifest (sizes are always checked).
+
+        Raises:
+            VersionCorrupt: a file is missing, truncated, unreadable or does not match its checksum;
+                the message names the version and the file.
+            VersionUnavailable: the version was made with another model or analyzer than it should.
+        """
         self.info = info
-        self.manifest: dict[str, Any] = json.loads((directory / MANIFEST).read_text())
-        if self.manifest["model"]["id"] != info.model_id:
+        self.manifest: dict[str, Any] = read_manifest(directory, info.version)
+        if self.manifest["model"].get("id") != info.model_id:
             raise VersionUnavailable(
-                f"version {info.version}: manifest names model {self.manifest['model']['id']!r}, "
+                f"version {info.version}: manifest names model {self.manifest['model'].get('id')!r}, "
                 f"the registry {info.model_id!r}"
             )
-        if self.manifest["bm25"]["analyzer"] != ANALYZER_VERSION:
+        if self.manifest["bm25"].get("analyzer") != ANALYZER_VERSION:
             raise VersionUnavailable(
-                f"version {info.version} was analyzed with {self.manifest['bm25']['analyzer']!r}; this library "
+                f"version {info.version} was analyzed with {self.manifest['bm25'].get('analyzer')!r}; this library "
                 f"reads {ANALYZER_VERSION!r}: rebuild it with `ragpipe index SOURCE --full`"
             )
+        files = self.manifest["files"]
+        self._refuse(directory, file_problems(directory, files, checksums=False))  # sizes: at once, cheaply
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashed = pool.submit(file_problems, directory, files) if verify else None
+            try:
+                for reading, read in self._readers():
+                    read(directory)
+            except (MemoryError, PermissionError):  # the machine's or the operator's trouble, not the files'
+                raise
+            except Exception as exc:  # a damaged file shows as any error of the reader that meets it
+                if hashed is not None:
+                    self._refuse(directory, hashed.result())  # the checksum names the cause
+                raise VersionCorrupt(f"version {info.version} at {directory}: cannot read {reading}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+            if hashed is not None:
+                self._refuse(directory, hashed.result())
+
+    def _refuse(self, directory: Path, problems: list[str]) -> None:
+        if problems:
+            raise VersionCorrupt(
+                f"version {self.info.version} at {directory} is damaged: {'; '.join(problems)}; it is not served: "
+                f"publish a new version (`ragpipe index SOURCE --full`) or serve another (`ragpipe alias rollback`)"
+            )
+
+    def _readers(self) -> list[tuple[str, Callable[[Path], None]]]:
+        return [(VECTORS_FILE, self._read_hnsw), (f"{POSTINGS_FILE} and {VOCAB_FILE}", self._read_bm25),
+                (CHUNKS_FILE, self._read_chunks), (MATRIX_FILE, self._read_matrix)]
+
+    def _read_hnsw(self, directory: Path) -> None:
+        import hnswlib
+
         self.dim = int(self.manifest["model"]["dim"])
         self.hnsw = hnswlib.Index(space=self.manifest["metric"], dim=self.dim)
         self.hnsw.load_index(str(directory / VECTORS_FILE))
         self._ef = EfGate()
+
+    def _read_bm25(self, directory: Path) -> None:
         self.bm25 = BM25Scorer(BM25Tables.read(directory), Analyzer())
         self.bm25_row = {int(k): i for i, k in enumerate(self.bm25.keys.tolist())}
+
+    def _read_chunks(self, directory: Path) -> None:
         chunks = pq.read_table(directory / CHUNKS_FILE, schema=CHUNK_SCHEMA)
         self.size = chunks.num_rows
         self.keys = chunks.column("chunk_key").to_numpy()
         self.row = {int(k): i for i, k in enumerate(self.keys.tolist())}
-        self.matrix = np.load(directory / MATRIX_FILE, mmap_mode="r")
         # kept as Arrow arrays and read row by row for the few rows a query returns, rather than as
         # Python objects for every chunk (a str, int or list object per cell)
         self.columns = {name: Column(chunks.column(name)) for name in CHUNK_SCHEMA.names if name != "chunk_key"}
         self._metadata_cache: dict[int, dict[str, Any]] = {}
         self._last_valid_from = pc.max(chunks.column("valid_from")).as_py() if self.size else None
+
+    def _read_matrix(self, directory: Path) -> None:
+        self.matrix = np.load(directory / MATRIX_FILE, mmap_mode="r")
+        if self.matrix.shape != (self.size, self.dim):
+            raise ValueError(f"shape {self.matrix.shape}, expected ({self.size}, {self.dim})")
 
     @property
     def encoder_ref(self) -> EncoderRef | None:

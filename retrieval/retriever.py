@@ -27,7 +27,7 @@ import numpy as np
 from registry import Registry, RegistryConfig
 from registry.listener import AliasListener
 from retrieval import telemetry
-from retrieval.errors import AliasNotFound, ModelError, ModelMismatch
+from retrieval.errors import AliasNotFound, ModelError, ModelMismatch, VersionCorrupt, VersionUnavailable
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
 from retrieval.hit import Hit, StageScore
 from retrieval.artifacts import PAGE_COLUMNS, store_root
@@ -194,6 +194,7 @@ class Retriever:
         self._query_cache = _LRU(config.query_cache_size)
         self._result_cache = _LRU(config.result_cache_size)
         self._shadow: LoadedVersion | None = None
+        self._refused: dict[str, str] = {}  # damaged versions and why: never loaded (and hashed) again
         self.mirror = MirrorStats(config.mirror_window)
         self._closed = threading.Event()
         try:
@@ -279,12 +280,17 @@ class Retriever:
                                self.alias, self._current.info.version, exc_info=True)
 
     def refresh(self) -> bool:
-        """Load the alias's current version if it changed; returns whether the retriever switched."""
+        """Load the alias's current version if it changed; returns whether the retriever switched.
+
+        A version that cannot be loaded is logged and not switched to: the current one keeps
+        serving. A damaged one (:class:`VersionCorrupt`) is not tried again; one whose files cannot
+        be read now is tried again at the next refresh.
+        """
         with self._refresh_lock:
             info = self._resolve()
             switched = False
-            if info is not None and info.version != self._current.info.version:
-                loaded = self._load(info)
+            if (info is not None and info.version != self._current.info.version and info.version not in self._refused
+                    and (loaded := self._load_or_keep(info)) is not None):
                 previous = self._current
                 self._current = loaded  # one assignment: queries already running keep `previous`
                 self._result_cache.clear()
@@ -293,15 +299,30 @@ class Retriever:
             self._refresh_shadow()
             return switched
 
+    def _load_or_keep(self, info: VersionInfo) -> LoadedVersion | None:
+        """The version loaded, or None (logged) when it cannot be served and the current one stays."""
+        try:
+            return self._load(info)
+        except VersionUnavailable as exc:
+            if isinstance(exc, VersionCorrupt):
+                self._refused[info.version] = str(exc)  # its files are immutable: loading again cannot help
+            logger.error("alias %s names version %s, which cannot be served: %s; still serving %s",
+                         self.alias, info.version, exc, self._current.info.version)
+            return None
+
     def _refresh_shadow(self) -> None:
         if self.config.mirror_fraction <= 0:
             return
         try:
             shadow = self._resolve(shadow=True)
-            if shadow is None:
+            if shadow is None or shadow.version in self._refused:
                 self._shadow = None
             elif self._shadow is None or self._shadow.info.version != shadow.version:
-                self._shadow = LoadedVersion(shadow, local_directory(shadow.artifact_uri, self._cache_dir))
+                try:
+                    self._shadow = LoadedVersion(shadow, local_directory(shadow.artifact_uri, self._cache_dir))
+                except VersionCorrupt as exc:
+                    self._refused[shadow.version] = str(exc)
+                    raise
         except Exception:  # mirroring is best effort: it never blocks serving the live version
             logger.warning("cannot load the shadow version of alias %s; mirroring paused", self.alias, exc_info=True)
             self._shadow = None

@@ -84,3 +84,14 @@ def test_perturbed_replicas_keep_structure_and_differ():
     assert out.startswith("Title\n=====\n\n") and out.endswith("::\n\n    code stays")
     assert out != text and len(out.split("\n\n")) == len(text.split("\n\n"))
     assert out == perturb(text, random.Random(1), vocab)  # reproducible
+
+
+def test_checksums_benchmark_times_loading_with_and_without(tmp_path, server_url, shared_data):
+    from benchmarks.checksums import run
+    from registry import RegistryConfig
+
+    result = run(shared_data, 300, RegistryConfig(database_url=server_url, home=tmp_path / "home"), 1, 0.001)
+    version = result["version"]
+    assert result["chunks"] == 300 and version["bytes"] == sum(version["files"].values())
+    assert version["load_with_checksums_seconds"] > 0 and version["load_without_checksums_seconds"] > 0
+    assert abs(result["synthetic"]["bytes"] - 1_000_000) < 10

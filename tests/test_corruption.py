@@ -1,0 +1,189 @@
+"""Damaged version files: loading refuses them naming the file, a following retriever keeps serving
+what it has, and `ragpipe verify` reports every problem of every version without crashing."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, write_tree
+from pipeline.config import IndexConfig
+from pipeline.runner import RunOptions, artifact_store, run_index
+from retrieval import Retriever
+from retrieval.artifacts import CHUNKS_FILE, MANIFEST, MATRIX_FILE, VECTORS_FILE, sha256_file
+from retrieval.bm25 import POSTINGS_FILE, VOCAB_FILE
+from retrieval.errors import VersionCorrupt
+
+pytestmark = pytest.mark.db
+
+TOPICS = ["wing", "nozzle", "shock", "boundary layer", "heat shield", "propeller", "rotor", "flap", "inlet", "vortex"]
+
+
+def reports(root, count=40, revision=0):
+    return write_tree(root, {f"doc{i:02d}.txt": f"Report {i} (revision {revision}): the {TOPICS[i % len(TOPICS)]} "
+                                                f"at Mach {i / 10:.1f} in tunnel {i % 7}.\n" for i in range(count)})
+
+
+def publish(src, registry, embedder, **options):
+    return run_index(str(src), registry, embedder, IndexConfig(lock_timeout=5), options=RunOptions(**options)).version
+
+
+def version_dir(registry, version):
+    return artifact_store(IndexConfig(), registry.home).local_path("docs", version)
+
+
+def flip_middle(path, count=16):
+    """Invert ``count`` bytes in the middle of the file: same size, different content."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def garble(path):
+    path.write_text('{"format": 1, "files": {')
+
+
+def open_retriever(registry_config, embedder, **kw):
+    kw.setdefault("follow", False)
+    return Retriever.open("docs", registry_config.database_url, home=registry_config.home, encoder=embedder, **kw)
+
+
+@pytest.fixture
+def live(tmp_path, registry, embedder):
+    """A published version of 40 one-chunk reports: (name, directory)."""
+    version = publish(reports(tmp_path / "src"), registry, embedder)
+    return version, version_dir(registry, version)
+
+
+@pytest.mark.parametrize("name", [MATRIX_FILE, VECTORS_FILE, CHUNKS_FILE, POSTINGS_FILE, VOCAB_FILE])
+def test_flipped_bytes_are_refused_naming_the_file(live, registry_config, embedder, name):
+    version, directory = live
+    flip_middle(directory / name)
+    with pytest.raises(VersionCorrupt) as refused:
+        open_retriever(registry_config, embedder)
+    message = str(refused.value)
+    assert version in message and name in message and "checksum" in message, message
+
+
+@pytest.mark.parametrize(("damage", "name", "says"), [
+    (truncate, VECTORS_FILE, "bytes"), (truncate, MATRIX_FILE, "bytes"), (truncate, POSTINGS_FILE, "bytes"),
+    (os.remove, CHUNKS_FILE, "missing"), (garble, MANIFEST, "JSON"),
+])
+def test_truncated_missing_or_unparsable_files_are_refused_naming_the_file(live, registry_config, embedder, damage,
+                                                                            name, says):
+    version, directory = live
+    damage(directory / name)
+    with pytest.raises(VersionCorrupt) as refused:
+        open_retriever(registry_config, embedder)
+    message = str(refused.value)
+    assert version in message and name in message and says in message, message
+
+
+@pytest.mark.parametrize("name", [MATRIX_FILE, VECTORS_FILE, CHUNKS_FILE])
+def test_an_unreadable_file_its_manifest_vouches_for_is_refused_naming_it(live, registry_config, embedder, name):
+    """Checksums pass (the manifest was rewritten to match), the file is garbage: still a clear refusal."""
+    version, directory = live
+    (directory / name).write_bytes(b"not a file of this kind" * 64)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["files"][name] = {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(VersionCorrupt) as refused:
+        open_retriever(registry_config, embedder)
+    message = str(refused.value)
+    assert version in message and f"cannot read {name}" in message, message
+
+
+def test_an_intact_version_loads_and_serves(live, registry_config, embedder):
+    with open_retriever(registry_config, embedder) as r:
+        assert r.version == live[0]
+        assert r.search("nozzle at Mach", k=3)
+
+
+def test_a_following_retriever_keeps_its_version_when_the_next_is_corrupt(tmp_path, registry, registry_config,
+                                                                          embedder, caplog):
+    src = reports(tmp_path / "src")
+    a = publish(src, registry, embedder)
+    b = publish(reports(src, revision=1), registry, embedder)
+    flip_middle(version_dir(registry, b) / MATRIX_FILE)
+    registry.swap_alias("docs", a)
+    caplog.set_level(logging.WARNING, logger="retrieval.retriever")
+    with open_retriever(registry_config, embedder, follow=True, poll_interval=0.2, result_cache_size=0) as r:
+        assert r.version == a
+        registry.swap_alias("docs", b)
+        deadline = time.monotonic() + 20
+        while not any(b in rec.getMessage() for rec in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # five more polls: the refused version is not loaded (and hashed) again
+        refusals = [rec for rec in caplog.records if b in rec.getMessage()]
+        assert len(refusals) == 1, [rec.getMessage() for rec in caplog.records]
+        assert MATRIX_FILE in refusals[0].getMessage() and a in refusals[0].getMessage()
+        assert r.version == a
+        hits = r.search("nozzle at Mach", k=3)
+        assert hits and {h.index_version for h in hits} == {a}
+
+        c = publish(reports(src, revision=2), registry, embedder, full=True)  # from the registry, not from b
+        deadline = time.monotonic() + 20
+        while r.version != c and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.version == c
+        assert {h.index_version for h in r.search("nozzle at Mach", k=3)} == {c}
+
+
+def cli(args, registry_config):
+    env = dict(os.environ, RAGPIPE_DATABASE_URL=registry_config.database_url, RAGPIPE_HOME=str(registry_config.home),
+               HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_search_on_a_corrupt_version_exits_1_naming_the_file(live, registry_config):
+    flip_middle(live[1] / VECTORS_FILE)
+    result = cli(["search", "nozzle"], registry_config)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and VECTORS_FILE in result.stderr and live[0] in result.stderr
+
+
+@pytest.mark.slow
+def test_verify_reports_every_problem_of_every_version(tmp_path, registry, registry_config, embedder):
+    src = reports(tmp_path / "src")
+    first = publish(src, registry, embedder)
+    second = publish(reports(src, revision=1), registry, embedder)
+    third = publish(reports(src, revision=2), registry, embedder)
+    fourth = publish(reports(src, revision=3), registry, embedder)  # live and head
+    garble(version_dir(registry, first) / MANIFEST)
+    truncate(version_dir(registry, second) / VECTORS_FILE)
+    flip_middle(version_dir(registry, second) / VOCAB_FILE)
+    (version_dir(registry, third) / MANIFEST).write_text("[]")
+    os.remove(version_dir(registry, fourth) / CHUNKS_FILE)
+    flip_middle(version_dir(registry, fourth) / MATRIX_FILE)
+
+    result = cli(["verify", "--json"], registry_config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    report = json.loads(result.stdout)
+    assert sorted(report["checked"]) == sorted([first, second, third, fourth])
+    violations = report["violations"]
+
+    def found(version, *words):
+        return any(v.startswith(version) and all(w in v for w in words) for v in violations)
+
+    assert found(first, MANIFEST, "JSON"), violations
+    assert found(second, VECTORS_FILE, "bytes"), violations
+    assert found(second, VOCAB_FILE, "checksum"), violations
+    assert found(third, MANIFEST, "object"), violations
+    assert found(fourth, CHUNKS_FILE, "missing"), violations
+    assert found(fourth, MATRIX_FILE, "checksum"), violations
+
+    human = cli(["verify"], registry_config)
+    assert human.returncode == 1 and "Traceback" not in human.stderr, human.stderr
+    assert all(v in human.stdout for v in violations), human.stdout
