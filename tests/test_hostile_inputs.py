@@ -13,9 +13,11 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, write_tree
+from pipeline.chunking import CHARS_PER_TOKEN, chunk_document
 from pipeline.config import IndexConfig
 from pipeline.errors import ConfigError, SourceUnavailable
 from pipeline.runner import run_index
@@ -311,6 +313,52 @@ def test_names_with_a_trailing_newline_are_refused(field):
         IndexConfig(**{field: "docs\n"})
     with pytest.raises(ConfigError, match="must match"):
         IndexConfig.from_env({f"RAGPIPE_{field.upper()}": "docs\n"})
+
+
+# -- an unbroken 191 KB token --------------------------------------------------------------------
+
+
+def _real_tokenizer():
+    from tokenizers import Tokenizer
+
+    from retrieval.models import DEFAULT_MODEL, resolve_model
+
+    return Tokenizer.from_file(str(Path(resolve_model(DEFAULT_MODEL)[1]) / "tokenizer.json"))
+
+
+def test_unbroken_191_kb_token_becomes_bounded_chunks_the_tokenizer_can_read(tmp_path, registry, embedder):
+    root = tmp_path / "src"
+    root.mkdir()
+    shutil.copy(HOSTILE / "long-token.txt", root / "long-token.txt")
+    blob = (root / "long-token.txt").read_text().strip()
+    assert len(blob) == 191_000 and len(blob.split()) == 1
+    summary = index(root, registry, embedder)
+    assert summary.status == "succeeded"
+    rows = sorted(registry.active_chunks("docs"), key=lambda r: r["ordinal"])
+    cap = CHARS_PER_TOKEN * embedder.max_tokens
+    assert len(rows) > 10 and all(len(r["text"]) <= cap for r in rows)
+    assert "".join(r["text"] for r in rows) == blob  # cut, never lost
+    tokenizer = _real_tokenizer()
+    unk = tokenizer.token_to_id("[UNK]")
+    for r in rows:
+        ids = tokenizer.encode(r["text"], add_special_tokens=False).ids
+        assert unk not in ids and 1 < len(ids) <= embedder.max_tokens, (len(r["text"]), len(ids))
+    again = index(root, registry, embedder)
+    assert again.version is None  # the same cut on the next run
+
+
+@pytest.mark.slow
+def test_unbroken_token_chunks_are_not_embedded_as_unk():
+    from pipeline.embedding import SentenceTransformerEmbedder
+
+    model = SentenceTransformerEmbedder(device="cpu")
+    d = make_document("long-token.txt", (HOSTILE / "long-token.txt").read_text(), "uri")
+    chunks = chunk_document(d, model.token_counter(), model.max_tokens)[:8]
+    vectors = model.embed([c.indexed_text for c in chunks] + ["[UNK]"])
+    similarity = vectors[:-1] @ vectors[-1]  # cosine with the vector of [CLS] [UNK] [SEP]
+    assert similarity.max() < 0.9, similarity  # one unbroken chunk scored 1.0: it was that vector
+    assert len(chunks) == 8
+    assert len({tuple(np.round(v, 4)) for v in vectors[:-1]}) == 8  # different text, different vectors
 
 
 def test_plan_keeps_every_document_under_a_directory_it_could_not_list():
