@@ -10,7 +10,12 @@ How a document is cut:
 2. **Blocks** are a section's paragraphs (blank-line separated; a fenced code block stays whole).
    A block longer than the limit is split into sentences, a sentence longer than the limit into
    lines, then words, then characters — so text is never cut mid-sentence unless one sentence
-   exceeds the limit.
+   exceeds the limit. The limit is in tokens and in characters: a chunk holds at most
+   ``CHARS_PER_TOKEN`` characters per token of the model's limit, so text the tokenizer reads as few
+   tokens (a 191 KB unbroken string is one ``[UNK]`` to a WordPiece tokenizer) still makes chunks
+   of bounded size. A span the tokenizer reads as fewer than one token per ``MAX_TOKEN_CHARS``
+   characters holds a word too long for it (read as one unknown token): it is split down to that
+   word, which is cut into pieces short enough to be read as real tokens, never joined again.
 3. **Packing** fills each section's chunks from the section's end, so every boundary inside a
    section depends on that section's text alone; the section's first, short run then joins the
    previous chunk when both fit the limit together (small sections share a chunk instead of
@@ -41,7 +46,13 @@ from pipeline.hashing import chunk_id_for, sha256_hex
 from pipeline.sources import SourceDocument
 from retrieval.artifacts import indexed_text  # the chunk table's definition of what a chunk is indexed as
 
-CHUNKER_ALGORITHM = "sections-v1"
+CHUNKER_ALGORITHM = "sections-v2"
+# A chunk holds at most CHARS_PER_TOKEN characters per token of the model's limit (2,032 for 254):
+# English averages about 4 characters per token; 2 of the PEPs' 19,546 chunks had more than 8.
+CHARS_PER_TOKEN = 8
+# No token of real text stands for more characters, whitespace aside: a span read as fewer tokens
+# holds a word the tokenizer gave up on (WordPiece reads a word over 100 characters as one [UNK]).
+MAX_TOKEN_CHARS = 32
 
 
 class TokenCounter(Protocol):
@@ -93,9 +104,15 @@ class Section:
     body_start: int  # first character after the heading line(s); == start when there is no heading
 
 
+def max_chars_for(max_tokens: int) -> int:
+    """The most characters a chunk of a model with this token limit holds."""
+    return CHARS_PER_TOKEN * max_tokens
+
+
 def chunker_version(tokenizer_name: str, max_tokens: int) -> str:
     """Identify everything that decides where chunks fall; a change re-chunks every document."""
-    return f"{CHUNKER_ALGORITHM};tokenizer={tokenizer_name};max_tokens={max_tokens}"
+    return (f"{CHUNKER_ALGORITHM};tokenizer={tokenizer_name};max_tokens={max_tokens}"
+            f";max_chars={max_chars_for(max_tokens)};max_token_chars={MAX_TOKEN_CHARS}")
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -344,6 +361,12 @@ class _Atom:
     tokens: int
 
 
+def _reads_as_few_tokens(text: str, tokens: int) -> bool:
+    """Whether the tokenizer reads ``text`` as fewer than one token per MAX_TOKEN_CHARS characters,
+    whitespace aside (indented code is fine): it holds a word too long for it, read as [UNK]."""
+    return tokens > 0 and len("".join(text.split())) > MAX_TOKEN_CHARS * tokens
+
+
 class _Cutter:
     """Splits oversized spans: sentences, then lines, then words, then characters."""
 
@@ -351,12 +374,29 @@ class _Cutter:
         self.text = text
         self.counter = counter
         self.max_tokens = max_tokens
+        self.max_chars = max_chars_for(max_tokens)
+
+    def fits(self, start: int, end: int, tokens: int) -> bool:
+        """Whether text[start:end] of ``tokens`` tokens is one chunk's worth, or must be split."""
+        if tokens > self.max_tokens or end - start > self.max_chars:
+            return False
+        # text has far fewer than MAX_TOKEN_CHARS characters per token even with its whitespace
+        return end - start <= MAX_TOKEN_CHARS * tokens or not _reads_as_few_tokens(self.text[start:end], tokens)
+
+    def joinable(self, left: Sequence[_Atom], right: Sequence[_Atom], tokens: int) -> bool:
+        """Whether one chunk may hold the atoms ``left`` then ``right``, ``tokens`` in all.
+
+        Atoms that touch are pieces of one unbroken run (nothing else is cut without whitespace
+        between): joining them would make the run too long for the tokenizer again.
+        """
+        return (tokens <= self.max_tokens and right[-1].end - left[0].start <= self.max_chars
+                and left[-1].end < right[0].start)
 
     def atoms(self, spans: list[tuple[int, int]], level: int = 0) -> list[_Atom]:
         counts = self.counter.count([self.text[s:e] for s, e in spans])
         out: list[_Atom] = []
         for (s, e), tokens in zip(spans, counts):
-            if tokens <= self.max_tokens:
+            if self.fits(s, e, tokens):
                 out.append(_Atom(s, e, tokens))
             else:
                 out.extend(self.split(s, e, level))
@@ -378,19 +418,23 @@ class _Cutter:
         """Greedily merge consecutive pieces of one oversized span back up to the limit."""
         packed: list[_Atom] = []
         for atom in atoms:
-            if packed and packed[-1].tokens + atom.tokens <= self.max_tokens:
+            if packed and self.joinable(packed[-1:], [atom], packed[-1].tokens + atom.tokens):
                 packed[-1] = _Atom(packed[-1].start, atom.end, packed[-1].tokens + atom.tokens)
             else:
                 packed.append(atom)
         return packed
 
     def _characters(self, start: int, end: int) -> list[_Atom]:
+        """Cut one unbroken run into pieces within the limits, each read by the tokenizer as real tokens."""
         out: list[_Atom] = []
+        length = self.max_chars
         while start < end:
-            length = min(end - start, self.max_tokens * 2)
+            # pieces are never joined again, so each is as long as fits; the next one starts a little
+            # longer than the last, so a long run costs about two counts per piece
+            length = min(end - start, self.max_chars, length + length // 4 + 1)
             while True:
                 tokens = self.counter.count([self.text[start : start + length]])[0]
-                if tokens <= self.max_tokens or length == 1:
+                if self.fits(start, start + length, tokens) or length == 1:
                     break
                 length = max(1, int(length * 0.8))
             out.append(_Atom(start, start + length, tokens))
@@ -402,7 +446,7 @@ class _Cutter:
 
 
 def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) -> list[Chunk]:
-    """Cut one document into chunks of at most ``max_tokens`` tokens.
+    """Cut one document into chunks of at most ``max_tokens`` tokens and ``max_chars_for(max_tokens)`` characters.
 
     Args:
         doc: the document (normalized text; ``format`` picks the section splitter).
@@ -432,7 +476,7 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) 
         for s, e in spans:
             tokens = counts[k]
             k += 1
-            atoms.extend([_Atom(s, e, tokens)] if tokens <= max_tokens else cutter.split(s, e))
+            atoms.extend([_Atom(s, e, tokens)] if cutter.fits(s, e, tokens) else cutter.split(s, e))
         heading_only = all(a.start < section.body_start for a in atoms) and section.body_start > section.start
         if heading_only and atoms:
             carried.extend(atoms)
@@ -446,9 +490,9 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) 
     for heading_path, atoms in groups:
         if not atoms:
             continue
-        runs = _pack_from_end(atoms, max_tokens)
+        runs = _pack_from_end(atoms, cutter)
         head_atoms, head_tokens = runs[0]
-        if pieces and pieces[-1][2] + head_tokens <= max_tokens:
+        if pieces and cutter.joinable(pieces[-1][1], head_atoms, pieces[-1][2] + head_tokens):
             # the section's short first run joins the previous section's last chunk
             path, joined, tokens = pieces[-1]
             pieces[-1] = (path, joined + head_atoms, tokens + head_tokens)
@@ -457,8 +501,8 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) 
     return [_make_chunk(doc, i, path, atoms, tokens, context) for i, (path, atoms, tokens) in enumerate(pieces)]
 
 
-def _pack_from_end(atoms: list[_Atom], max_tokens: int) -> list[tuple[list[_Atom], int]]:
-    """Pack a section's atoms into runs of at most max_tokens, filling from the section's end.
+def _pack_from_end(atoms: list[_Atom], cutter: _Cutter) -> list[tuple[list[_Atom], int]]:
+    """Pack a section's atoms into runs within the cutter's limits, filling from the section's end.
 
     Filling from the end makes every boundary inside the section depend on the section's own text
     only; the one short run is the first, which may then join the previous section's last chunk.
@@ -467,7 +511,8 @@ def _pack_from_end(atoms: list[_Atom], max_tokens: int) -> list[tuple[list[_Atom
     current: list[_Atom] = []
     tokens = 0
     for atom in reversed(atoms):
-        if current and tokens + atom.tokens > max_tokens:
+        # current is the run last atom first: current[-1] begins it, current[0] ends it
+        if current and not cutter.joinable((atom,), (current[-1], current[0]), tokens + atom.tokens):
             runs.append((current[::-1], tokens))
             current, tokens = [], 0
         current.append(atom)

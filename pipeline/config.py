@@ -12,7 +12,7 @@ from pipeline.errors import ConfigError
 from pipeline.formats.isolation import DEFAULT_MAX_UNZIPPED_BYTES, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 from pipeline.sources import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DEFAULT_MAX_BYTES
 
-_INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_INDEX_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # fullmatch: "$" alone also matches before a final newline
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -81,11 +81,11 @@ class IndexConfig:
     embedding_cache_ttl: float = 30 * 86400.0
 
     def __post_init__(self) -> None:
-        if not _INDEX_NAME.match(self.index):
+        if not _INDEX_NAME.fullmatch(self.index):
             raise ConfigError(f"index name {self.index!r} must match {_INDEX_NAME.pattern}")
         if not self.alias:
             object.__setattr__(self, "alias", self.index)
-        if not _INDEX_NAME.match(self.alias):
+        if not _INDEX_NAME.fullmatch(self.alias):
             raise ConfigError(f"alias {self.alias!r} must match {_INDEX_NAME.pattern}")
         if self.retention < 1:
             raise ConfigError(f"retention must be at least 1, got {self.retention}")

@@ -22,8 +22,9 @@ class ChangeSet:
         metadata_only: same text, other metadata or source uri (update the registry row only).
         unchanged: nothing to do.
         deleted: doc_ids active in the registry but gone from the source.
-        kept: doc_ids active in the registry that the source holds but could not be read this run;
-            their indexed version stays (see ``SkippedDocument.gone``).
+        kept: doc_ids active in the registry that the source holds but could not be read this run,
+            or that lie in a directory it could not list; their indexed version stays (see
+            ``SkippedDocument.gone`` and ``SkippedDocument.under``).
     """
 
     new: tuple[SourceDocument, ...]
@@ -62,6 +63,7 @@ def plan_changes(
     incoming: Iterable[SourceDocument],
     chunker_version: str,
     unreadable: Iterable[str] = (),
+    unreadable_under: Iterable[str] = (),
 ) -> ChangeSet:
     """Partition ``incoming`` against ``known`` (the registry's document states).
 
@@ -71,6 +73,8 @@ def plan_changes(
         chunker_version: the current chunker configuration; a document cut by another one, or in
             another format, is changed.
         unreadable: doc_ids the source holds but could not be read this run (kept as indexed).
+        unreadable_under: doc_id prefixes of directories the source could not list ("" for all):
+            the indexed documents under them are kept, since nothing says they are gone.
 
     Returns:
         The change set; doc_ids of each list keep the order of ``incoming``.
@@ -94,6 +98,9 @@ def plan_changes(
         else:
             unchanged.append(doc.doc_id)
     held = set(unreadable) - seen
+    prefixes = tuple(unreadable_under)
+    if prefixes:
+        held |= {d for d in known if d not in seen and d.startswith(prefixes)}
     kept = sorted(d for d in held if d in known and known[d].status == "active")
     deleted = sorted(
         doc_id for doc_id, state in known.items() if state.status == "active" and doc_id not in seen and doc_id not in held

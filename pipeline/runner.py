@@ -312,14 +312,15 @@ def plan_run(
                                      max_unzipped_bytes=config.max_unzipped_bytes),
             )
         summary.skipped = [s.to_dict() for s in scan.skipped]
-        for skip in scan.skipped:
-            logger.warning("skipped %s: %s", skip.doc_id, skip.reason)
+        for skip in summary.skipped:
+            logger.warning("skipped %s: %s", skip["doc_id"], skip["reason"])
 
     with _stage(state, "diff"):
         known = registry.document_states(config.index)
         state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens)
         plan = plan_changes(known, scan.documents, state.chunker_version,
-                            unreadable=[s.doc_id for s in scan.skipped if not s.gone])
+                            unreadable=[s.doc_id for s in scan.skipped if not s.gone],
+                            unreadable_under=[s.under for s in scan.skipped if s.under is not None])
         _refuse_wiping(plan, scan, known, config)
     summary.documents = {
         "seen": len(scan.documents),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import re
 import stat
@@ -30,6 +31,8 @@ DEFAULT_INCLUDE = (
 DEFAULT_EXCLUDE = (".*", "*/.*")  # hidden files and directories
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 MAX_DOC_ID_LENGTH = 1024
+MAX_METADATA_DEPTH = 64  # deeper objects are refused: hashing and storing them would need deep recursion
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # NUL and lone surrogates: PostgreSQL text cannot hold them
 
 _FORMATS = {
     ".md": "markdown", ".markdown": "markdown", ".mdx": "markdown",
@@ -65,15 +68,73 @@ class SkippedDocument:
 
     ``gone`` is true when the document has no content any more (it is then deleted from the index
     like a removed file); otherwise an already indexed version of it is kept, so that a transient
-    failure or a bad edit never removes what readers are served.
+    failure or a bad edit never removes what readers are served. ``under`` is set for a directory
+    that could not be listed (its doc_id prefix, "" for the root): every indexed document below it
+    is kept.
     """
 
     doc_id: str
     reason: str
     gone: bool = False
+    under: str | None = None
 
     def to_dict(self) -> dict[str, str]:
-        return {"doc_id": self.doc_id, "reason": self.reason}
+        """The skip as recorded in ``runs.skipped`` and printed: characters PostgreSQL cannot store
+        are written as Python escapes (a NUL as ``\\x00``)."""
+        return {"doc_id": storable(self.doc_id), "reason": storable(self.reason)}
+
+
+def storable(text: str) -> str:
+    """``text`` with NUL and lone surrogates written as backslash escapes, so PostgreSQL can store it."""
+    return _UNSTORABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def unstorable_field(doc_id: str, text: str, metadata: dict[str, Any]) -> str | None:
+    """Why PostgreSQL cannot store this document (the field, the character and its position), or None.
+
+    Checked before anything is written: text columns cannot hold NUL, UTF-8 cannot encode a lone
+    surrogate (JSON allows ``"\\udc80"``; Python decodes a file name that is not UTF-8 into one),
+    and PostgreSQL's JSON has no NaN or infinity.
+    """
+    for field, value in (("doc_id", doc_id), ("text", text)):
+        problem = _unstorable_string(field, value)
+        if problem:
+            return problem
+    stack: list[tuple[str, Any, int]] = [("metadata", metadata, 1)]
+    while stack:  # iterative: metadata may be nested as deep as the JSON parser allows
+        path, value, depth = stack.pop()
+        problem = _unstorable_value(path, value, depth)
+        if problem:
+            return problem
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}", v, depth + 1) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _unstorable_value(path: str, value: Any, depth: int) -> str | None:
+    if isinstance(value, str):
+        return _unstorable_string(path, value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path} is {value!r}, which PostgreSQL's JSON cannot store"
+    if isinstance(value, (dict, list)) and depth > MAX_METADATA_DEPTH:
+        return f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels"
+    if isinstance(value, dict):
+        for key in value:
+            problem = _unstorable_string(f"key {key!r} of {path}", key) if isinstance(key, str) else None
+            if problem:
+                return problem
+    return None
+
+
+def _unstorable_string(field: str, value: str) -> str | None:
+    m = _UNSTORABLE.search(value)
+    if m is None:
+        return None
+    char = m.group()
+    what = "a NUL character" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
+    return f"{field} holds {what} at character {m.start()}, which PostgreSQL cannot store"
 
 
 @dataclass
@@ -102,8 +163,11 @@ def make_document(
     text is indexed as it is, and its title becomes ``metadata["title"]`` unless one is given.
     """
     metadata = dict(metadata or {})
-    if not doc_id or len(doc_id) > MAX_DOC_ID_LENGTH or "\x00" in doc_id:
-        return SkippedDocument(doc_id[:80], "invalid doc_id (empty, longer than 1024 characters or with NUL)")
+    if not doc_id or len(doc_id) > MAX_DOC_ID_LENGTH:
+        return SkippedDocument(doc_id[:80], f"invalid doc_id (empty or over {MAX_DOC_ID_LENGTH} characters)")
+    problem = unstorable_field(doc_id, raw_text, metadata)
+    if problem:
+        return SkippedDocument(doc_id, problem)
     valid_from = None
     if metadata.get("valid_from") is not None:
         valid_from = parse_timestamp(metadata["valid_from"])
@@ -177,7 +241,7 @@ def scan_source(
             raise SourceUnavailable(f"source directory {source} is not readable; nothing was changed")
         return _scan_directory(path.resolve(), tuple(include), tuple(exclude), max_bytes, limits)
     if path.suffix.lower() == ".jsonl":
-        return _scan_jsonl(path.resolve(), max_bytes)
+        return _scan_jsonl(path, max_bytes)
     raise SourceUnavailable(f"source {source} is neither a directory nor a .jsonl file; nothing was changed")
 
 
@@ -185,8 +249,7 @@ def _scan_directory(
     root: Path, include: tuple[str, ...], exclude: tuple[str, ...], max_bytes: int, limits: ExtractLimits
 ) -> SourceScan:
     skipped: list[SkippedDocument] = []
-    wanted = _compile(include)
-    files = [(rel, entry) for rel, entry in _walk(root, _compile(exclude), skipped) if wanted(rel)]
+    files = list(_walk(root, _compile(include), _compile(exclude), skipped))
     uri_prefix = root.as_uri().rstrip("/") + "/"
 
     def read_slice(part: list[tuple[str, os.DirEntry[str]]]) -> list[SourceDocument | SkippedDocument]:
@@ -212,9 +275,13 @@ def _inside(root: str, real: str) -> bool:
 
 
 def _walk(
-    root: Path, excluded: Callable[[str], bool], skipped: list[SkippedDocument]
+    root: Path, wanted: Callable[[str], bool], excluded: Callable[[str], bool], skipped: list[SkippedDocument]
 ) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """Yield (relative posix path, entry) for files under root; symlinks may not leave it."""
+    """Yield (relative posix path, entry) for the wanted files under root; symlinks may not leave it.
+
+    A directory that cannot be listed is skipped as a whole with ``under`` set, so that the
+    documents indexed from it are kept; a wanted name that is no regular file is skipped with why.
+    """
     root_str = str(root)
     visited = {root_str}
     stack: list[tuple[str, str]] = [(root_str, "")]
@@ -223,7 +290,7 @@ def _walk(
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
-            skipped.append(SkippedDocument(prefix or ".", f"directory unreadable: {exc.strerror}"))
+            skipped.append(SkippedDocument(prefix or ".", f"directory unreadable: {exc.strerror}", under=prefix))
             continue
         for entry in entries:
             rel = prefix + entry.name
@@ -242,14 +309,28 @@ def _walk(
                         continue  # a link back into the tree; already walked
                     visited.add(real)
                     stack.append((entry.path, rel + "/"))
-                elif entry.is_file(follow_symlinks=True):
-                    yield rel, entry
+                elif wanted(rel):
+                    if entry.is_file(follow_symlinks=True):
+                        yield rel, entry
+                    else:
+                        skipped.append(SkippedDocument(rel, _not_a_file(entry)))
             except OSError as exc:
                 skipped.append(SkippedDocument(rel, f"unreadable: {exc.strerror}"))
 
 
+def _not_a_file(entry: os.DirEntry[str]) -> str:
+    """Why a wanted name is not read: a dangling symlink, or what kind of file it is."""
+    try:
+        mode = entry.stat(follow_symlinks=True).st_mode
+    except FileNotFoundError:
+        return "dangling symlink"
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device"}
+    return f"not a regular file ({next((k for test, k in kinds.items() if test(mode)), 'of another kind')})"
+
+
 def _read_at_most(path: str, limit: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a file swapped for a FIFO since the scan cannot block
     try:
         parts = []
         remaining = limit
@@ -298,10 +379,14 @@ def _scan_jsonl(path: Path, max_bytes: int) -> SourceScan:
     first_line: dict[str, int] = {}
     name = path.name
     try:
-        fh = open(path, "rb")
+        # non-blocking: opening a FIFO would wait for a writer, and the run holds the index lock
+        fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
     except OSError as exc:
         raise SourceUnavailable(f"source {path} cannot be read ({exc.strerror}); nothing was changed") from exc
     with fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise SourceUnavailable(f"source {path} is not a regular file; nothing was changed")
+        path = path.resolve()
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
@@ -336,6 +421,8 @@ def _parse_jsonl_line(raw: bytes, max_bytes: int) -> tuple[str, str, dict[str, A
         record = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         return f"malformed JSON ({exc})"
+    except RecursionError:
+        return "malformed JSON (nested too deeply)"
     if not isinstance(record, dict):
         return "not a JSON object"
     doc_id, text, metadata = record.get("doc_id"), record.get("text"), record.get("metadata", {})
@@ -347,7 +434,7 @@ def _parse_jsonl_line(raw: bytes, max_bytes: int) -> tuple[str, str, dict[str, A
         metadata = {}
     if not isinstance(metadata, dict):
         return f"doc_id {doc_id!r}: metadata is not an object"
-    if len(text.encode("utf-8")) > max_bytes:
+    if len(text.encode("utf-8", "surrogatepass")) > max_bytes:  # a lone surrogate is rejected later, by name
         return f"doc_id {doc_id!r}: text larger than the {max_bytes}-byte limit"
     return doc_id, text, metadata
 

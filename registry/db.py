@@ -53,7 +53,7 @@ def list_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
     """
     found: dict[int, Migration] = {}
     for path in sorted(sql_dir.glob("*.sql")):
-        match = _MIGRATION_NAME.match(path.name)
+        match = _MIGRATION_NAME.fullmatch(path.name)
         if not match:
             continue  # schema.sql and other helpers are not migrations
         version = int(match.group(1))
