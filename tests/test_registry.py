@@ -91,6 +91,7 @@ class Row:
     token_count: int = 2
     text: str = "hello"
     context: str = ""
+    pages: object = None  # a PDF chunk's PageRange; these rows have none
 
 
 def build(reg, run_id, docs=(), chunks=(), rechunked=(), deleted=(), fail_inside=False):
