@@ -24,9 +24,11 @@ def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="sentence-transformers model name or path (env RAGPIPE_MODEL)")
+    parser.add_argument("--model", help="model name (org/name, org/name@REV) or path (env RAGPIPE_MODEL)")
     parser.add_argument("--device", help="auto, cpu, cuda, ... (env RAGPIPE_DEVICE)")
     parser.add_argument("--batch-size", type=int, help="texts per embedding batch (env RAGPIPE_BATCH_SIZE)")
+    parser.add_argument("--query-prefix", help="text before every query ('none': none; env RAGPIPE_QUERY_PREFIX)")
+    parser.add_argument("--passage-prefix", help="text before every passage ('none': none; env RAGPIPE_PASSAGE_PREFIX)")
 
 
 def _cmd_dags_folder(args: argparse.Namespace) -> int:
@@ -164,6 +166,8 @@ def _index_config(args: argparse.Namespace) -> Any:
         model=getattr(args, "model", None),
         device=getattr(args, "device", None),
         batch_size=getattr(args, "batch_size", None),
+        query_prefix=getattr(args, "query_prefix", None),
+        passage_prefix=getattr(args, "passage_prefix", None),
         artifacts=getattr(args, "artifacts", None),
         golden_set=getattr(args, "golden_set", None),
         retention=getattr(args, "retention", None),
@@ -188,9 +192,9 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _model_embedder(config: Any) -> Any:
-    from pipeline.embedding import make_embedder
+    from pipeline.embedding import embedder_for
 
-    return make_embedder(config.model, device=config.device, batch_size=config.batch_size)
+    return embedder_for(config)
 
 
 def _cmd_index(args: argparse.Namespace) -> int:

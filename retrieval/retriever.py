@@ -308,6 +308,9 @@ class Retriever:
                 encoder = self._new_encoder(version)
                 if encoder.model_id != model_id:
                     raise ModelMismatch(f"the version was embedded with {model_id!r}; the encoder is {encoder.model_id!r}")
+                if getattr(encoder, "query_prefix", version.query_prefix) != version.query_prefix:
+                    raise ModelMismatch(f"version {version.info.version} prefixes queries with {version.query_prefix!r}; "
+                                        f"its stored encoder says {encoder.query_prefix!r}")
                 self._encoders[key] = encoder
             return encoder
 
@@ -337,6 +340,7 @@ class Retriever:
 
     def _embed(self, queries: Sequence[str], version: LoadedVersion) -> np.ndarray:
         model_id = version.info.model_id
+        queries = [version.query_prefix + q for q in queries]  # what the model expects before a query
         with telemetry.span("embedding.query", {"embedding.model": model_id, "embedding.queries": len(queries)}):
             out: list[np.ndarray | None] = [self._query_cache.get((model_id, q)) for q in queries]
             missing = [i for i, v in enumerate(out) if v is None]
