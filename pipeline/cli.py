@@ -24,7 +24,7 @@ def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model name (org/name, org/name@REV) or path (env RAGPIPE_MODEL)")
+    parser.add_argument("--model", help="model name, path or openai:NAME (env RAGPIPE_MODEL)")
     parser.add_argument("--device", help="auto, cpu, cuda, ... (env RAGPIPE_DEVICE)")
     parser.add_argument("--batch-size", type=int, help="texts per embedding batch (env RAGPIPE_BATCH_SIZE)")
     parser.add_argument("--query-prefix", help="text before every query ('none': none; env RAGPIPE_QUERY_PREFIX)")

@@ -25,7 +25,7 @@ class IndexConfig:
     Attributes:
         index: index name (lowercase letters, digits, '-' and '_').
         model: sentence-transformers model name (``org/name``, pinned to its cached snapshot's
-            commit; ``org/name@REV``) or path.
+            commit; ``org/name@REV``) or path, or ``openai:NAME`` for an OpenAI-compatible endpoint.
         query_prefix, passage_prefix: what the model sees before each query and each passage; None
             takes the model's default (e5, bge, the model's own ``prompts``), ``"none"`` means none.
         device: 'auto' (CUDA when present), 'cpu', 'cuda', ...

@@ -1,6 +1,7 @@
 """Embedding stage: turn chunk texts into normalized vectors, serving repeats from the registry's cache.
 
-The models themselves live in :mod:`retrieval.models` (queries are encoded with the same code); what identifies a model's weights and prefixes in
+The models themselves live in :mod:`retrieval.models` and :mod:`retrieval.endpoint` (queries are
+encoded with the same code); what identifies a model's weights and prefixes in
 :mod:`retrieval.identity`. Here: choosing the embedder, applying the model's passage prefix, and
 what a version records of its model (the model lock).
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from pipeline.chunking import TokenCounter
 from pipeline.errors import ModelLockError
+from retrieval.endpoint import EndpointConfig, EndpointEmbedder, is_endpoint_model
 from retrieval.identity import Prefixes, resolve_prefixes
 from retrieval.models import (
     DEFAULT_MODEL,
@@ -68,11 +70,18 @@ class Embedder(Protocol):
 def make_embedder(model: str, *, device: str = "auto", batch_size: int = 32, cache_dir: Path | None = None,
                   query_prefix: str | None = None, passage_prefix: str | None = None) -> Embedder:
     """The document embedder for ``model``, with the model's prefixes (see ``resolve_prefixes``:
-    None takes the model's default, ``"none"`` or ``""`` none at all); see ``local_embedder``.
+    None takes the model's default, ``"none"`` or ``""`` none at all).
+
+    ``openai:NAME`` embeds through an OpenAI-compatible endpoint (``retrieval.endpoint``); other
+    models run locally (see ``local_embedder``).
     """
-    inner = local_embedder(model, device=device, batch_size=batch_size, cache_dir=cache_dir)
-    directory = Path(identify_model(split_variant(model)[0]).path)
-    prefixes = resolve_prefixes(split_variant(model)[0], directory if directory.is_dir() else None,
+    if is_endpoint_model(model):
+        inner: Embedder = EndpointEmbedder(model, EndpointConfig.from_env(), batch_size=batch_size)
+        directory = None
+    else:
+        inner = local_embedder(model, device=device, batch_size=batch_size, cache_dir=cache_dir)
+        directory = Path(identify_model(split_variant(model)[0]).path)
+    prefixes = resolve_prefixes(split_variant(model)[0], directory if directory and directory.is_dir() else None,
                                 query_prefix, passage_prefix)
     return PrefixedEmbedder(inner, prefixes) if prefixes else inner
 
@@ -127,7 +136,7 @@ def query_embedding(embedder: Embedder) -> Callable[[Sequence[str]], np.ndarray]
 
 def model_record(embedder: Embedder) -> dict[str, Any]:
     """What a version's manifest records of its model besides id, dimension and encoder (all of it
-    part of the model lock): the prefixes and the fingerprint of the model's files."""
+    part of the model lock): the prefixes, the fingerprint of the model's files, the endpoint."""
     inner = getattr(embedder, "inner", embedder)
     prefixes = prefixes_of(embedder)
     # empty prefixes are left out: the manifests of models without them stay as they were
@@ -136,6 +145,8 @@ def model_record(embedder: Embedder) -> dict[str, Any]:
     files = getattr(inner, "fingerprint", None)
     if files:
         record["fingerprint"] = files
+    if isinstance(inner, EndpointEmbedder):
+        record["endpoint"] = inner.describe()
     return record
 
 

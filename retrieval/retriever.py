@@ -318,6 +318,11 @@ class Retriever:
         from retrieval.models import SentenceTransformerEmbedder, split_variant
 
         model_id, ref = version.info.model_id, version.encoder_ref
+        endpoint = version.manifest["model"].get("endpoint")
+        if endpoint is not None:  # queries go to the model the documents went to, over HTTP
+            from retrieval.endpoint import endpoint_encoder
+
+            return endpoint_encoder(endpoint, dim=version.dim)
         onnx_only = bool(split_variant(model_id)[1])  # a quantized model's vectors come from ONNX Runtime alone
         backend = self.config.encoder_backend
         if backend == "torch":
