@@ -225,6 +225,7 @@ class SentenceTransformerEmbedder:
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
+            prompt="",  # never the model's default prompt: ragpipe applies prefixes itself (PrefixedEmbedder)
         )
         return check_vectors(self.model_id, vectors, len(texts), self.dim)
 

@@ -265,3 +265,19 @@ def test_a_hub_model_is_pinned_to_its_commit_and_a_rewritten_snapshot_is_refused
     assert f"fingerprint {after[:12]}" in message and f"fingerprint {before[:12]}" in message
     assert second.version in message and "huggingface-cli download" in message
     assert registry.head_version("docs").version == second.version  # nothing built, the alias unchanged
+
+
+@pytest.mark.slow
+def test_a_models_declared_prompts_are_its_prefixes_and_applied_once(tmp_path, tiny_model):
+    model = shutil.copytree(tiny_model, tmp_path / "declares-prompts")
+    (model / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "search_query: ", "document": "search_document: "}, "default_prompt_name": "document"}))
+    onnx = make_embedder(str(model), device="cpu", cache_dir=tmp_path / "cache")
+    torch = make_embedder(f"{model}#torch", device="cpu")
+    assert onnx.prefixes == torch.prefixes == Prefixes("search_query: ", "search_document: ")
+    texts = ["lift over a wing", "bread in an oven"]
+    # sentence-transformers would put its default prompt before ours as well: ragpipe asks it not to
+    np.testing.assert_allclose(torch.embed(texts), onnx.embed(texts), atol=1e-5)
+    np.testing.assert_allclose(torch.embed(texts), onnx.inner.embed([f"search_document: {t}" for t in texts]), atol=1e-5)
+    np.testing.assert_allclose(torch.embed_queries(texts), onnx.inner.embed([f"search_query: {t}" for t in texts]),
+                               atol=1e-5)
