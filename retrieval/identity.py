@@ -14,8 +14,8 @@ its vectors would mix with cached ones of the old weights:
 
 A *fingerprint* is the SHA-256 over the relative path and SHA-256 of every file the model is loaded
 from: configuration, tokenizer and weights (not hidden files, ``*.md``, or other runtimes' exports
-under ``onnx/`` and ``openvino/``). Hashing the bundled 90 MB model takes 0.13–0.27 s on the 2-core
-reference machine, so each file's hash is kept in ``RAGPIPE_HOME/cache/fingerprints.json`` by path,
+under ``onnx/`` and ``openvino/``). Hashing the bundled 90 MB model takes 0.13–0.27 s on a shared 2-core
+machine, so each file's hash is kept in ``RAGPIPE_HOME/cache/fingerprints.json`` by path,
 size, mtime and inode (git's index does the same); a file written less than two seconds ago is
 hashed afresh every time, because a later write of the same size could still share its mtime.
 
