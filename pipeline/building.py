@@ -58,6 +58,8 @@ class BuildPlan:
         vectors: chunk_hash -> vector for every added key (all members for a full build).
         encoder: the stored query encoder (ONNX bundle) that encodes queries as the documents were
             encoded; None when the embedder has none (queries then need an encoder from the caller).
+        model_record: the rest of the model lock the manifest records under ``model`` (the
+            prefixes, the fingerprint of the model's files, an HTTP endpoint).
     """
 
     index: str
@@ -76,6 +78,7 @@ class BuildPlan:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     hnsw: HnswParams = field(default_factory=HnswParams)
     encoder: EncoderRef | None = None
+    model_record: dict[str, Any] = field(default_factory=dict)  # prefixes, fingerprint, endpoint
 
     @property
     def full(self) -> bool:
@@ -122,7 +125,7 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
         "created_at": datetime.now(timezone.utc).isoformat(),
         "full_build": plan.full,
         "model": {"id": plan.model_id, "dim": plan.dim,
-                  **({"encoder": plan.encoder.to_dict()} if plan.encoder is not None else {})},
+                  **({"encoder": plan.encoder.to_dict()} if plan.encoder is not None else {}), **plan.model_record},
         "metric": METRIC,
         "hnsw": {"M": plan.hnsw.m, "ef_construction": plan.hnsw.ef_construction, **hnsw_info},
         "bm25": {"analyzer": analyzer.version, "k1": K1, "b": B, "avgdl": bm25.avgdl,

@@ -109,10 +109,12 @@ def max_chars_for(max_tokens: int) -> int:
     return CHARS_PER_TOKEN * max_tokens
 
 
-def chunker_version(tokenizer_name: str, max_tokens: int) -> str:
-    """Identify everything that decides where chunks fall; a change re-chunks every document."""
+def chunker_version(tokenizer_name: str, max_tokens: int, passage_prefix: str = "") -> str:
+    """Identify everything that decides where chunks fall and what is embedded; a change re-chunks
+    every document."""
+    passage = f";passage={sha256_hex(passage_prefix)[:12]}" if passage_prefix else ""
     return (f"{CHUNKER_ALGORITHM};tokenizer={tokenizer_name};max_tokens={max_tokens}"
-            f";max_chars={max_chars_for(max_tokens)};max_token_chars={MAX_TOKEN_CHARS}")
+            f";max_chars={max_chars_for(max_tokens)};max_token_chars={MAX_TOKEN_CHARS}{passage}")
 
 
 # -- sections ----------------------------------------------------------------------------------
@@ -445,13 +447,15 @@ class _Cutter:
 # -- packing -----------------------------------------------------------------------------------
 
 
-def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) -> list[Chunk]:
+def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, passage_prefix: str = "") -> list[Chunk]:
     """Cut one document into chunks of at most ``max_tokens`` tokens and ``max_chars_for(max_tokens)`` characters.
 
     Args:
         doc: the document (normalized text; ``format`` picks the section splitter).
         counter: the embedding model's token counter.
         max_tokens: the most tokens a chunk may hold (the model's sequence length less special tokens).
+        passage_prefix: what the model sees before each chunk (an e5 model's ``passage: ``): part of
+            the chunk hash, which covers what is embedded.
 
     Returns:
         Chunks in document order with ordinals 0..n-1; empty when the document has no text.
@@ -498,7 +502,8 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int) 
             pieces[-1] = (path, joined + head_atoms, tokens + head_tokens)
             runs = runs[1:]
         pieces.extend((heading_path, run_atoms, run_tokens) for run_atoms, run_tokens in runs)
-    return [_make_chunk(doc, i, path, atoms, tokens, context) for i, (path, atoms, tokens) in enumerate(pieces)]
+    return [_make_chunk(doc, i, path, atoms, tokens, context, passage_prefix)
+            for i, (path, atoms, tokens) in enumerate(pieces)]
 
 
 def _pack_from_end(atoms: list[_Atom], cutter: _Cutter) -> list[tuple[list[_Atom], int]]:
@@ -522,12 +527,13 @@ def _pack_from_end(atoms: list[_Atom], cutter: _Cutter) -> list[tuple[list[_Atom
 
 
 def _make_chunk(
-    doc: SourceDocument, ordinal: int, heading_path: tuple[str, ...], atoms: list[_Atom], tokens: int, context: str
+    doc: SourceDocument, ordinal: int, heading_path: tuple[str, ...], atoms: list[_Atom], tokens: int, context: str,
+    passage_prefix: str = "",
 ) -> Chunk:
     start, end = atoms[0].start, atoms[-1].end
     text = doc.text[start:end]
     context = context if indexed_text(context, text) != text else ""
-    chunk_hash = sha256_hex(indexed_text(context, text))
+    chunk_hash = sha256_hex(passage_prefix + indexed_text(context, text))
     pages = doc.layout.pages_of(start, end) if doc.layout is not None else None
     return Chunk(
         doc_id=doc.doc_id,

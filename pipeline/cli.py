@@ -54,6 +54,8 @@ def _index_config(args: argparse.Namespace) -> Any:
         model=getattr(args, "model", None),
         device=getattr(args, "device", None),
         batch_size=getattr(args, "batch_size", None),
+        query_prefix=getattr(args, "query_prefix", None),
+        passage_prefix=getattr(args, "passage_prefix", None),
         artifacts=getattr(args, "artifacts", None),
         golden_set=getattr(args, "golden_set", None),
         retention=getattr(args, "retention", None),
@@ -82,9 +84,9 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _model_embedder(config: Any) -> Any:
-    from pipeline.embedding import make_embedder
+    from pipeline.embedding import embedder_for
 
-    return make_embedder(config.model, device=config.device, batch_size=config.batch_size)
+    return embedder_for(config)
 
 
 def _cmd_index(args: argparse.Namespace) -> int:

@@ -44,9 +44,11 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="sentence-transformers model name or path (env RAGPIPE_MODEL)")
+    parser.add_argument("--model", help="model name, path or openai:NAME (env RAGPIPE_MODEL)")
     parser.add_argument("--device", help="auto, cpu, cuda, ... (env RAGPIPE_DEVICE)")
     parser.add_argument("--batch-size", type=int, help="texts per embedding batch (env RAGPIPE_BATCH_SIZE)")
+    parser.add_argument("--query-prefix", help="text before every query ('none': none; env RAGPIPE_QUERY_PREFIX)")
+    parser.add_argument("--passage-prefix", help="text before every passage ('none': none; env RAGPIPE_PASSAGE_PREFIX)")
 
 
 def add_db(commands: Commands) -> None:

@@ -25,7 +25,10 @@ class IndexConfig:
 
     Attributes:
         index: index name (lowercase letters, digits, '-' and '_').
-        model: sentence-transformers model name or path.
+        model: sentence-transformers model name (``org/name``, pinned to its cached snapshot's
+            commit; ``org/name@REV``) or path, or ``openai:NAME`` for an OpenAI-compatible endpoint.
+        query_prefix, passage_prefix: what the model sees before each query and each passage; None
+            takes the model's default (e5, bge, the model's own ``prompts``), ``"none"`` means none.
         device: 'auto' (CUDA when present), 'cpu', 'cuda', ...
         batch_size: texts per embedding call; each batch is cached as soon as it is embedded.
         include: glob patterns of files to index (directory sources).
@@ -55,6 +58,8 @@ class IndexConfig:
 
     index: str = "docs"
     model: str = DEFAULT_MODEL
+    query_prefix: str | None = None
+    passage_prefix: str | None = None
     device: str = "auto"
     batch_size: int = 64
     include: tuple[str, ...] = DEFAULT_INCLUDE

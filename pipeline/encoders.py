@@ -11,6 +11,7 @@ install (no torch) can load it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ import numpy as np
 from retrieval.artifacts import ArtifactStore
 from retrieval.errors import ModelError
 from registry.extras import require
-from retrieval.models import QUANTIZED, SPECIAL_TOKENS, HFTokenCounter, resolve_model, split_variant
+from retrieval.identity import Prefixes
+from retrieval.models import QUANTIZED, SPECIAL_TOKENS, HFTokenCounter, identify_model, split_variant
 from retrieval.onnx import (
     BUNDLE_FILES,
     ENCODERS_DIR,
@@ -120,7 +123,8 @@ class OnnxModelEncoder:
         base, variant = split_variant(model)
         if variant == "torch":
             raise ModelError(f"{model!r} names the sentence-transformers runtime, not ONNX Runtime")
-        self.model_id, load_from = resolve_model(base)
+        self._resolved = identify_model(base)
+        self.model_id, load_from = self._resolved.model_id, self._resolved.path
         self.quantized = variant == QUANTIZED
         if self.quantized:
             self.model_id = f"{self.model_id}#{QUANTIZED}"
@@ -140,10 +144,9 @@ class OnnxModelEncoder:
         if not isinstance(hidden, int):
             raise ModelError(f"{self._path}/config.json names no hidden_size; use the torch encoder")
         self.dim = hidden  # the pooled vector has the transformer's width
-        # one cache folder per model files (and path), one bundle per variant inside it
-        import hashlib
-
-        digest = hashlib.sha256(f"{self.model_id.removesuffix('#' + QUANTIZED)}\0{self._path}".encode()).hexdigest()[:16]
+        # one cache folder per model files (id, path and fingerprint), one bundle per variant inside it
+        files = f"{self.model_id.removesuffix('#' + QUANTIZED)}\0{self._path}\0{self._resolved.fingerprint}"
+        digest = hashlib.sha256(files.encode()).hexdigest()[:16]
         self._export_dir = cache_dir / "onnx" / digest
         self.bundle_dir = self._export_dir / ("int8" if self.quantized else "fp32")
         self._runtime: OnnxEncoder | None = None
@@ -153,31 +156,56 @@ class OnnxModelEncoder:
     def onnx_path(self) -> Path:
         return self.bundle_dir / ONNX_FILE
 
+    @property
+    def fingerprint(self) -> str | None:
+        return self._resolved.fingerprint
+
     def load(self) -> "OnnxModelEncoder":
         """Export and open the model now rather than on first use (raises what either raises)."""
         self._encoder()
         return self
 
-    def ensure_bundle(self) -> Path:
-        """Export (and quantize) into the cache unless done before; return the bundle directory."""
+    def ensure_bundle(self, prefixes: Prefixes = Prefixes()) -> Path:
+        """Export (and quantize) into the cache unless done before; return the bundle directory.
+
+        A bundle for ``prefixes`` is the plain one with the prefixes in its description (the ONNX
+        file hard-linked where the file system allows), so its digest differs from the plain one's.
+        """
         with _EXPORT_LOCK:
-            if all((self.bundle_dir / name).is_file() for name in BUNDLE_FILES):
-                return self.bundle_dir
-            fp32 = self._export_dir / "fp32"
-            if not (fp32 / ONNX_FILE).is_file():
-                fp32.mkdir(parents=True, exist_ok=True)
-                logger.info("exporting %s to ONNX at %s", self.model_id, fp32)
-                export_onnx(self._path, fp32 / ONNX_FILE)
-            if self.quantized and not self.onnx_path.is_file():
-                self.bundle_dir.mkdir(parents=True, exist_ok=True)
-                quantize_int8(fp32 / ONNX_FILE, self.onnx_path)
-            shutil.copyfile(self._path / TOKENIZER_FILE, self.bundle_dir / TOKENIZER_FILE)
-            spec = EncoderSpec(model_id=self.model_id, pooling=self._pooling, max_length=self.max_length,
-                               dim=self.dim, quantized=self.quantized)
-            partial = self.bundle_dir / f".{SPEC_FILE}.{os.getpid()}.tmp"
-            partial.write_text(spec.to_json())
-            partial.rename(self.bundle_dir / SPEC_FILE)  # last: a bundle with its description is complete
+            plain = self._ensure_plain_bundle()
+            if not prefixes:
+                return plain
+            key = hashlib.sha256(f"{prefixes.query}\0{prefixes.passage}".encode()).hexdigest()[:12]
+            target = plain.with_name(f"{plain.name}-prefixed-{key}")
+            if all((target / name).is_file() for name in BUNDLE_FILES):
+                return target
+            target.mkdir(parents=True, exist_ok=True)
+            for name in (ONNX_FILE, TOKENIZER_FILE):
+                (target / name).unlink(missing_ok=True)
+                try:
+                    os.link(plain / name, target / name)
+                except OSError:
+                    shutil.copyfile(plain / name, target / name)
+            spec = EncoderSpec.from_json((plain / SPEC_FILE).read_text())
+            _write_spec(target, replace(spec, query_prefix=prefixes.query, passage_prefix=prefixes.passage))
+            return target
+
+    def _ensure_plain_bundle(self) -> Path:
+        """The bundle without prefixes (call holding _EXPORT_LOCK)."""
+        if all((self.bundle_dir / name).is_file() for name in BUNDLE_FILES):
             return self.bundle_dir
+        fp32 = self._export_dir / "fp32"
+        if not (fp32 / ONNX_FILE).is_file():
+            fp32.mkdir(parents=True, exist_ok=True)
+            logger.info("exporting %s to ONNX at %s", self.model_id, fp32)
+            export_onnx(self._path, fp32 / ONNX_FILE)
+        if self.quantized and not self.onnx_path.is_file():
+            self.bundle_dir.mkdir(parents=True, exist_ok=True)
+            quantize_int8(fp32 / ONNX_FILE, self.onnx_path)
+        shutil.copyfile(self._path / TOKENIZER_FILE, self.bundle_dir / TOKENIZER_FILE)
+        _write_spec(self.bundle_dir, EncoderSpec(model_id=self.model_id, pooling=self._pooling,
+                                                 max_length=self.max_length, dim=self.dim, quantized=self.quantized))
+        return self.bundle_dir
 
     def _encoder(self) -> OnnxEncoder:
         with self._lock:
@@ -195,23 +223,31 @@ class OnnxModelEncoder:
         return self._encoder().embed(texts)
 
 
+def _write_spec(bundle_dir: Path, spec: EncoderSpec) -> None:
+    partial = bundle_dir / f".{SPEC_FILE}.{os.getpid()}.tmp"
+    partial.write_text(spec.to_json())
+    partial.rename(bundle_dir / SPEC_FILE)  # last: a bundle with its description is complete
+
+
 def encoder_bundle(embedder: Any, cache_dir: Path) -> Path | None:
     """The encoder bundle that encodes queries like ``embedder`` encodes documents, or None.
 
     ONNX document embedders have theirs; a sentence-transformers one gets the export of its model
     (the same vectors) when ONNX Runtime can run that model; any other embedder (the deterministic
     one of tests and benchmarks) has none, and its versions are searched with an encoder the caller
-    passes.
+    passes. A prefixed embedder's bundle records its prefixes.
     """
+    prefixes = getattr(embedder, "prefixes", Prefixes())
+    embedder = getattr(embedder, "inner", embedder)  # a PrefixedEmbedder runs another embedder
     if isinstance(embedder, OnnxModelEncoder):
-        return embedder.ensure_bundle()
+        return embedder.ensure_bundle(prefixes)
     from retrieval.models import SentenceTransformerEmbedder
 
     if isinstance(embedder, SentenceTransformerEmbedder):
         # a local model is named by its path (its id is derived from the files), others by their id
         name = embedder._load_from if embedder.model_id.startswith("local:") else embedder.model_id
         try:
-            return OnnxModelEncoder(name, cache_dir).ensure_bundle()
+            return OnnxModelEncoder(name, cache_dir).ensure_bundle(prefixes)
         except ModelError as exc:
             logger.warning("no ONNX query encoder for %s (%s): retrievers will need ragpipe[pipeline]",
                            embedder.model_id, exc)

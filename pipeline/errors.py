@@ -25,6 +25,10 @@ class EmbeddingError(PipelineError):
     """The embedding model failed or returned vectors of the wrong shape."""
 
 
+class ModelLockError(PipelineError):
+    """The model's files changed under the same model id: cached vectors would mix two models."""
+
+
 class VersionRejected(PipelineError):
     """A built version failed validation; it is recorded as rejected and the alias did not move."""
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline.chunking import chunk_document
 from pipeline.config import IndexConfig
-from pipeline.embedding import Embedder
+from pipeline.embedding import Embedder, prefixes_of
 from pipeline.errors import ConfigError
 from pipeline.runner import run_index
 from pipeline.sources import scan_records
@@ -65,6 +65,7 @@ def check_against_fresh_build(registry: Registry, index: str, docs: Documents, e
     replay: chunking is deterministic, so a document the check has seen before is not chunked again.
     """
     counter = embedder.token_counter()
+    passage = prefixes_of(embedder).passage
     memo = {} if memo is None else memo
     expected: set[str] = set()
     for doc_id, (text, metadata) in docs.items():
@@ -72,7 +73,7 @@ def check_against_fresh_build(registry: Registry, index: str, docs: Documents, e
         ids = memo.get(key)
         if ids is None:
             scan = scan_records([(doc_id, text, metadata)], "replay")
-            ids = memo[key] = {c.chunk_id for d in scan.documents for c in chunk_document(d, counter, embedder.max_tokens)}
+            ids = memo[key] = {c.chunk_id for d in scan.documents for c in chunk_document(d, counter, embedder.max_tokens, passage)}
         expected |= ids
     active = registry.active_chunk_ids(index)
     return {

@@ -33,7 +33,8 @@ from pipeline.building import BuildPlan, HnswParams, build_version
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
 from pipeline.diff import ChangeSet, document_chunker, plan_changes
-from pipeline.embedding import Embedder, embed_in_batches
+from pipeline.embedding import (Embedder, embed_in_batches, model_lock_matches, model_record, prefixes_of,
+                                query_embedding)
 from pipeline.errors import ArtifactWriteError, EmbeddingError, UnsafeDeletion, VersionRejected
 from pipeline.formats.isolation import ExtractLimits
 from pipeline.sources import SourceDocument, SourceScan, scan_source
@@ -317,7 +318,7 @@ def plan_run(
 
     with _stage(state, "diff"):
         known = registry.document_states(config.index)
-        state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens)
+        state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens, prefixes_of(embedder).passage)
         plan = plan_changes(known, scan.documents, state.chunker_version,
                             unreadable=[s.doc_id for s in scan.skipped if not s.gone],
                             unreadable_under=[s.under for s in scan.skipped if s.under is not None])
@@ -337,8 +338,10 @@ def plan_run(
     state.deleted = list(plan.deleted)
     state.kept = list(plan.kept)
     state.chunk_counts = {d.doc_id: known[d.doc_id].chunk_count for d in plan.metadata_only}
-    if plan.is_empty and registry.head_version(config.index) is None:
-        state.options = RunOptions(full=True, shadow=state.options.shadow)  # the first run builds even when empty
+    head = registry.head_version(config.index)
+    # the first run builds even when empty; a changed model lock (prefixes) rebuilds unchanged documents
+    if (plan.is_empty and head is None) or (head and not model_lock_matches(head.manifest, embedder, head.version)):
+        state.options = RunOptions(full=True, shadow=state.options.shadow)
     if not state.changed:
         summary.chunks = {"added": 0, "removed": 0, "kept": 0, "active": registry.count_active_chunks(config.index)}
         summary.embedding = {"chunks_embedded": 0, "chunks_cached": 0, "chars_embedded": 0}
@@ -359,7 +362,7 @@ def stage_run(
         with _stage(state, "chunk"):
             counter = embedder.token_counter()
             for doc in documents:
-                doc_chunks = chunk_document(doc, counter, embedder.max_tokens)
+                doc_chunks = chunk_document(doc, counter, embedder.max_tokens, prefixes_of(embedder).passage)
                 chunks.extend(doc_chunks)
                 state.chunk_counts[doc.doc_id] = len(doc_chunks)
 
@@ -368,6 +371,7 @@ def stage_run(
         parent_ok = (
             head is not None
             and head.model_id == embedder.model_id
+            and model_lock_matches(head.manifest, embedder, head.version)
             and _same_build_settings(head.manifest or {}, config)
             and store.exists(config.index, head.version)
         )
@@ -479,7 +483,7 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
             rows=rows, added_keys=added_keys, removed_keys=removed_keys, touched_docs=_touched(state),
             doc_fields=doc_fields, vectors=vectors,
             hnsw=HnswParams(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction),
-            encoder=query_encoder(store, embedder, registry.home / "cache"),
+            encoder=query_encoder(store, embedder, registry.home / "cache"), model_record=model_record(embedder),
         )
         store.remove(config.index, summary.version)  # what an earlier attempt of this step left
         try:
@@ -511,7 +515,8 @@ def _stored_encoder(store: ArtifactStore, version: str, index: str, model_id: st
     def load() -> Callable[[list[str]], Any]:
         from retrieval.onnx import OnnxEncoder
 
-        return OnnxEncoder.from_store(store.uri, EncoderRef.from_dict(encoder), model_id, home / "cache").embed
+        stored = OnnxEncoder.from_store(store.uri, EncoderRef.from_dict(encoder), model_id, home / "cache")
+        return lambda texts: stored.embed([stored.spec.passage_prefix + t for t in texts])  # as documents were
 
     return load
 
@@ -545,6 +550,7 @@ def validate_run(registry: Registry, embedder: Embedder, config: IndexConfig, st
                                   golden_max_drop=config.golden_max_drop),
             golden_set=Path(config.golden_set) if config.golden_set else None,
             embed=lambda texts: embedder.embed(texts),
+            embed_queries=query_embedding(embedder),
             live_metrics=live["metrics"] if live and live["model_id"] == embedder.model_id else None,
             index=state.built_index,
             query_encoder=_stored_encoder(store, summary.version, config.index, embedder.model_id, registry.home),

@@ -60,9 +60,9 @@ EmbedderFactory = Callable[[IndexConfig], Embedder]
 
 
 def default_embedder(config: IndexConfig) -> Embedder:
-    from pipeline.embedding import make_embedder
+    from pipeline.embedding import embedder_for
 
-    return make_embedder(config.model, device=config.device, batch_size=config.batch_size)
+    return embedder_for(config)
 
 
 def registry_config(

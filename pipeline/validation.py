@@ -208,10 +208,11 @@ def validate_version(
     live_metrics: dict[str, Any] | None = None,
     index: Any = None,
     query_encoder: Callable[[], Callable[[list[str]], np.ndarray]] | None = None,
+    embed_queries: Callable[[list[str]], np.ndarray] | None = None,
 ) -> ValidationReport:
     """Run every check on a freshly built version (``index``: its HNSW index when still in memory;
     ``query_encoder``: loads the stored query encoder the manifest names, whose vectors must equal
-    ``embed``'s)."""
+    ``embed``'s; ``embed_queries``: embeds the golden queries, default ``embed``)."""
     manifest = json.loads((directory / MANIFEST).read_text())
     report = ValidationReport()
     problems, index, keys = check_structure(directory, manifest, registry_keys, model_id=model_id,
@@ -234,7 +235,8 @@ def validate_version(
     if recall < thresholds.min_recall:
         report.problems.append(f"HNSW recall@10 {recall:.3f} < {thresholds.min_recall:.2f}")
     if golden_set is not None and embed is not None:
-        score = golden_recall(golden_set, index, directory, embed, thresholds.golden_k, thresholds.ef_search)
+        score = golden_recall(golden_set, index, directory, embed_queries or embed, thresholds.golden_k,
+                              thresholds.ef_search)
         report.metrics["golden_recall"] = round(score, 4)
         if score < thresholds.golden_min_recall:
             report.problems.append(f"golden recall@{thresholds.golden_k} {score:.3f} < {thresholds.golden_min_recall:.2f}")

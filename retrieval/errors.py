@@ -15,6 +15,12 @@ class ModelError(RetrievalError):
     """A model cannot be loaded, or returned vectors of the wrong shape."""
 
 
+class EndpointUnavailable(ModelError):
+    """An embeddings endpoint kept failing (429, 5xx, unreachable) after its retries: retry later."""
+
+    transient = True
+
+
 class ModelMismatch(RetrievalError):
     """The query encoder is not the model the version's vectors were made with."""
 

@@ -176,6 +176,11 @@ class LoadedVersion:
         data = self.manifest["model"].get("encoder")
         return EncoderRef.from_dict(data) if data else None
 
+    @property
+    def query_prefix(self) -> str:
+        """What the version's model expects before every query (``model.query_prefix``)."""
+        return str(self.manifest["model"].get("query_prefix", ""))
+
     def all_visible_by(self, now: datetime) -> bool:
         """Whether every chunk's valid_from has passed at ``now`` (results no longer depend on the clock)."""
         return self._last_valid_from is None or self._last_valid_from <= now

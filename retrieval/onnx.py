@@ -50,15 +50,20 @@ class EncoderSpec:
     max_length: int  # tokens per input, special tokens included
     dim: int
     quantized: bool = False
+    query_prefix: str = ""  # what every query is prefixed with before encoding (the manifest says so too)
+    passage_prefix: str = ""  # what the documents were prefixed with
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        # empty prefixes are left out, so bundles of models without prefixes keep their digests
+        data = {k: v for k, v in asdict(self).items() if v != "" or not k.endswith("_prefix")}
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "EncoderSpec":
         data = json.loads(text)
         spec = cls(model_id=str(data["model_id"]), pooling=str(data["pooling"]),
-                   max_length=int(data["max_length"]), dim=int(data["dim"]), quantized=bool(data.get("quantized")))
+                   max_length=int(data["max_length"]), dim=int(data["dim"]), quantized=bool(data.get("quantized")),
+                   query_prefix=str(data.get("query_prefix", "")), passage_prefix=str(data.get("passage_prefix", "")))
         if spec.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {spec.pooling!r}")
         return spec
@@ -127,6 +132,7 @@ class OnnxEncoder:
             raise ModelError(f"cannot read the encoder description {self.directory / SPEC_FILE}: {exc}") from exc
         self.model_id = self.spec.model_id
         self.quantized = self.spec.quantized
+        self.query_prefix = self.spec.query_prefix
         self.dim = self.spec.dim
         self.max_length = self.spec.max_length
         self.max_tokens = self.max_length - SPECIAL_TOKENS

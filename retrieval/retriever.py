@@ -361,6 +361,9 @@ class Retriever:
                 encoder = self._new_encoder(version)
                 if encoder.model_id != model_id:
                     raise ModelMismatch(f"the version was embedded with {model_id!r}; the encoder is {encoder.model_id!r}")
+                if getattr(encoder, "query_prefix", version.query_prefix) != version.query_prefix:
+                    raise ModelMismatch(f"version {version.info.version} prefixes queries with {version.query_prefix!r}; "
+                                        f"its stored encoder says {encoder.query_prefix!r}")
                 self._encoders[key] = encoder
             return encoder
 
@@ -368,6 +371,11 @@ class Retriever:
         from retrieval.models import SentenceTransformerEmbedder, split_variant
 
         model_id, ref = version.info.model_id, version.encoder_ref
+        endpoint = version.manifest["model"].get("endpoint")
+        if endpoint is not None:  # queries go to the model the documents went to, over HTTP
+            from retrieval.endpoint import endpoint_encoder
+
+            return endpoint_encoder(endpoint, dim=version.dim)
         onnx_only = bool(split_variant(model_id)[1])  # a quantized model's vectors come from ONNX Runtime alone
         backend = self.config.encoder_backend
         if backend == "torch":
@@ -390,6 +398,7 @@ class Retriever:
 
     def _embed(self, queries: Sequence[str], version: LoadedVersion) -> np.ndarray:
         model_id = version.info.model_id
+        queries = [version.query_prefix + q for q in queries]  # what the model expects before a query
         with telemetry.span("embedding.query", {"embedding.model": model_id, "embedding.queries": len(queries)}):
             out: list[np.ndarray | None] = [self._query_cache.get((model_id, q)) for q in queries]
             missing = [i for i, v in enumerate(out) if v is None]

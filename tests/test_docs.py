@@ -4,14 +4,15 @@ from dataclasses import fields
 
 from conftest import REPO
 from pipeline.config import IndexConfig
+from retrieval.endpoint import EndpointConfig
 
 
 def test_readme_lists_every_setting():
     readme = (REPO / "README.md").read_text()
     for f in fields(IndexConfig):
         assert f"`RAGPIPE_{f.name.upper()}`" in readme, f.name
-    for name in ["RAGPIPE_DATABASE_URL", "RAGPIPE_HOME"]:
-        assert f"`{name}`" in readme
+    for name in ["RAGPIPE_DATABASE_URL", "RAGPIPE_HOME", *EndpointConfig.variables()]:
+        assert f"`{name}`" in readme, name
 
 
 def test_ci_runs_the_readme_test_command():
