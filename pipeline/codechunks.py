@@ -429,7 +429,7 @@ class _Layout:
     # -- blocks ---------------------------------------------------------------------------------
 
     def blocks(self, sec: _Sec, counter: TokenCounter, max_tokens: int) -> list[tuple[int, int]]:
-        counts = counter.count([self.chars(u.start, u.end) for u in sec.units])
+        counts = self.sizes([(u.start, u.end) for u in sec.units], counter, max_tokens)
         spans: list[tuple[int, int]] = []
         for unit, tokens in zip(sec.units, counts):
             if tokens <= max_tokens or not unit.kids:
@@ -439,6 +439,27 @@ class _Layout:
             spans.extend(cut)
             spans.append((tail, unit.end))
         return [s for s in (self._trimmed(a, b) for a, b in spans) if s is not None]
+
+    def sizes(self, spans: Sequence[tuple[int, int]], counter: TokenCounter, max_tokens: int) -> list[int]:
+        """Token counts of byte spans, exact up to the limit; ``max_tokens + 1`` stands for "more".
+
+        A long span is counted by its leading words (cut at whitespace, so they are tokenized as in
+        the whole), four times more of them each round, until they exceed the limit or are all of
+        it: the rest of a long span is never tokenized. Without this a deeply nested statement (a
+        bundled module, a test suite in one call) would be tokenized again at every level it is
+        opened at.
+        """
+        texts = [self.chars(start, end) for start, end in spans]
+        counts = [0] * len(texts)
+        todo = list(range(len(texts)))
+        cap = 4 * max_tokens + 16  # characters: about the limit's worth of code; grown when it is not
+        while todo:
+            heads = [_leading_words(texts[i], cap) for i in todo]
+            for i, head, n in zip(todo, heads, counter.count(heads)):
+                counts[i] = n
+            todo = [i for i, head in zip(todo, heads) if counts[i] <= max_tokens and len(head) < len(texts[i])]
+            cap *= 4
+        return [min(n, max_tokens + 1) for n in counts]
 
     def cut(
         self, kids: Sequence[Any], pending: int, pending_tokens: int, counter: TokenCounter, max_tokens: int, depth: int
@@ -453,7 +474,7 @@ class _Layout:
         caller continues.
         """
         spans: list[tuple[int, int]] = []
-        counts = counter.count([self.chars(k.start_byte, k.end_byte) for k in kids])
+        counts = self.sizes([(k.start_byte, k.end_byte) for k in kids], counter, max_tokens)
         opening = next((i for i, k in enumerate(kids) if k.type == "{" and not k.is_named), None)
         closing = next((i for i in range(len(kids) - 1, -1, -1) if kids[i].type == "}" and not kids[i].is_named), None)
         if opening is not None and (closing is None or closing <= opening + 1):
@@ -465,7 +486,7 @@ class _Layout:
             if i == opening:
                 spans.append((pending, kid.end_byte))  # the header through its opening brace
                 groups = self.groups(_flatten(kids[i + 1 : closing]))
-                sizes = counter.count([self.chars(g[0].start_byte, g[-1].end_byte) for g in groups])
+                sizes = self.sizes([(g[0].start_byte, g[-1].end_byte) for g in groups], counter, max_tokens)
                 for group, size in zip(groups, sizes):
                     start, end = group[0].start_byte, group[-1].end_byte
                     if size <= max_tokens or depth >= _MAX_DEPTH:
@@ -519,6 +540,14 @@ def _cover(node: Any, start: int, end: int) -> list[Any]:
         else:
             out.extend(_cover(kid, start, end))
     return out
+
+
+def _leading_words(text: str, length: int) -> str:
+    """At most ``length`` characters of ``text``, cut at whitespace (all of it when it is no longer)."""
+    if len(text) <= length:
+        return text
+    cut = max(text.rfind(" ", 0, length), text.rfind("\n", 0, length), text.rfind("\t", 0, length))
+    return text[:cut] if cut > 0 else text
 
 
 def _flatten(kids: Sequence[Any]) -> list[Any]:

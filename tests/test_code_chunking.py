@@ -500,6 +500,32 @@ def test_an_oversized_statement_is_opened_at_its_inner_statements(embedder):
         assert c.text.startswith("case ") or c.text.startswith("default:"), c.text[:30]
 
 
+class Tally:
+    """The real counter, adding up how many characters it was asked to tokenize."""
+
+    def __init__(self, counter):
+        self.name, self.counter, self.chars = counter.name, counter, 0
+
+    def count(self, texts):
+        self.chars += sum(map(len, texts))
+        return self.counter.count(texts)
+
+
+def test_a_deeply_nested_statement_is_not_tokenized_again_at_every_level(embedder):
+    def suite(depth):
+        if depth == 0:
+            return "\n".join(f'it("case {i}", () => {{ expect(parse("input {i}")).toEqual({{ value: {i} }}); }});'
+                             for i in range(150))
+        return f'describe("level {depth}", () => {{\n{suite(depth - 1)}\n}});'
+
+    d = doc("parse.test.js", 'import { parse } from "./parse.js";\n\n' + suite(8) + "\n")
+    tally = Tally(embedder.token_counter())
+    chunks = chunk_document(d, tally, embedder.max_tokens)
+    check_chunks(d, chunks, embedder.token_counter(), embedder.max_tokens)
+    assert all(c.text.startswith(("it(", "describe(", "import ")) for c in chunks)  # cut between statements
+    assert tally.chars < 5 * len(d.text)  # opened 9 levels deep, yet read about once for the cut, once for the chunks
+
+
 def test_a_token_longer_than_the_limit_is_left_to_the_text_cutter(embedder):
     counter = embedder.token_counter()
     words = " ".join(f"word{i}" for i in range(400))
