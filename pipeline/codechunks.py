@@ -1,8 +1,8 @@
-"""Chunking stage, source code: sections and statement-level blocks of JavaScript, TypeScript, Go, Rust
-and Java files, read from their tree-sitter parse trees, for ``pipeline.chunking`` to pack.
+"""Chunking stage, source code: a code file's sections and statement blocks, from its tree-sitter parse tree.
 
-Pure functions over the parse tree: given the same text, grammar versions, token counter and limit,
-the layout is the same. What it produces follows the Python chunker's contract:
+JavaScript, TypeScript (and TSX), Go, Rust and Java; ``pipeline.chunking`` packs the blocks into
+chunks. Pure functions over the parse tree: given the same text, grammar versions, token counter
+and limit, the layout is the same. What it produces follows the Python chunker's contract:
 
 - **Sections** are the file's declarations in order. A top-level function, type, constant or macro
   is one section with its name as heading path. A class, interface, trait, ``impl``, enum with
@@ -10,7 +10,7 @@ the layout is the same. What it produces follows the Python chunker's contract:
   fields or other member-level code before its first member) followed by one section per member
   under the enclosing names, nested as deep as the code is: ``("UserService", "find")`` for a Java
   or TypeScript method, ``("Parser", "parse_header")`` for a function of Rust's ``impl Parser``,
-  ``("Display for Wrapper", "fmt")`` for a trait impl, ``("Server", "Handle")`` for a Go method
+  ``("Display for Error", "fmt")`` for a trait impl, ``("Server", "Handle")`` for a Go method
   (its receiver type is its enclosing name). Code between declarations (imports, statements,
   fields between methods) is a section of its own under the enclosing names (``()`` at module
   level), so nothing moves out of order. A header section that holds only its signature joins its
@@ -39,24 +39,19 @@ import importlib.metadata
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from registry.extras import require
 
+if TYPE_CHECKING:  # pipeline.chunking imports this module to dispatch code formats here
+    from pipeline.chunking import TokenCounter
+
 logger = logging.getLogger(__name__)
 
 CODE_ALGORITHM = "code-v1"
 _MAX_DEPTH = 200  # deeper syntax (generated code) is left whole for the text cutter; Python's stack is finite
-
-
-class TokenCounter(Protocol):
-    """Counts tokens the way the embedding model will see them (``pipeline.chunking.TokenCounter``)."""
-
-    name: str
-
-    def count(self, texts: Sequence[str]) -> list[int]: ...
 
 
 def _javascript() -> Any:

@@ -331,6 +331,29 @@ def test_javascript_sections():
     assert sections[-1][1].startswith("module.exports = {")
 
 
+TSX = """import React from "react";
+
+type Props = { items: string[] };
+
+/** The list. */
+export function List({ items }: Props): JSX.Element {
+  return <ul>{items.map((i) => <li key={i}>{i}</li>)}</ul>;
+}
+
+export default class Panel extends React.Component<Props> {
+  render() {
+    return <div><List items={this.props.items} /></div>;
+  }
+}
+"""
+
+
+def test_tsx_sections():
+    assert doc("panel.tsx", TSX).format == "tsx"
+    assert paths("panel.tsx", TSX) == [(), ("Props",), ("List",), ("Panel",), ("Panel", "render")]
+    assert dict(sections_of("panel.tsx", TSX))[("List",)].startswith("/** The list. */\nexport function List(")
+
+
 def test_go_sections():
     assert paths("store.go", GO) == [
         (),
@@ -741,6 +764,27 @@ def test_code_files_are_read_by_default_with_their_format(tmp_path):
     assert {"*.js", "*.mjs", "*.cjs", "*.jsx", "*.ts", "*.tsx", "*.go", "*.rs", "*.java"} <= set(DEFAULT_INCLUDE)
     for d in scan.documents:
         assert code_layout(d.text, d.format) is not None, d.doc_id  # each parses with its own grammar
+
+
+@pytest.mark.db
+def test_an_edited_method_is_all_a_run_embeds_again(tmp_path, registry, embedder):
+    from pipeline.config import IndexConfig
+    from pipeline.runner import run_index
+
+    src = write_tree(tmp_path / "src", {"calc.go": go_file([statements(i, 6) + "\n\treturn x" for i in range(6)]),
+                                        "parser.rs": RUST, "UserService.java": JAVA})
+    config = IndexConfig(index="code", lock_timeout=5)
+    first = run_index(str(src), registry, embedder, config)
+    assert first.documents["new"] == 3 and first.skipped == []
+    text = (src / "calc.go").read_text()
+    (src / "calc.go").write_text(text.replace("adjustment 2 for the step 3", "adjustment 2 (tuned) for the step 3"))
+    second = run_index(str(src), registry, embedder, config)
+    assert second.documents["changed"] == 1 and second.documents["unchanged"] == 2
+    assert second.embedding["chunks_embedded"] == 1  # Step3's chunk; the other functions' come from the cache
+    scan = scan_source(src)
+    counter = embedder.token_counter()
+    fresh = {c.chunk_id for d in scan.documents for c in chunk_document(d, counter, embedder.max_tokens)}
+    assert registry.active_chunk_ids("code") == fresh
 
 
 # -- end to end ----------------------------------------------------------------------------------------
