@@ -5,7 +5,9 @@ Pure functions only: given the same text, format, token counter and limit, the c
 How a document is cut:
 
 1. **Sections** follow the document's structure: Markdown and reStructuredText headings (each
-   chunk carries its heading path), Python top-level functions and classes (``ast``), one section
+   chunk carries its heading path), Python top-level functions and classes (``ast``), JavaScript,
+   TypeScript, Go, Rust and Java declarations and their methods (tree-sitter, see
+   ``pipeline.codechunks``, which also gives a code file's blocks: whole statements), one section
    for plain text. A section that holds only its heading is merged into the next one.
 2. **Blocks** are a section's paragraphs (blank-line separated; a fenced code block stays whole).
    A block longer than the limit is split into sentences, a sentence longer than the limit into
@@ -22,6 +24,8 @@ How a document is cut:
    making many tiny ones). An edit inside one section therefore changes that section's chunks and
    at most the join decisions up to the next section that needs several chunks; boundaries
    anywhere else stay where they were. A chunk's heading path is that of the section it starts in.
+   In source code only a section that fits one chunk joins the previous one, so that a long
+   function's signature leads a chunk under its own name.
 4. **Context**: when the document has a title (``metadata["title"]``), every chunk is embedded and
    BM25-indexed as ``title + "\n\n" + chunk text`` (unless the chunk already begins with the title),
    so a later chunk of a long document still says what the document is about. The chunk's own text
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pipeline.formats import PageRange
+from pipeline.codechunks import CODE_FORMATS, code_layout
 from pipeline.hashing import chunk_id_for, sha256_hex
 from pipeline.sources import SourceDocument
 from retrieval.artifacts import indexed_text  # the chunk table's definition of what a chunk is indexed as
@@ -291,6 +296,8 @@ def split_sections(text: str, fmt: str) -> list[Section]:
         return rst_sections(text)
     if fmt == "python":
         return python_sections(text)
+    if fmt in CODE_FORMATS and (layout := code_layout(text, fmt)) is not None:
+        return [Section(*s) for s in layout.sections]
     return [Section((), 0, len(text), 0)]
 
 
@@ -467,8 +474,13 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
     if context and counter.count([context])[0] > max_tokens // 8:
         context = ""  # a title this long would crowd out the chunk's own text
     cutter = _Cutter(text, counter, max_tokens)
-    sections = document_sections(doc)
-    section_spans = [_paragraphs(text, s.start, s.end, doc.format) for s in sections]
+    layout = code_layout(text, doc.format, counter, max_tokens, doc.doc_id) if doc.format in CODE_FORMATS else None
+    if layout is not None:  # a code file's blocks are its statements; a file that does not parse is plain text
+        sections, section_spans = [Section(*s) for s in layout.sections], layout.blocks
+        counter = layout.counter or counter  # it remembers the blocks' counts
+    else:
+        sections = split_sections(text, "text") if doc.format in CODE_FORMATS else document_sections(doc)
+        section_spans = [_paragraphs(text, s.start, s.end, doc.format) for s in sections]
     flat = [span for spans in section_spans for span in spans]
     counts = counter.count([text[s:e] for s, e in flat]) if flat else []
 
@@ -496,8 +508,10 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
             continue
         runs = _pack_from_end(atoms, cutter)
         head_atoms, head_tokens = runs[0]
-        if pieces and cutter.joinable(pieces[-1][1], head_atoms, pieces[-1][2] + head_tokens):
-            # the section's short first run joins the previous section's last chunk
+        if (pieces and cutter.joinable(pieces[-1][1], head_atoms, pieces[-1][2] + head_tokens)
+                and (layout is None or len(runs) == 1)):
+            # the section's short first run joins the previous section's last chunk; a code declaration
+            # that needs several chunks starts its own, so that its signature leads a chunk under its name
             path, joined, tokens = pieces[-1]
             pieces[-1] = (path, joined + head_atoms, tokens + head_tokens)
             runs = runs[1:]

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pipeline.chunking import chunk_context
+from pipeline.codechunks import code_chunker_version
 from pipeline.hashing import sha256_hex
 from pipeline.sources import SourceDocument
 from registry.store import DocumentState
@@ -49,13 +50,14 @@ class ChangeSet:
 
 def document_chunker(chunker_version: str, doc: SourceDocument) -> str:
     """What decides one document's chunks besides its text: the chunker configuration, the document's
-    format, the title its chunks are indexed with (see ``pipeline.chunking``) and, for a PDF, DOCX or
-    HTML file, its extractor's version and the digest of the pages and headings it found — so an
-    upgraded extractor re-chunks exactly the documents of its format."""
+    format, the title its chunks are indexed with (see ``pipeline.chunking``), for a PDF, DOCX or
+    HTML file its extractor's version and the digest of the pages and headings it found — so an
+    upgraded extractor re-chunks exactly the documents of its format — and, for source code, the
+    versions of the grammar that parses it (see ``pipeline.codechunks``)."""
     context = chunk_context(doc.metadata)
     title = f";title={sha256_hex(context)[:16]}" if context else ""
     extraction = f";extractor={doc.extraction}" if doc.extraction else ""
-    return f"{chunker_version};format={doc.format}{title}{extraction}"
+    return f"{chunker_version};format={doc.format}{code_chunker_version(doc.format)}{title}{extraction}"
 
 
 def plan_changes(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_from_bytes
 
+from pipeline.codechunks import CODE_EXTENSIONS
 from pipeline.errors import SourceUnavailable
 from pipeline.formats import EXTRACTED_FORMATS, Extracted, Layout, Unextractable, extract_document
 from pipeline.formats.isolation import ExtractLimits, IsolatedExtractor
@@ -27,8 +28,10 @@ from pipeline.hashing import content_hash, metadata_hash, normalize_text, sha256
 DEFAULT_INCLUDE = (
     "*.md", "*.markdown", "*.mdx", "*.rst", "*.txt", "*.text", "*.html", "*.htm",
     "*.py", "*.pyi", "*.adoc", "*.tex", "*.org", "*.pdf", "*.docx",
+    "*.js", "*.mjs", "*.cjs", "*.jsx", "*.ts", "*.tsx", "*.go", "*.rs", "*.java",
 )  # fmt: skip
-DEFAULT_EXCLUDE = (".*", "*/.*")  # hidden files and directories
+# hidden files and directories; installed JavaScript packages (node_modules) are not the project's source
+DEFAULT_EXCLUDE = (".*", "*/.*", "node_modules", "*/node_modules")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 MAX_DOC_ID_LENGTH = 1024
 MAX_METADATA_DEPTH = 64  # deeper objects are refused: hashing and storing them would need deep recursion
@@ -37,6 +40,7 @@ _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")  # NUL and lone surrogates: Pos
 _FORMATS = {
     ".md": "markdown", ".markdown": "markdown", ".mdx": "markdown",
     ".rst": "rst", ".py": "python", ".pyi": "python", ".html": "html", ".htm": "html",
+    **CODE_EXTENSIONS,
 }  # fmt: skip
 
 

