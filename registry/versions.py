@@ -20,21 +20,13 @@ from psycopg.types.json import Jsonb
 
 from registry.errors import RegistryError
 from registry.queries import q
+from registry.rows import VersionRef
 
 NOTIFY_CHANNEL = "ragpipe_alias"
 
 
 class AliasError(RegistryError):
     """An alias operation names something that does not exist or cannot be served."""
-
-
-@dataclass(frozen=True)
-class VersionRef:
-    version: str
-    version_seq: int
-    model_id: str
-    artifact_uri: str | None
-    manifest: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
