@@ -36,20 +36,20 @@ def verify_index(registry: Registry, store: ArtifactStore, index: str, alias: st
     """Check every retained version of ``index`` and the alias that serves it."""
     report = VerifyReport(index)
     versions = registry.list_versions(index)
-    aliases = {a["alias"]: a for a in registry.list_aliases()}
+    aliases = {a.alias: a for a in registry.list_aliases()}
     live = aliases.get(alias)
     if live is None and versions:
         report.violations.append(f"alias {alias!r} does not exist though index {index!r} has versions")
-    for name in ([live["version"]] if live else []) + ([live["shadow_version"]] if live and live["shadow_version"] else []):
+    for name in ([live.version] if live else []) + ([live.shadow_version] if live and live.shadow_version else []):
         row = registry.get_version(name)
-        if row is None or row["status"] not in ("published", "validated", "retired"):
-            report.violations.append(f"{name}: alias {alias!r} names a version that is {row and row['status']}")
+        if row is None or row.status not in ("published", "validated", "retired"):
+            report.violations.append(f"{name}: alias {alias!r} names a version that is {row and row.status}")
     head = registry.head_version(index)
     active = registry.active_chunk_ids(index)
     for v in versions:
-        if v["status"] not in ("published", "retired", "validated"):
+        if v.status not in ("published", "retired", "validated"):
             continue
-        name = v["version"]
+        name = v.version
         report.checked.append(name)
         if not store.exists(index, name):
             report.violations.append(f"{name}: manifest missing from {store.version_uri(index, name)}")
@@ -57,7 +57,7 @@ def verify_index(registry: Registry, store: ArtifactStore, index: str, alias: st
         directory = store.local_path(index, name)
         manifest = json.loads((directory / "manifest.json").read_text())
         problems, _, _ = check_structure(
-            directory, manifest, registry.member_keys(index, int(v["version_seq"])), model_id=v["model_id"]
+            directory, manifest, registry.member_keys(index, v.version_seq), model_id=v.model_id
         )
         report.violations.extend(f"{name}: {p}" for p in problems)
         if head is not None and name == head.version:

@@ -14,7 +14,7 @@ from pipeline.runner import run_index
 from registry import AliasError, IndexLocked, Registry, RegistryConfig
 from registry import db as registry_db
 from registry.queries import fetch_all, fetch_one, parse_queries, q
-from registry.rows import QUERY_ROWS, RunListing, VersionListing
+from registry.rows import QUERY_ROWS, RunListing
 
 pytestmark = pytest.mark.db
 
@@ -93,8 +93,9 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
         assert all(isinstance(r, row_type) for r in fetch_all(registry.conn, name, row_type, params[name]))
     with pytest.raises(TypeError, match="query 'get_run' returns .*RunRow.*, not RunListing"):
         fetch_one(registry.conn, "get_run", RunListing, params["get_run"])
-    assert [v.role for v in fetch_all(registry.conn, "list_versions", VersionListing, params["list_versions"])] == [
-        None, "live,head"]
+    assert registry.get_run(summary.run_id).status == "succeeded"
+    assert [v.role for v in registry.list_versions("docs")] == [None, "live,head"]
+    assert [u.version for u in registry.unfinished_versions("docs")] == ["docs_unfinished"]
 
 
 def test_embedding_cache_round_trip_keeps_first_vector(registry):
@@ -177,8 +178,8 @@ def test_versions_supersede_keep_and_delete_exactly(registry):
     assert registry.member_keys("t", seq2) == {keys["a0"], keys["a2"]}
     assert registry.head_version("t").version == "t_%d" % r2
     aliases = registry.list_aliases()
-    assert [(a["alias"], a["version"]) for a in aliases] == [("t", "t_%d" % r2)]
-    assert registry.get_version("t_%d" % r1)["status"] == "retired"
+    assert [(a.alias, a.version) for a in aliases] == [("t", "t_%d" % r2)]
+    assert registry.get_version("t_%d" % r1).status == "retired"
 
 
 def test_publish_is_one_transaction(registry):
@@ -189,11 +190,11 @@ def test_publish_is_one_transaction(registry):
         build(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a5")], ["a"], fail_inside=True)
     assert registry.active_chunk_ids("t") == {"a0"}
     assert registry.document_states("t")["a"].content_hash == "c"
-    assert registry.list_aliases()[0]["version"] == "t_%d" % r1
+    assert registry.list_aliases()[0].version == "t_%d" % r1
     # the half-published version is left staged; a run abandons it before doing anything else
-    [(version, seq, _)] = registry.unfinished_versions("t")
-    registry.abandon_version("t", version, seq, "abandoned")
-    assert registry.get_version(version)["status"] == "rejected"
+    [unfinished] = registry.unfinished_versions("t")
+    registry.abandon_version("t", unfinished.version, unfinished.version_seq, "abandoned")
+    assert registry.get_version(unfinished.version).status == "rejected"
     assert registry.conn.execute("SELECT status FROM chunks WHERE chunk_id = 'a5'").fetchone() == ("discarded",)
     assert registry.conn.execute("SELECT retired_seq FROM chunks WHERE chunk_id = 'a0'").fetchone() == (None,)
 
