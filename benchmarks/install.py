@@ -108,7 +108,7 @@ def build_index(shared: Path, url: str, home: Path, count: int) -> dict[str, Any
         embedder = make_embedder(DEFAULT_MODEL, device="cpu", cache_dir=home / "cache", batch_size=64)
         summary = run_index(scan_records(records, "bench"), registry, embedder,
                             IndexConfig(index="big", artifacts=str(home / "artifacts"), batch_size=512))
-        manifest = registry.get_version(summary.version)["manifest"]
+        manifest = registry.get_version(summary.version).manifest
     return {"seconds": round(time.perf_counter() - started, 1), "chunks": manifest["counts"]["chunks"],
             "embedding": summary.embedding,
             "version": summary.version, "encoder_digest": manifest["model"]["encoder"]["digest"]}

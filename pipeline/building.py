@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import faults
+from registry.rows import ChunkRow, DocumentFields
 from retrieval.artifacts import (
     CHUNK_SCHEMA,
     PAGE_COLUMNS,
@@ -54,7 +55,7 @@ class BuildPlan:
             of ``touched_docs`` for an incremental one.
         added_keys / removed_keys: the HNSW and BM25 changes relative to the parent (incremental).
         touched_docs: documents whose rows in the parent's chunk table are replaced by ``rows``.
-        doc_fields: doc_id -> (source_uri, metadata, valid_from) for every document in ``rows``.
+        doc_fields: doc_id -> its source_uri, metadata and valid_from, for every document in ``rows``.
         vectors: chunk_hash -> vector for every added key (all members for a full build).
         encoder: the stored query encoder (ONNX bundle) that encodes queries as the documents were
             encoded; None when the embedder has none (queries then need an encoder from the caller).
@@ -70,11 +71,11 @@ class BuildPlan:
     model_id: str
     dim: int
     chunker_version: str
-    rows: list[dict[str, Any]]
+    rows: list[ChunkRow]
     added_keys: list[int] = field(default_factory=list)
     removed_keys: list[int] = field(default_factory=list)
     touched_docs: set[str] = field(default_factory=set)
-    doc_fields: dict[str, tuple[str, dict[str, Any], datetime | None]] = field(default_factory=dict)
+    doc_fields: dict[str, DocumentFields] = field(default_factory=dict)
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     hnsw: HnswParams = field(default_factory=HnswParams)
     encoder: EncoderRef | None = None
@@ -96,11 +97,11 @@ def build_version(out: Path, plan: BuildPlan, analyzer: Analyzer | None = None) 
     with writing_file(out / CHUNKS_FILE) as path:
         pq.write_table(chunks, path, compression="snappy")
 
-    by_key = {int(r["chunk_key"]): r for r in plan.rows}
+    by_key = {r.chunk_key: r for r in plan.rows}
     _write_matrix(out / MATRIX_FILE, plan, chunks, parent_mask, parent_keys, by_key)
 
     def indexed(keys: Sequence[int]) -> list[tuple[int, str]]:
-        return [(k, indexed_text(by_key[k]["context"], by_key[k]["text"])) for k in keys]
+        return [(k, indexed_text(by_key[k].context, by_key[k].text)) for k in keys]
 
     if plan.full:
         keys = [int(k) for k in chunks.column("chunk_key").to_pylist()]
@@ -146,21 +147,21 @@ def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None, np.ndarr
     rows = plan.rows
     fresh = pa.Table.from_pydict(
         {
-            "chunk_key": [r["chunk_key"] for r in rows],
-            "chunk_id": [r["chunk_id"] for r in rows],
-            "doc_id": [r["doc_id"] for r in rows],
-            "chunk_hash": [r["chunk_hash"] for r in rows],
-            "ordinal": [r["ordinal"] for r in rows],
-            "heading_path": [list(r["heading_path"]) for r in rows],
-            "char_start": [r["char_start"] for r in rows],
-            "char_end": [r["char_end"] for r in rows],
-            "token_count": [r["token_count"] for r in rows],
-            "text": [r["text"] for r in rows],
-            "source_uri": [plan.doc_fields[r["doc_id"]][0] for r in rows],
-            "metadata": [json.dumps(plan.doc_fields[r["doc_id"]][1], sort_keys=True) for r in rows],
-            "valid_from": [plan.doc_fields[r["doc_id"]][2] for r in rows],
-            "context": [r["context"] for r in rows],
-            **{name: [r.get(name) for r in rows] for name in PAGE_COLUMNS},
+            "chunk_key": [r.chunk_key for r in rows],
+            "chunk_id": [r.chunk_id for r in rows],
+            "doc_id": [r.doc_id for r in rows],
+            "chunk_hash": [r.chunk_hash for r in rows],
+            "ordinal": [r.ordinal for r in rows],
+            "heading_path": [list(r.heading_path) for r in rows],
+            "char_start": [r.char_start for r in rows],
+            "char_end": [r.char_end for r in rows],
+            "token_count": [r.token_count for r in rows],
+            "text": [r.text for r in rows],
+            "source_uri": [plan.doc_fields[r.doc_id].source_uri for r in rows],
+            "metadata": [json.dumps(plan.doc_fields[r.doc_id].metadata, sort_keys=True) for r in rows],
+            "valid_from": [plan.doc_fields[r.doc_id].valid_from for r in rows],
+            "context": [r.context for r in rows],
+            **{name: [getattr(r, name) for r in rows] for name in PAGE_COLUMNS},
         },
         schema=CHUNK_SCHEMA,
     )
@@ -178,10 +179,10 @@ def _chunk_table(plan: BuildPlan) -> tuple[pa.Table, np.ndarray | None, np.ndarr
 
 
 def _write_matrix(path: Path, plan: BuildPlan, chunks: pa.Table, parent_mask: np.ndarray | None,
-                  parent_keys: np.ndarray | None, by_key: dict[int, dict[str, Any]]) -> None:
+                  parent_keys: np.ndarray | None, by_key: dict[int, ChunkRow]) -> None:
     """Full-precision vectors aligned with the chunk table: the parent's kept rows copied in one pass,
     then the rewritten rows (from the cache when new, from the parent when kept)."""
-    fresh_keys = [int(r["chunk_key"]) for r in plan.rows]
+    fresh_keys = [r.chunk_key for r in plan.rows]
     matrix = allocate_matrix(path, (chunks.num_rows, plan.dim))
     start = 0
     parent_of: dict[int, int] = {}
@@ -191,23 +192,23 @@ def _write_matrix(path: Path, plan: BuildPlan, chunks: pa.Table, parent_mask: np
         kept = int(parent_mask.sum())
         matrix[:kept] = parent_matrix[parent_mask]
         start = kept
-        if parent_keys is not None and any(by_key[k]["chunk_hash"] not in plan.vectors for k in fresh_keys):
+        if parent_keys is not None and any(by_key[k].chunk_hash not in plan.vectors for k in fresh_keys):
             parent_of = {int(k): i for i, k in enumerate(parent_keys.tolist())}
     for i, key in enumerate(fresh_keys):
-        vector = plan.vectors.get(by_key[key]["chunk_hash"])
+        vector = plan.vectors.get(by_key[key].chunk_hash)
         matrix[start + i] = vector if vector is not None else parent_matrix[parent_of[key]]
     matrix.flush()
     del matrix
 
 
-def _vector_matrix(keys: Sequence[int], by_key: dict[int, dict[str, Any]], plan: BuildPlan) -> np.ndarray:
+def _vector_matrix(keys: Sequence[int], by_key: dict[int, ChunkRow], plan: BuildPlan) -> np.ndarray:
     matrix = np.empty((len(keys), plan.dim), dtype=np.float32)
     for i, key in enumerate(keys):
-        matrix[i] = plan.vectors[by_key[key]["chunk_hash"]]
+        matrix[i] = plan.vectors[by_key[key].chunk_hash]
     return matrix
 
 
-def _write_hnsw(path: Path, plan: BuildPlan, keys: Sequence[int], by_key: dict[int, dict[str, Any]],
+def _write_hnsw(path: Path, plan: BuildPlan, keys: Sequence[int], by_key: dict[int, ChunkRow],
                 live: int) -> tuple[dict[str, int], Any]:
     import hnswlib
 

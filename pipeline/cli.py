@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cli_output import (
     format_alias_move,
@@ -28,6 +29,9 @@ from pipeline.cli_output import (
     format_versions_gc,
 )
 from pipeline.cli_parser import build_parser
+
+if TYPE_CHECKING:
+    from registry import VersionListing
 
 EXIT_TERMINAL = 1
 EXIT_TRANSIENT = 75
@@ -116,7 +120,7 @@ def _cmd_alias(args: argparse.Namespace) -> int:
 
     with Registry.open(_registry_config(args)) as registry:
         if args.alias_command == "list":
-            _print_rows(registry.list_aliases(),
+            _print_rows([asdict(a) for a in registry.list_aliases()],
                         ["alias", "index_name", "version", "shadow_version", "model_id", "chunks", "updated_at"],
                         args.json)
             return 0
@@ -129,8 +133,8 @@ def _cmd_alias(args: argparse.Namespace) -> int:
         row = registry.get_version(target)
         if row is not None:  # the registry names a missing version itself
             store = artifact_store(_index_config(args), registry.home)
-            if not store.exists(row["index_name"], target):
-                raise ConfigError(f"version {target}'s files are missing from {store.version_uri(row['index_name'], target)}; "
+            if not store.exists(row.index_name, target):
+                raise ConfigError(f"version {target}'s files are missing from {store.version_uri(row.index_name, target)}; "
                                   f"alias {args.alias!r} unchanged")
         move = registry.swap_alias(args.alias, target, action=args.alias_command)
     result = {"alias": move.alias, "version": move.version, "previous": move.previous, "action": move.action}
@@ -145,7 +149,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     with Registry.open(_registry_config(args)) as registry:
         rows = registry.list_runs(config.index, args.limit)
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps([asdict(r) for r in rows], indent=2, default=str))
         return 0
     for r in rows:
         print(format_run(r))
@@ -159,9 +163,7 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     config = _index_config(args)
     with Registry.open(_registry_config(args)) as registry:
         if args.versions_command == "list":
-            rows = registry.list_versions(config.index)
-            for r in rows:
-                r["role"] = ",".join(k for k in ("live", "shadow", "head") if r.pop(k)) or None
+            rows = [_version_record(v) for v in registry.list_versions(config.index)]
             _print_rows(rows, ["version", "status", "role", "chunks", "model_id", "full_build", "created_at",
                                "metrics", "reason"], args.json)
             return 0
@@ -169,6 +171,11 @@ def _cmd_versions(args: argparse.Namespace) -> int:
             result = collect_garbage(registry, artifact_store(config, registry.home), config.index, config.retention)
     print(json.dumps(result) if args.json else format_versions_gc(result))
     return 0
+
+
+def _version_record(v: VersionListing) -> dict[str, Any]:
+    """A row of ``versions list``: the version's columns, its role flags as one ``role``."""
+    return {**{k: value for k, value in asdict(v).items() if k not in ("live", "shadow", "head")}, "role": v.role}
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:

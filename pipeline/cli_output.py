@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # for annotations only: printing needs none of the pipeline loaded
     from pipeline.gc import GcReport
     from pipeline.runner import RunSummary
+    from registry.rows import RunListing
     from registry.versions import AliasMove
     from retrieval.hit import Hit
 
@@ -47,14 +48,14 @@ def format_summary(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
-def format_run(r: Mapping[str, Any]) -> str:
+def format_run(r: RunListing) -> str:
     """One recorded run (a row of ``runs list``): outcome, version, what changed, what was embedded, seconds."""
-    counts = r.get("counts") or {}
+    counts = r.counts or {}
     d, c, e = counts.get("documents") or {}, counts.get("chunks") or {}, counts.get("embedding") or {}
-    took = (r["finished_at"] - r["started_at"]).total_seconds() if r.get("finished_at") else None
-    head = (f"run {r['run_id']} ({r['owner']}) on index {r['index_name']!r}: {r['status']}"
+    took = (r.finished_at - r.started_at).total_seconds() if r.finished_at else None
+    head = (f"run {r.run_id} ({r.owner}) on index {r.index_name!r}: {r.status}"
             + (f", version {counts['version']}" if counts.get("version") else
-               ", nothing changed" if r["status"] == "succeeded" else "")
+               ", nothing changed" if r.status == "succeeded" else "")
             + (f", {took:.1f} s" if took is not None else ""))
     lines = [head]
     if d:
@@ -65,8 +66,8 @@ def format_run(r: Mapping[str, Any]) -> str:
                      f"  active {c.get('active', 0)}")
     if e:
         lines.append(f"  embedding  {e.get('chunks_embedded', 0)} embedded, {e.get('chunks_cached', 0)} from cache")
-    if r.get("error"):
-        lines.append(f"  error      {r['error']}")
+    if r.error:
+        lines.append(f"  error      {r.error}")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.artifacts import ArtifactStore
+from retrieval.artifacts import ArtifactStore, writing_file
 from retrieval.errors import ModelError
 from registry.extras import require
 from retrieval.identity import Prefixes
@@ -269,7 +269,8 @@ def store_encoder(store: ArtifactStore, bundle: Path) -> EncoderRef:
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: readers may run as another user
         try:
             for name in BUNDLE_FILES:
-                shutil.copyfile(bundle / name, tmp / name)
+                with writing_file(tmp / name):  # a full disk is the run's error, named, never a crash
+                    shutil.copyfile(bundle / name, tmp / name)
             try:
                 tmp.rename(target)
             except OSError:  # another run stored the same bundle first: same content, keep theirs

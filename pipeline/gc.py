@@ -20,14 +20,14 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import IndexConfig
 from pipeline.runner import artifact_store, collect_garbage
-from registry import Registry
+from registry import Registry, VersionListing
 from retrieval.artifacts import DOWNLOAD_SUFFIX, download_directory, is_remote
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def collect_all(registry: Registry, config: IndexConfig) -> GcReport:
 
 
 def collect_download_cache(
-    versions: Sequence[Mapping[str, Any]], cache_dir: Path, index: str, *, now: float | None = None,
+    versions: Sequence[VersionListing], cache_dir: Path, index: str, *, now: float | None = None,
 ) -> DownloadCollection:
     """Delete the download-cache directories of ``index`` that :func:`stale_copies` picks.
 
@@ -119,15 +119,15 @@ def collect_download_cache(
     return DownloadCollection(sorted(removed), size)
 
 
-def stale_copies(copies: Iterable[CachedCopy], versions: Sequence[Mapping[str, Any]], now: float,
+def stale_copies(copies: Iterable[CachedCopy], versions: Sequence[VersionListing], now: float,
                  grace_s: float) -> list[CachedCopy]:
     """The copies to delete: any of a version that is gone, unfinished ones idle for ``grace_s``."""
-    status = {v["version"]: v["status"] for v in versions}
+    status = {v.version: v.status for v in versions}
     return [c for c in copies
             if c.version in status and (status[c.version] in GONE or (c.partial and now - c.modified > grace_s))]
 
 
-def cached_copies(versions: Sequence[Mapping[str, Any]], cache_dir: Path, index: str) -> list[CachedCopy]:
+def cached_copies(versions: Sequence[VersionListing], cache_dir: Path, index: str) -> list[CachedCopy]:
     """The directories of the download cache that belong to versions of ``index``.
 
     They sit where the readers put them: ``cache_dir/INDEX/VERSION`` (the artifact store's copy of a
@@ -135,9 +135,9 @@ def cached_copies(versions: Sequence[Mapping[str, Any]], cache_dir: Path, index:
     retriever's copy, partial ``VERSION.download``), and ``cache_dir/.VERSION.*`` (a remote build's
     files before upload). Nothing else there (the ONNX export, other indexes) is a candidate.
     """
-    names = {v["version"] for v in versions}
-    parents = {cache_dir / index} | {download_directory(v["artifact_uri"], cache_dir).parent for v in versions
-                                     if v.get("artifact_uri") and is_remote(v["artifact_uri"])}
+    names = {v.version for v in versions}
+    parents = {cache_dir / index} | {download_directory(v.artifact_uri, cache_dir).parent for v in versions
+                                     if v.artifact_uri and is_remote(v.artifact_uri)}
     found = []
     for parent, partial_only in [(cache_dir, True), *((p, False) for p in sorted(parents))]:
         for child in sorted(parent.iterdir()) if parent.is_dir() else []:

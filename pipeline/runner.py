@@ -39,7 +39,7 @@ from pipeline.errors import ArtifactWriteError, EmbeddingError, UnsafeDeletion, 
 from pipeline.formats.isolation import ExtractLimits
 from pipeline.sources import SourceDocument, SourceScan, scan_source
 from pipeline.validation import Thresholds, validate_version
-from registry import Registry
+from registry import ChunkRow, DocumentFields, Registry
 from retrieval.bm25 import ANALYZER_VERSION
 
 logger = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ def _touched(state: RunState) -> set[str]:
     return {d["doc_id"] for d in state.to_write} | set(state.deleted)
 
 
-def needed_rows(registry: Registry, index: str, state: RunState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def needed_rows(registry: Registry, index: str, state: RunState) -> tuple[list[ChunkRow], list[ChunkRow]]:
     """(rows the build rewrites, rows whose vectors it needs): every member for a full build; for an
     incremental one the members of the touched documents, and the chunks the version adds."""
     assert state.seq is not None
@@ -407,16 +407,16 @@ def needed_rows(registry: Registry, index: str, state: RunState) -> tuple[list[d
         state.fetched_rows = rows, rows
     else:
         added, _removed = registry.version_changes(index, state.seq)
-        by_key = {int(r["chunk_key"]): r for r in rows}
+        by_key = {r.chunk_key: r for r in rows}
         state.fetched_rows = rows, [by_key[k] for k in added]
     return state.fetched_rows  # type: ignore[no-any-return]
 
 
-def missing_texts(registry: Registry, model_id: str, rows: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], int]:
+def missing_texts(registry: Registry, model_id: str, rows: list[ChunkRow]) -> tuple[list[tuple[str, str]], int]:
     """((chunk hash, indexed text) of the rows the embedding cache lacks for ``model_id``, distinct texts)."""
     text_by_hash: dict[str, str] = {}
     for row in rows:
-        text_by_hash.setdefault(row["chunk_hash"], indexed_text(row["context"], row["text"]))
+        text_by_hash.setdefault(row.chunk_hash, indexed_text(row.context, row.text))
     missing = registry.missing_embeddings(model_id, list(text_by_hash))
     return [(h, text_by_hash[h]) for h in missing], len(text_by_hash)
 
@@ -458,7 +458,7 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
         rows, needed = needed_rows(registry, config.index, state)
         state.fetched_rows = None
         added_keys, removed_keys = registry.version_changes(config.index, state.seq)
-        hashes = list({r["chunk_hash"] for r in needed})
+        hashes = list({r.chunk_hash for r in needed})
         vectors = registry.fetch_embeddings(embedder.model_id, hashes)
         missing = set(hashes) - set(vectors)
         if missing:
@@ -467,15 +467,16 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
         parent = registry.get_version(state.parent) if state.parent else None
         if vectors:
             dim = len(next(iter(vectors.values())))
-        elif not summary.full_build and parent and parent.get("manifest"):
-            dim = int(parent["manifest"]["model"]["dim"])  # same model as the parent: nothing new to embed
+        elif not summary.full_build and parent and parent.manifest:
+            dim = int(parent.manifest["model"]["dim"])  # same model as the parent: nothing new to embed
         else:
             dim = embedder.dim
         full = summary.full_build
         doc_fields = registry.document_fields(config.index) if full else {}
         for doc_id in state.deleted:
             doc_fields.pop(doc_id, None)
-        doc_fields.update({d.doc_id: (d.source_uri, d.metadata, d.valid_from) for d in state.documents()})
+        doc_fields.update({d.doc_id: DocumentFields(d.doc_id, d.source_uri, d.metadata, d.valid_from)
+                           for d in state.documents()})
         build_plan = BuildPlan(
             index=config.index, version=summary.version, parent_version=state.parent,
             parent_dir=None if full else store.local_path(config.index, state.parent),  # type: ignore[arg-type]
@@ -483,10 +484,11 @@ def build_run(registry: Registry, embedder: Embedder, config: IndexConfig, state
             rows=rows, added_keys=added_keys, removed_keys=removed_keys, touched_docs=_touched(state),
             doc_fields=doc_fields, vectors=vectors,
             hnsw=HnswParams(m=config.hnsw_m, ef_construction=config.hnsw_ef_construction),
-            encoder=query_encoder(store, embedder, registry.home / "cache"), model_record=model_record(embedder),
+            model_record=model_record(embedder),
         )
         store.remove(config.index, summary.version)  # what an earlier attempt of this step left
         try:
+            build_plan.encoder = query_encoder(store, embedder, registry.home / "cache")
             with store.writing(config.index, summary.version) as out:
                 manifest, state.built_index = build_version(out, build_plan)
         except WriteFailed as exc:  # a failed read (of the parent's files, say) stays what it is
@@ -551,7 +553,7 @@ def validate_run(registry: Registry, embedder: Embedder, config: IndexConfig, st
             golden_set=Path(config.golden_set) if config.golden_set else None,
             embed=lambda texts: embedder.embed(texts),
             embed_queries=query_embedding(embedder),
-            live_metrics=live["metrics"] if live and live["model_id"] == embedder.model_id else None,
+            live_metrics=live.metrics if live and live.model_id == embedder.model_id else None,
             index=state.built_index,
             query_encoder=_stored_encoder(store, summary.version, config.index, embedder.model_id, registry.home),
         )
@@ -611,8 +613,8 @@ def _same_build_settings(manifest: dict[str, Any], config: IndexConfig) -> bool:
 
 def _alias_version(registry: Registry, alias: str) -> str | None:
     for row in registry.list_aliases():
-        if row["alias"] == alias:
-            return str(row["version"])
+        if row.alias == alias:
+            return row.version
     return None
 
 
@@ -629,9 +631,11 @@ def recover_unfinished(registry: Registry, store: ArtifactStore, index: str) -> 
     """
     store.remove_partials(index)
     recovered = []
-    for version, seq, _uri in registry.unfinished_versions(index):
+    for unfinished in registry.unfinished_versions(index):
+        version = unfinished.version
         store.remove(index, version)
-        registry.abandon_version(index, version, seq, "abandoned: the run building it ended before publishing")
+        registry.abandon_version(index, version, unfinished.version_seq,
+                                 "abandoned: the run building it ended before publishing")
         recovered.append(version)
         logger.warning("recovered unfinished version %s of index %s", version, index)
     return recovered
@@ -649,15 +653,15 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
     retained_seqs: list[int] = []
     candidates: list[str] = []
     for v in versions:
-        if v["status"] not in ("published", "retired", "validated"):
+        if v.status not in ("published", "retired", "validated"):
             continue
-        if v["live"] or v["shadow"] or v["head"] or kept < retention:
+        if v.live or v.shadow or v.head or kept < retention:
             kept += 1
-            retained_seqs.append(int(v["version_seq"]))
+            retained_seqs.append(v.version_seq)
         else:
-            candidates.append(v["version"])
+            candidates.append(v.version)
     removed = registry.mark_removed(index, candidates)
-    gone = set(removed) | {v["version"] for v in versions if v["status"] in ("removed", "rejected")}
+    gone = set(removed) | {v.version for v in versions if v.status in ("removed", "rejected")}
     for version in sorted(gone):
         if store.exists(index, version):  # also files a killed gc or rejection left behind
             store.remove(index, version)

@@ -203,7 +203,7 @@ def build(
             build_run(registry, model, config, state)
         version = registry.get_version(state.summary.version) if state.summary.version else None
         return {"run_id": run_id, "version": state.summary.version,
-                "artifact_uri": version["artifact_uri"] if version else None, "full_build": state.summary.full_build}
+                "artifact_uri": version.artifact_uri if version else None, "full_build": state.summary.full_build}
 
 
 def validate(
@@ -235,7 +235,7 @@ def publish(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig
         return {"run_id": run_id, "index": config.index, "version": state.summary.version,
                 "alias": alias.get("alias", config.alias), "previous": alias.get("previous"),
                 "action": alias.get("action", "shadow" if state.options.shadow else "publish"),
-                "artifact_uri": version["artifact_uri"] if version else None}
+                "artifact_uri": version.artifact_uri if version else None}
 
 
 def gc(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig | None = None) -> dict[str, Any]:
@@ -244,7 +244,7 @@ def gc(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig | No
     Run again after it succeeded (its task died before the orchestrator heard), it reports that."""
     with _registry(registry_config) as registry:
         run = registry.get_run(run_id)
-        if run is not None and run["status"] == "succeeded":
+        if run is not None and run.status == "succeeded":
             return {"run_id": run_id, "already_finished": True}
     with _continue(run_id, config, registry_config, final=True) as (registry, state):
         if state.step == "published":

@@ -43,28 +43,28 @@ def verify_index(registry: Registry, store: ArtifactStore, index: str, alias: st
     """
     report = VerifyReport(index)
     versions = registry.list_versions(index)
-    aliases = {a["alias"]: a for a in registry.list_aliases()}
+    aliases = {a.alias: a for a in registry.list_aliases()}
     live = aliases.get(alias)
     if live is None and versions:
         report.violations.append(f"alias {alias!r} does not exist though index {index!r} has versions")
-    for name in ([live["version"]] if live else []) + ([live["shadow_version"]] if live and live["shadow_version"] else []):
+    for name in ([live.version] if live else []) + ([live.shadow_version] if live and live.shadow_version else []):
         row = registry.get_version(name)
-        if row is None or row["status"] not in ("published", "validated", "retired"):
-            report.violations.append(f"{name}: alias {alias!r} names a version that is {row and row['status']}")
+        if row is None or row.status not in ("published", "validated", "retired"):
+            report.violations.append(f"{name}: alias {alias!r} names a version that is {row and row.status}")
     head = registry.head_version(index)
     active = registry.active_chunk_ids(index)
     for v in versions:
-        if v["status"] not in ("published", "retired", "validated"):
+        if v.status not in ("published", "retired", "validated"):
             continue
-        name = v["version"]
+        name = v.version
         report.checked.append(name)
         if not store.exists(index, name):
             report.violations.append(f"{name}: manifest missing from {store.version_uri(index, name)}")
             continue
-        keys = registry.member_keys(index, int(v["version_seq"]))
+        keys = registry.member_keys(index, v.version_seq)
         is_head = head is not None and name == head.version
         try:
-            problems = _version_problems(store.local_path(index, name), name, keys, v["model_id"],
+            problems = _version_problems(store.local_path(index, name), name, keys, v.model_id,
                                          active if is_head else None)
         except Exception as exc:  # whatever a damaged file makes a reader raise is a finding, not a crash
             problems = [f"cannot check its files: {type(exc).__name__}: {exc}"]

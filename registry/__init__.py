@@ -2,13 +2,26 @@
 
 from registry.config import RegistryConfig
 from registry.errors import IndexLocked, MigrationError, RegistryError, RegistryUnavailable, RunNotRunning
+from registry.rows import (
+    AliasRow,
+    ChunkRow,
+    DocumentFields,
+    RunListing,
+    RunRow,
+    UnfinishedVersion,
+    VersionListing,
+    VersionRef,
+    VersionRow,
+)
 from registry.store import DocumentState, Registry
-from registry.versions import AliasError, AliasMove, VersionRef
+from registry.versions import AliasError, AliasMove
 
 __all__ = [
     "AliasError",
     "AliasMove",
-    "VersionRef",
+    "AliasRow",
+    "ChunkRow",
+    "DocumentFields",
     "DocumentState",
     "IndexLocked",
     "MigrationError",
@@ -16,5 +29,11 @@ __all__ = [
     "RegistryConfig",
     "RegistryError",
     "RegistryUnavailable",
+    "RunListing",
     "RunNotRunning",
+    "RunRow",
+    "UnfinishedVersion",
+    "VersionListing",
+    "VersionRef",
+    "VersionRow",
 ]

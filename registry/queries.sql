@@ -45,7 +45,7 @@ SELECT run_id, index_name, source, owner, status, started_at, finished_at, count
 FROM runs WHERE index_name = %(index)s ORDER BY run_id DESC LIMIT %(limit)s;
 
 -- name: get_run
-SELECT run_id, index_name, source, status, started_at, finished_at, counts, stage_seconds, skipped, error
+SELECT run_id, index_name, source, owner, status, started_at, finished_at, counts, stage_seconds, error, skipped
 FROM runs
 WHERE run_id = %(run_id)s;
 
@@ -146,8 +146,8 @@ SELECT count(*) FROM chunks WHERE index_name = %(index)s AND status = 'active';
 SELECT chunk_id FROM chunks WHERE index_name = %(index)s AND status = 'active';
 
 -- name: active_chunks
-SELECT chunk_key, doc_id, chunk_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count,
-       text, version, page_start, page_end, page_label_start, page_label_end
+SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text,
+       context, page_start, page_end, page_label_start, page_label_end
 FROM chunks
 WHERE index_name = %(index)s AND status = 'active'
 ORDER BY doc_id, ordinal;
@@ -290,8 +290,8 @@ SET status = %(status)s,
 WHERE version = %(version)s;
 
 -- name: get_version
-SELECT version, version_seq, index_name, status, parent_version, run_id, model_id, full_build, artifact_uri,
-       manifest, metrics, reason, created_at, validated_at, published_at, retired_at
+SELECT version, version_seq, status, parent_version, model_id, full_build, artifact_uri, metrics, reason,
+       created_at, published_at, index_name, run_id, manifest, validated_at, retired_at
 FROM index_versions WHERE version = %(version)s;
 
 -- name: list_versions

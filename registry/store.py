@@ -22,7 +22,8 @@ from psycopg.types.json import Jsonb
 from registry import db
 from registry.config import RegistryConfig
 from registry.errors import ConnectionLost, IndexLocked, RunNotRunning
-from registry.queries import q
+from registry.queries import fetch_all, fetch_one, q
+from registry.rows import ChunkRow, RunListing, RunRow
 from registry.versions import VersionStore
 
 logger = logging.getLogger(__name__)
@@ -243,8 +244,8 @@ class Registry(VersionStore):
             run = self.get_run(run_id)
             if run is None:
                 raise RunNotRunning(f"run {run_id} does not exist")
-            reason = f": {run['error']}" if run.get("error") else ""
-            raise RunNotRunning(f"run {run_id} is {run['status']}{reason}")
+            reason = f": {run.error}" if run.error else ""
+            raise RunNotRunning(f"run {run_id} is {run.status}{reason}")
         return str(row[0]), row[1]
 
     def save_run_state(self, run_id: int, state: dict[str, Any]) -> None:
@@ -272,16 +273,12 @@ class Registry(VersionStore):
             },
         )
 
-    def list_runs(self, index: str, limit: int = 10) -> list[dict[str, Any]]:
+    def list_runs(self, index: str, limit: int = 10) -> list[RunListing]:
         """The newest runs of ``index``, newest first."""
-        with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-            cur.execute(q("list_runs"), {"index": index, "limit": limit})
-            return cur.fetchall()
+        return fetch_all(self.conn, "list_runs", RunListing, {"index": index, "limit": limit})
 
-    def get_run(self, run_id: int) -> dict[str, Any] | None:
-        with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-            cur.execute(q("get_run"), {"run_id": run_id})
-            return cur.fetchone()
+    def get_run(self, run_id: int) -> RunRow | None:
+        return fetch_one(self.conn, "get_run", RunRow, {"run_id": run_id})
 
     # -- embedding cache -----------------------------------------------------------------------
 
@@ -337,10 +334,8 @@ class Registry(VersionStore):
             cur.execute(q("active_chunk_ids"), {"index": index})
             return {row[0] for row in cur}
 
-    def active_chunks(self, index: str) -> list[dict[str, Any]]:
-        with self.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-            cur.execute(q("active_chunks"), {"index": index})
-            return cur.fetchall()
+    def active_chunks(self, index: str) -> list[ChunkRow]:
+        return fetch_all(self.conn, "active_chunks", ChunkRow, {"index": index})
 
     def count_active_chunks(self, index: str) -> int:
         row = self.conn.execute(q("count_active_chunks"), {"index": index}).fetchone()

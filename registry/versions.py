@@ -15,26 +15,25 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from registry.errors import RegistryError
-from registry.queries import q
+from registry.queries import fetch_all, fetch_one, q
+from registry.rows import (
+    AliasRow,
+    ChunkRow,
+    DocumentFields,
+    UnfinishedVersion,
+    VersionListing,
+    VersionRef,
+    VersionRow,
+)
 
 NOTIFY_CHANNEL = "ragpipe_alias"
 
 
 class AliasError(RegistryError):
     """An alias operation names something that does not exist or cannot be served."""
-
-
-@dataclass(frozen=True)
-class VersionRef:
-    version: str
-    version_seq: int
-    model_id: str
-    artifact_uri: str | None
-    manifest: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,7 @@ class VersionStore:
     # -- building --------------------------------------------------------------------------------
 
     def head_version(self, index: str) -> VersionRef | None:
-        row = self.conn.execute(q("head_version"), {"index": index}).fetchone()
-        return VersionRef(*row) if row else None
+        return fetch_one(self.conn, "head_version", VersionRef, {"index": index})
 
     def create_version(
         self, *, index: str, version: str, parent: str | None, run_id: int, model_id: str, full_build: bool
@@ -67,8 +65,8 @@ class VersionStore:
         assert row is not None
         return int(row[0])
 
-    def unfinished_versions(self, index: str) -> list[tuple[str, int, str | None]]:
-        return [tuple(r) for r in self.conn.execute(q("unfinished_versions"), {"index": index}).fetchall()]  # type: ignore[misc]
+    def unfinished_versions(self, index: str) -> list[UnfinishedVersion]:
+        return fetch_all(self.conn, "unfinished_versions", UnfinishedVersion, {"index": index})
 
     def abandon_version(self, index: str, version: str, seq: int, reason: str, metrics: dict[str, Any] | None = None) -> None:
         """Undo a version's staging and record it as rejected (one transaction)."""
@@ -126,19 +124,14 @@ class VersionStore:
             cur.execute(q("member_keys"), {"index": index, "seq": seq})
             return {int(r[0]) for r in cur}
 
-    def member_rows(self, index: str, seq: int, doc_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    def member_rows(self, index: str, seq: int, doc_ids: Sequence[str] | None = None) -> list[ChunkRow]:
         """Chunk rows of a version (all, or only those of ``doc_ids``), by chunk_key."""
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                q("member_rows"),
-                {"index": index, "seq": seq, "all_docs": doc_ids is None, "doc_ids": list(doc_ids or [])},
-            )
-            return cur.fetchall()
+        return fetch_all(self.conn, "member_rows", ChunkRow,
+                         {"index": index, "seq": seq, "all_docs": doc_ids is None, "doc_ids": list(doc_ids or [])})
 
-    def document_fields(self, index: str) -> dict[str, tuple[str, dict[str, Any], datetime | None]]:
-        with self.conn.cursor() as cur:
-            cur.execute(q("document_fields"), {"index": index})
-            return {r[0]: (r[1], r[2], r[3]) for r in cur}
+    def document_fields(self, index: str) -> dict[str, DocumentFields]:
+        """The fields of the index's active documents, by doc_id."""
+        return {d.doc_id: d for d in fetch_all(self.conn, "document_fields", DocumentFields, {"index": index})}
 
     def mark_version_built(self, version: str, artifact_uri: str, manifest: dict[str, Any]) -> None:
         self.conn.execute(q("mark_version_built"),
@@ -219,10 +212,8 @@ class VersionStore:
         self.conn.execute(q("notify_alias"), {"payload": payload})
         return AliasMove(alias, version, previous, action)
 
-    def get_version(self, version: str) -> dict[str, Any] | None:
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(q("get_version"), {"version": version})
-            return cur.fetchone()
+    def get_version(self, version: str) -> VersionRow | None:
+        return fetch_one(self.conn, "get_version", VersionRow, {"version": version})
 
     def swap_alias(self, alias: str, version: str, action: str = "swap") -> AliasMove:
         """Point an existing alias at another retained version of its index.
@@ -251,7 +242,7 @@ class VersionStore:
             raise AliasError(f"alias {alias!r} does not exist")
         live = self.get_version(current[1])
         assert live is not None
-        row = self.conn.execute(q("rollback_target"), {"index": current[0], "seq": live["version_seq"]}).fetchone()
+        row = self.conn.execute(q("rollback_target"), {"index": current[0], "seq": live.version_seq}).fetchone()
         if row is None:
             raise AliasError(f"alias {alias!r} is on {current[1]}; no older retained version to roll back to")
         return str(row[0])
@@ -272,15 +263,12 @@ class VersionStore:
         """Make the alias's shadow version its live one."""
         return self.swap_alias(alias, self.shadow_of(alias), action="promote")
 
-    def list_aliases(self) -> list[dict[str, Any]]:
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(q("list_aliases"))
-            return cur.fetchall()
+    def list_aliases(self) -> list[AliasRow]:
+        return fetch_all(self.conn, "list_aliases", AliasRow)
 
-    def list_versions(self, index: str) -> list[dict[str, Any]]:
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(q("list_versions"), {"index": index})
-            return cur.fetchall()
+    def list_versions(self, index: str) -> list[VersionListing]:
+        """Every version of ``index``, newest first, with its roles."""
+        return fetch_all(self.conn, "list_versions", VersionListing, {"index": index})
 
     def mark_removed(self, index: str, versions: Sequence[str]) -> list[str]:
         """Mark versions removed unless an alias serves them (serialized with alias moves)."""

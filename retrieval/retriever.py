@@ -233,17 +233,17 @@ class Retriever:
     def _resolve(self, shadow: bool = False) -> VersionInfo | None:
         with self._registry_lock:
             aliases = self._registry.read(self._registry.list_aliases)  # reconnects if the server dropped it
-            row = next((a for a in aliases if a["alias"] == self.alias), None)
+            row = next((a for a in aliases if a.alias == self.alias), None)
             if row is None:
                 raise AliasNotFound(f"alias {self.alias!r} does not exist; publish a version with `ragpipe index`")
-            name = row["shadow_version"] if shadow else row["version"]
+            name = row.shadow_version if shadow else row.version
             if name is None:
                 return None
             version = self._registry.read(self._registry.get_version, name)
-        assert version is not None
-        return VersionInfo(alias=self.alias, index=version["index_name"], version=name,
-                           artifact_uri=version["artifact_uri"], model_id=version["model_id"],
-                           updated_at=version["published_at"] or version["validated_at"])
+        assert version is not None and version.artifact_uri is not None  # an alias serves built versions only
+        return VersionInfo(alias=self.alias, index=version.index_name, version=name,
+                           artifact_uri=version.artifact_uri, model_id=version.model_id,
+                           updated_at=version.published_at or version.validated_at)
 
     def _load(self, info: VersionInfo | None) -> LoadedVersion:
         assert info is not None

@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 from pipeline.cli_output import format_duration, format_hits, format_run, format_summary, format_table
 from pipeline.runner import RunSummary
+from registry.rows import RunListing
 from retrieval.hit import Hit, StageScore
 
 
@@ -34,8 +35,9 @@ def test_run_summary_lists_what_the_run_did_and_caps_the_skipped_list():
 
 def test_recorded_run_and_tables():
     started = datetime(2026, 11, 27, 2, 23, 12, tzinfo=timezone.utc)
-    row = {"run_id": 3, "owner": "airflow:rag_index", "index_name": "docs", "status": "failed",
-           "started_at": started, "finished_at": started + timedelta(seconds=2.25), "counts": {}, "error": "boom"}
+    row = RunListing(run_id=3, index_name="docs", source="/src", owner="airflow:rag_index", status="failed",
+                     started_at=started, finished_at=started + timedelta(seconds=2.25), counts={}, stage_seconds={},
+                     error="boom")
     assert format_run(row) == "run 3 (airflow:rag_index) on index 'docs': failed, 2.2 s\n  error      boom"
     table = format_table([{"a": None, "b": {"x": 1, "y": 2}}, {"a": started, "b": "long value"}], ["a", "b"])
     assert table.splitlines() == ["a                    b         ",

@@ -211,7 +211,7 @@ def test_database_lost_mid_run_exits_75_and_the_next_run_converges(tmp_path, ser
     assert "database" in lines[0] and "retry" in lines[0], err
 
     with Registry.open(RegistryConfig(database_url=database_url), migrate=False) as registry:
-        assert registry.list_aliases()[0]["version"] == live  # readers kept the last good version
+        assert registry.list_aliases()[0].version == live  # readers kept the last good version
     rc, out, err = finished(ragpipe(["index", str(src), "--json"], database_url, home))
     assert rc == 0, err
     summary = json.loads(out)
@@ -219,7 +219,7 @@ def test_database_lost_mid_run_exits_75_and_the_next_run_converges(tmp_path, ser
     rc, out, err = finished(ragpipe(["verify", "--json"], database_url, home))
     assert rc == 0, out
     with Registry.open(RegistryConfig(database_url=database_url), migrate=False) as registry:
-        texts = {r["text"] for r in registry.active_chunks("docs")}
+        texts = {r.text for r in registry.active_chunks("docs")}
     assert "Revised report 0 on compressor stall margins." in texts and len(texts) == 6
 
 
@@ -340,7 +340,7 @@ def test_a_dag_embedding_task_carries_on_after_its_connection_is_dropped(
     result = steps.embed(planned["run_id"], batch, cfg, embedder=lambda c: dropping, registry_config=registry_config)
     assert dropping.drops == 1 and result["chunks_embedded"] == 6
     with Registry.open(registry_config, migrate=False) as registry:
-        hashes = [r["chunk_hash"] for r in registry.member_rows("docs", registry.unfinished_versions("docs")[0][1])]
+        hashes = [r.chunk_hash for r in registry.member_rows("docs", registry.unfinished_versions("docs")[0].version_seq)]
         assert registry.missing_embeddings(embedder.model_id, hashes) == []
 
 

@@ -93,7 +93,7 @@ def test_kill_at_each_point_keeps_the_alias_and_converges(tmp_path, database_url
     killed = index(kill_at=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     with Registry.open(RegistryConfig(database_url=database_url), migrate=False) as reg:
-        assert reg.list_aliases()[0]["version"] == live  # readers still get the last good version
+        assert reg.list_aliases()[0].version == live  # readers still get the last good version
     check = verify_cli(database_url, home)
     assert check.returncode == 0, check.stdout
     embedded_before = set(cached_hashes(database_url))
@@ -110,5 +110,5 @@ def test_kill_at_each_point_keeps_the_alias_and_converges(tmp_path, database_url
     check = verify_cli(database_url, home)
     assert check.returncode == 0, check.stdout
     with Registry.open(RegistryConfig(database_url=database_url), migrate=False) as reg:
-        texts = {r["text"] for r in reg.active_chunks("docs")}
+        texts = {r.text for r in reg.active_chunks("docs")}
     assert "Revised report 0 on compressor stall margins." in texts and len(texts) == 10

@@ -127,10 +127,10 @@ def test_rag_index_dag_end_to_end(tmp_path, database_url):
     registry_config = RegistryConfig(database_url=database_url, home=ragpipe_home)
 
     def live_state(registry: Registry) -> tuple[str, dict[str, set[str]]]:
-        alias = {a["alias"]: a["version"] for a in registry.list_aliases()}["airdocs"]
+        alias = {a.alias: a.version for a in registry.list_aliases()}["airdocs"]
         chunks: dict[str, set[str]] = {}
         for c in registry.active_chunks("airdocs"):
-            chunks.setdefault(c["doc_id"], set()).add(c["text"])
+            chunks.setdefault(c.doc_id, set()).add(c.text)
         return alias, chunks
 
     _dags_test(home, env, "rag_index", conf)
@@ -151,7 +151,7 @@ def test_rag_index_dag_end_to_end(tmp_path, database_url):
         assert any("Radiative" in t for t in chunks["heat.md"])
         assert not any("hypersonic" in t for t in chunks["heat.md"])
         assert verify_index(registry, artifact_store(config, registry.home), "airdocs", "airdocs").ok
-        embedded = registry.get_run(2)["counts"]["embedding"]
+        embedded = registry.get_run(2).counts["embedding"]
         assert embedded["chunks_embedded"] == 1  # only the edited document's new chunk text
 
     done = _dags_test(home, env, "rag_index", conf)
@@ -159,7 +159,7 @@ def test_rag_index_dag_end_to_end(tmp_path, database_url):
         third, _ = live_state(registry)
         assert third == second  # nothing changed: no version built
         last = registry.get_run(3)
-        assert last["status"] == "succeeded" and last["counts"]["version"] is None
+        assert last.status == "succeeded" and last.counts["version"] is None
     assert "Skipping downstream tasks" in done.stdout + done.stderr or "skipped" in (done.stdout + done.stderr)
 
     # the zero-downtime rebuild, with the registry given only as the Airflow Connection ragpipe_registry
@@ -173,9 +173,9 @@ def test_rag_index_dag_end_to_end(tmp_path, database_url):
         rebuilt, chunks = live_state(registry)
         assert rebuilt != third
         assert set(chunks) == {"wings.md", "heat.md"}
-        assert registry.get_version(rebuilt)["full_build"] is True
+        assert registry.get_version(rebuilt).full_build is True
         assert verify_index(registry, artifact_store(config, registry.home), "airdocs", "airdocs").ok
-        assert registry.get_run(4)["counts"]["embedding"]["chunks_embedded"] == 0  # every text was cached
+        assert registry.get_run(4).counts["embedding"]["chunks_embedded"] == 0  # every text was cached
     # the embedded server under RAGPIPE_HOME was never started: the Connection named the registry
     assert not (ragpipe_home / "pgdata").exists()
 

@@ -116,7 +116,7 @@ def test_a_quantized_version_is_searched_with_the_quantized_encoder(registry, re
     int8 = make_embedder(DEFAULT_MODEL + "#onnx-int8", cache_dir=registry_config.home / "cache")
     config = IndexConfig(index="docs", artifacts=str(tmp_path / "artifacts"), min_recall=0.0)
     summary = run_index(str(root), registry, int8, config)
-    assert registry.get_version(summary.version)["model_id"] == DEFAULT_MODEL + "#onnx-int8"
+    assert registry.get_version(summary.version).model_id == DEFAULT_MODEL + "#onnx-int8"
     with Retriever.open("docs", registry_config.database_url, home=registry_config.home, follow=False) as retriever:
         hits = retriever.search("why does a wing stall?", k=3)
         assert hits[0].doc_id == "wings.md"

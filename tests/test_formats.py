@@ -313,9 +313,9 @@ def test_pages_reach_the_hits_and_older_versions_still_load(tmp_path, registry, 
     shutil.copy(shared_data / SAMPLES / "004-pdflatex-4-pages/pdflatex-4-pages.pdf", src / "four.pdf")
     (src / "notes.md").write_text("# Notes\n\nPlain text has no pages.\n")
     summary = run_index(str(src), registry, embedder, IndexConfig())
-    rows = [r for r in registry.active_chunks("docs") if r["doc_id"] == "four.pdf"]
-    assert rows and all(1 <= r["page_start"] <= r["page_end"] <= 4 for r in rows)
-    assert {r["page_start"] for r in rows} == {1, 2, 3, 4}
+    rows = [r for r in registry.active_chunks("docs") if r.doc_id == "four.pdf"]
+    assert rows and all(1 <= r.page_start <= r.page_end <= 4 for r in rows)
+    assert {r.page_start for r in rows} == {1, 2, 3, 4}
     with Retriever.open("docs", registry_config.database_url, home=registry_config.home, follow=False,
                         encoder=embedder) as retriever:
         hits = retriever.search("blind text information", k=20)
@@ -323,8 +323,8 @@ def test_pages_reach_the_hits_and_older_versions_still_load(tmp_path, registry, 
     md_hits = [h for h in hits if h.doc_id == "notes.md"]
     assert pdf_hits and all(h.page_start is not None and h.to_dict()["page_end"] >= h.page_start for h in pdf_hits)
     assert all(h.page_start is None and h.page_label_start is None for h in md_hits)
-    row = {r["chunk_id"]: r for r in rows}
-    assert all((h.page_start, h.page_end) == (row[h.chunk_id]["page_start"], row[h.chunk_id]["page_end"])
+    row = {r.chunk_id: r for r in rows}
+    assert all((h.page_start, h.page_end) == (row[h.chunk_id].page_start, row[h.chunk_id].page_end)
                for h in pdf_hits)
 
     # a version written before pages existed: its chunk table lacks the columns, which read as None
@@ -355,8 +355,8 @@ def test_orchestrated_steps_carry_the_layout(tmp_path, registry_config, embedder
     staged = steps.stage(planned["run_id"], cfg, embedder=factory, registry_config=registry_config)
     assert staged["chunks"] > 2
     in_process = chunk_document(scan_source(src).documents[0], embedder.token_counter(), embedder.max_tokens)
-    rows = registry.member_rows("docs", registry.get_version(staged["version"])["version_seq"])
-    assert sorted((r["chunk_id"], r["page_start"], tuple(r["heading_path"])) for r in rows) == sorted(
+    rows = registry.member_rows("docs", registry.get_version(staged["version"]).version_seq)
+    assert sorted((r.chunk_id, r.page_start, tuple(r.heading_path)) for r in rows) == sorted(
         (c.chunk_id, c.pages.start, c.heading_path) for c in in_process)
 
 
@@ -390,7 +390,7 @@ def test_index_a_folder_of_formats_then_search_with_pages(tmp_path, database_url
     assert skipped["scan.pdf"].startswith("no text layer (scanned or image-only PDF")
     assert skipped["broken.pdf"].startswith("damaged PDF: ")
     with Registry.open(RegistryConfig(database_url=database_url), migrate=False) as reg:
-        recorded = reg.get_run(summary["run_id"])["skipped"]
+        recorded = reg.get_run(summary["run_id"]).skipped
     assert {s["doc_id"]: s["reason"] for s in recorded} == skipped
 
     hits = json.loads(ragpipe("search", "Hello, here is some text without a meaning", "--k", "10", "--json"))

@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, write_tree
 from pipeline.building import BuildPlan, build_version
 from registry import Registry, RegistryConfig
+from registry.rows import ChunkRow, DocumentFields
 from retrieval.artifacts import CHUNKS_FILE, MANIFEST, MATRIX_FILE, VECTORS_FILE
 from retrieval.bm25 import POSTINGS_FILE, VOCAB_FILE
 
@@ -56,12 +57,13 @@ def synthetic_plan(n=600, dim=384):
     rows, vectors = [], {}
     for i in range(n):
         text = " ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + f" report {i}"
-        rows.append({"chunk_key": i + 1, "chunk_id": f"chunk-{i}", "doc_id": f"doc{i // 4}.txt",
-                     "chunk_hash": f"hash-{i}", "ordinal": i % 4, "heading_path": ["Report"], "char_start": 0,
-                     "char_end": len(text), "token_count": 14, "text": text, "context": ""})
+        rows.append(ChunkRow(chunk_key=i + 1, chunk_id=f"chunk-{i}", doc_id=f"doc{i // 4}.txt",
+                             chunk_hash=f"hash-{i}", ordinal=i % 4, heading_path=["Report"], char_start=0,
+                             char_end=len(text), token_count=14, text=text, context="", page_start=None,
+                             page_end=None, page_label_start=None, page_label_end=None))
         vector = rng.standard_normal(dim).astype(np.float32)
         vectors[f"hash-{i}"] = vector / np.linalg.norm(vector)
-    doc_fields = {r["doc_id"]: (f"file:///src/{r['doc_id']}", {}, None) for r in rows}
+    doc_fields = {r.doc_id: DocumentFields(r.doc_id, f"file:///src/{r.doc_id}", {}, None) for r in rows}
     return BuildPlan(index="docs", version="docs_full", parent_version=None, parent_dir=None, run_id=1,
                      model_id="test-model", dim=dim, chunker_version="test", rows=rows, doc_fields=doc_fields,
                      vectors=vectors)
@@ -129,7 +131,8 @@ def cached_embeddings(url):
 @pytest.mark.db
 @pytest.mark.slow
 def test_full_disk_fails_the_run_with_exit_75_and_the_next_run_finishes(tmp_path, database_url, tmpfs):
-    artifacts = tmpfs(tmp_path / "artifacts", "256k")
+    # room for the first version and the model's query encoder (stored once, ~90 MB); then 256 KiB
+    artifacts = tmpfs(tmp_path / "artifacts", "160m")
     env = dict(os.environ, RAGPIPE_DATABASE_URL=database_url, HF_HUB_OFFLINE="1", RAGPIPE_HOME=str(tmp_path / "home"),
                RAGPIPE_ARTIFACTS=str(artifacts))
     env.pop("RAGPIPE_TEST_KILL_AT", None)
@@ -142,6 +145,9 @@ def test_full_disk_fails_the_run_with_exit_75_and_the_next_run_finishes(tmp_path
     first = index()
     assert first.returncode == 0, first.stderr
     live = json.loads(first.stdout)["version"]
+    usage = os.statvfs(artifacts)
+    used_kib = (usage.f_blocks - usage.f_bfree) * usage.f_frsize // 1024
+    tmpfs(artifacts, f"{used_kib + 256}k")
 
     add_reports(src, 10, 200)  # 210 vectors of 1.5 KB: more than the tmpfs has left
     full = index()
@@ -151,16 +157,16 @@ def test_full_disk_fails_the_run_with_exit_75_and_the_next_run_finishes(tmp_path
     assert "Traceback" not in full.stderr, full.stderr
     with Registry.open(RegistryConfig(database_url=database_url), migrate=False) as reg:
         run = reg.list_runs("docs", 1)[0]
-        assert run["status"] == "failed" and "disk full" in run["error"], run
-        assert reg.list_aliases()[0]["version"] == live
-        attempted = (run["counts"] or {}).get("version")
-        statuses = {v["version"]: v["status"] for v in reg.list_versions("docs")}
+        assert run.status == "failed" and "disk full" in run.error, run
+        assert reg.list_aliases()[0].version == live
+        attempted = (run.counts or {}).get("version")
+        statuses = {v.version: v.status for v in reg.list_versions("docs")}
     assert attempted and statuses[attempted] == "rejected", statuses  # not left 'building'
     assert sorted(p.name for p in (artifacts / "docs").iterdir()) == [live]  # no partial files hold the space
     embedded = cached_embeddings(database_url)
     assert len(embedded) == 210  # every text the failed run embedded is cached
 
-    tmpfs(artifacts, "64m")  # space freed
+    tmpfs(artifacts, "192m")  # space freed
     rerun = index()
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)

@@ -38,7 +38,7 @@ def test_embedding_cache_gc_keeps_what_retained_versions_use(tmp_path, registry,
     first = run_index(str(src), registry, embedder, config)
     (src / "b.md").write_text("# B\n\nBeta, revised.\n")
     second = run_index(str(src), registry, embedder, config)
-    old_b = used_hashes(registry) - {r["chunk_hash"] for r in registry.active_chunks("docs")}
+    old_b = used_hashes(registry) - {r.chunk_hash for r in registry.active_chunks("docs")}
     assert len(old_b) == 1  # the first version's chunk of b.md: superseded, still in a retained version
     vector = np.ones((1, embedder.dim), dtype=np.float32) / np.sqrt(embedder.dim)
     registry.store_embeddings("retired-model", sorted(old_b), vector)  # a model no version uses

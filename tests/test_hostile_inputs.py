@@ -40,18 +40,18 @@ def reasons(summary):
 
 
 def active_doc_ids(registry, index_name="docs"):
-    return {r["doc_id"] for r in registry.active_chunks(index_name)}
+    return {r.doc_id for r in registry.active_chunks(index_name)}
 
 
 def assert_skips_recorded_and_next_run_is_a_noop(source, registry, embedder, summary):
     """The run succeeded with its skips in runs.skipped; the same input again changes nothing."""
     assert summary.status == "succeeded" and summary.version is not None
     run = registry.get_run(summary.run_id)
-    assert run["status"] == "succeeded" and run["skipped"] == summary.skipped
+    assert run.status == "succeeded" and run.skipped == summary.skipped
     again = index(source, registry, embedder)
     assert again.status == "succeeded" and again.version is None, again.to_dict()
     assert again.skipped == summary.skipped
-    assert registry.get_run(again.run_id)["status"] == "succeeded"
+    assert registry.get_run(again.run_id).status == "succeeded"
 
 
 # -- characters PostgreSQL cannot store ----------------------------------------------------------
@@ -95,7 +95,7 @@ def test_jsonl_fields_postgres_cannot_store_are_skipped(tmp_path, registry, embe
 def test_nul_after_the_first_8_kib_of_a_file_is_skipped_and_keeps_the_indexed_version(tmp_path, registry, embedder):
     root = write_tree(tmp_path / "src", {"good.md": f"# Good\n\n{GOOD}\n", "late.txt": "fine text\n" * 1000})
     index(root, registry, embedder)
-    before = {r["chunk_id"] for r in registry.active_chunks("docs") if r["doc_id"] == "late.txt"}
+    before = {r.chunk_id for r in registry.active_chunks("docs") if r.doc_id == "late.txt"}
     late = "fine text\n" * 1000 + "then a NUL \x00 past the sniffed prefix\n"
     (root / "late.txt").write_text(late)
     write_tree(root, {"new-with-nul.txt": "x" * 9000 + "\x00"})
@@ -105,10 +105,10 @@ def test_nul_after_the_first_8_kib_of_a_file_is_skipped_and_keeps_the_indexed_ve
         "new-with-nul.txt": "text holds a NUL character at character 9000, which PostgreSQL cannot store",
     }
     assert summary.documents["kept_on_error"] == 1 and summary.documents["deleted"] == 0
-    assert {r["chunk_id"] for r in registry.active_chunks("docs") if r["doc_id"] == "late.txt"} == before
+    assert {r.chunk_id for r in registry.active_chunks("docs") if r.doc_id == "late.txt"} == before
     # nothing else changed, so this run built no version; the next one is a no-op all the same
     run = registry.get_run(summary.run_id)
-    assert run["status"] == "succeeded" and run["skipped"] == summary.skipped
+    assert run.status == "succeeded" and run.skipped == summary.skipped
     again = index(root, registry, embedder)
     assert again.status == "succeeded" and again.version is None and again.skipped == summary.skipped
 
@@ -177,7 +177,7 @@ def active_chunks_by_doc(database_url):
     with Registry.open(RegistryConfig(database_url=database_url), migrate=False) as reg:
         out: dict[str, set[str]] = {}
         for r in reg.active_chunks("docs"):
-            out.setdefault(r["doc_id"], set()).add(r["chunk_id"])
+            out.setdefault(r.doc_id, set()).add(r.chunk_id)
         return out
 
 
@@ -216,7 +216,7 @@ def test_unreadable_subdirectory_keeps_all_its_documents(tmp_path, database_url,
         "sub/": "directory unreadable: Permission denied"}
     assert second["documents"]["deleted"] == 0 and second["documents"]["kept_on_error"] == 2
     assert active_chunks_by_doc(database_url) == before  # sub/b.md and sub/deeper/c.md are still served
-    assert run_row(database_url, second["run_id"])["skipped"] == second["skipped"]
+    assert run_row(database_url, second["run_id"]).skipped == second["skipped"]
 
     third = ragpipe_index(root, database_url, model_home, art, no_dac=True)
     assert third["status"] == "succeeded" and third["version"] is None and third["skipped"] == second["skipped"]
@@ -334,15 +334,15 @@ def test_unbroken_191_kb_token_becomes_bounded_chunks_the_tokenizer_can_read(tmp
     assert len(blob) == 191_000 and len(blob.split()) == 1
     summary = index(root, registry, embedder)
     assert summary.status == "succeeded"
-    rows = sorted(registry.active_chunks("docs"), key=lambda r: r["ordinal"])
+    rows = sorted(registry.active_chunks("docs"), key=lambda r: r.ordinal)
     cap = CHARS_PER_TOKEN * embedder.max_tokens
-    assert len(rows) > 10 and all(len(r["text"]) <= cap for r in rows)
-    assert "".join(r["text"] for r in rows) == blob  # cut, never lost
+    assert len(rows) > 10 and all(len(r.text) <= cap for r in rows)
+    assert "".join(r.text for r in rows) == blob  # cut, never lost
     tokenizer = _real_tokenizer()
     unk = tokenizer.token_to_id("[UNK]")
     for r in rows:
-        ids = tokenizer.encode(r["text"], add_special_tokens=False).ids
-        assert unk not in ids and 1 < len(ids) <= embedder.max_tokens, (len(r["text"]), len(ids))
+        ids = tokenizer.encode(r.text, add_special_tokens=False).ids
+        assert unk not in ids and 1 < len(ids) <= embedder.max_tokens, (len(r.text), len(ids))
     again = index(root, registry, embedder)
     assert again.version is None  # the same cut on the next run
 

@@ -115,7 +115,7 @@ def published(tmp_path_factory, server_url, template_db):
         embedder = make_embedder(DEFAULT_MODEL, device="cpu", cache_dir=config.home / "cache")
         summary = run_index(str(src), registry, embedder, IndexConfig(index="docs", artifacts=str(tmp / "artifacts"),
                                                                      min_recall=0.0))
-        manifest = registry.get_version(summary.version)["manifest"]
+        manifest = registry.get_version(summary.version).manifest
     yield {"url": url, "home": config.home, "artifacts": tmp / "artifacts", "manifest": manifest,
            "version": summary.version}
     with registry_db.connect(server_url, autocommit=True) as conn:

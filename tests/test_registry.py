@@ -1,14 +1,20 @@
 """The registry on a real PostgreSQL: migrations, the apply transaction, the cache and the lock."""
 
+import dataclasses
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
 
+from conftest import write_tree
+from pipeline.config import IndexConfig
+from pipeline.runner import run_index
 from registry import AliasError, IndexLocked, Registry, RegistryConfig
 from registry import db as registry_db
-from registry.queries import parse_queries
+from registry.queries import fetch_all, fetch_one, parse_queries, q
+from registry.rows import QUERY_ROWS, RunListing
 
 pytestmark = pytest.mark.db
 
@@ -54,6 +60,42 @@ def test_query_file_parses():
     assert queries == {"a": "SELECT 1", "b": "-- why\nSELECT 2"}
     with pytest.raises(ValueError):
         parse_queries("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
+
+
+def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, embedder):
+    # class_row fails on a column the dataclass lacks, and the CLI's JSON is asdict in field order:
+    # so each query's columns must be its row type's fields, in order, for every query in QUERY_ROWS
+    write_tree(tmp_path / "src", {"a.md": "# A\n\nAlpha text.\n", "b.md": "# B\n\nBeta text.\n"})
+    summary = run_index(str(tmp_path / "src"), registry, embedder, IndexConfig(index="docs", lock_timeout=5))
+    head = registry.head_version("docs")
+    registry.create_version(index="docs", version="docs_unfinished", parent=head.version, run_id=summary.run_id,
+                            model_id=embedder.model_id, full_build=False)
+    params: dict[str, dict[str, Any]] = {
+        "list_runs": {"index": "docs", "limit": 10},
+        "get_run": {"run_id": summary.run_id},
+        "member_rows": {"index": "docs", "seq": head.version_seq, "all_docs": True, "doc_ids": []},
+        "active_chunks": {"index": "docs"},
+        "document_fields": {"index": "docs"},
+        "head_version": {"index": "docs"},
+        "unfinished_versions": {"index": "docs"},
+        "list_versions": {"index": "docs"},
+        "get_version": {"version": summary.version},
+        "list_aliases": {},
+    }
+    assert sorted(QUERY_ROWS) == sorted(params)  # a query given a row type is checked here too
+    for name, row_type in QUERY_ROWS.items():
+        with registry.conn.cursor() as cur:
+            cur.execute(q(name), params[name])
+            columns = [c.name for c in cur.description]
+            assert cur.fetchall(), f"query {name} returned no rows to check"
+        fields = [f.name for f in dataclasses.fields(row_type)]
+        assert columns == fields, f"query {name} selects {columns}; {row_type.__name__} has {fields}"
+        assert all(isinstance(r, row_type) for r in fetch_all(registry.conn, name, row_type, params[name]))
+    with pytest.raises(TypeError, match="query 'get_run' returns .*RunRow.*, not RunListing"):
+        fetch_one(registry.conn, "get_run", RunListing, params["get_run"])
+    assert registry.get_run(summary.run_id).status == "succeeded"
+    assert [v.role for v in registry.list_versions("docs")] == [None, "live,head"]
+    assert [u.version for u in registry.unfinished_versions("docs")] == ["docs_unfinished"]
 
 
 def test_embedding_cache_round_trip_keeps_first_vector(registry):
@@ -137,8 +179,8 @@ def test_versions_supersede_keep_and_delete_exactly(registry):
     assert registry.member_keys("t", seq2) == {keys["a0"], keys["a2"]}
     assert registry.head_version("t").version == "t_%d" % r2
     aliases = registry.list_aliases()
-    assert [(a["alias"], a["version"]) for a in aliases] == [("t", "t_%d" % r2)]
-    assert registry.get_version("t_%d" % r1)["status"] == "retired"
+    assert [(a.alias, a.version) for a in aliases] == [("t", "t_%d" % r2)]
+    assert registry.get_version("t_%d" % r1).status == "retired"
 
 
 def test_publish_is_one_transaction(registry):
@@ -149,11 +191,11 @@ def test_publish_is_one_transaction(registry):
         build(registry, r2, [Doc("a", content_hash="c2")], [Row("a", "a5")], ["a"], fail_inside=True)
     assert registry.active_chunk_ids("t") == {"a0"}
     assert registry.document_states("t")["a"].content_hash == "c"
-    assert registry.list_aliases()[0]["version"] == "t_%d" % r1
+    assert registry.list_aliases()[0].version == "t_%d" % r1
     # the half-published version is left staged; a run abandons it before doing anything else
-    [(version, seq, _)] = registry.unfinished_versions("t")
-    registry.abandon_version("t", version, seq, "abandoned")
-    assert registry.get_version(version)["status"] == "rejected"
+    [unfinished] = registry.unfinished_versions("t")
+    registry.abandon_version("t", unfinished.version, unfinished.version_seq, "abandoned")
+    assert registry.get_version(unfinished.version).status == "rejected"
     assert registry.conn.execute("SELECT status FROM chunks WHERE chunk_id = 'a5'").fetchone() == ("discarded",)
     assert registry.conn.execute("SELECT retired_seq FROM chunks WHERE chunk_id = 'a0'").fetchone() == (None,)
 

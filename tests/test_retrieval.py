@@ -125,7 +125,7 @@ def test_follows_the_alias_and_drops_caches(corpus, registry, registry_config, e
 def test_eight_threads_through_twenty_swaps(corpus, registry, registry_config, embedder):
     (corpus / "faq" / "wings.txt").write_text("Swept wings delay compressibility drag.\n")
     second = publish(corpus, registry, embedder).version
-    first = [v["version"] for v in registry.list_versions("docs")][-1]
+    first = [v.version for v in registry.list_versions("docs")][-1]
     errors, mixed, served = [], [], set()
     stop = threading.Event()
     with open_retriever(registry_config, embedder, follow=True, poll_interval=0.2, result_cache_size=0) as r:
@@ -353,7 +353,7 @@ def test_versions_written_before_the_context_column_still_load(tmp_path, registr
     manifest["files"][CHUNKS_FILE] = {"sha256": sha256_file(directory / CHUNKS_FILE),
                                       "bytes": (directory / CHUNKS_FILE).stat().st_size}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    registry.mark_version_built(old, registry.get_version(old)["artifact_uri"], manifest)
+    registry.mark_version_built(old, registry.get_version(old).artifact_uri, manifest)
 
     with open_retriever(registry_config, embedder) as r:
         hits = r.search("oscillation of a wing", k=2)

@@ -70,7 +70,7 @@ def test_first_run_then_noop(tmp_path, registry, embedder):
     assert again.embedding["chunks_embedded"] == 0 and "chunk" not in again.stage_seconds
     assert again.chunks == {"added": 0, "removed": 0, "kept": 0, "active": first.chunks["active"]}
     run = registry.get_run(again.run_id)
-    assert run["status"] == "succeeded" and run["counts"]["documents"]["unchanged"] == 3
+    assert run.status == "succeeded" and run.counts["documents"]["unchanged"] == 3
 
 
 def test_edit_delete_add_equal_a_fresh_build(tmp_path, registry, embedder):
@@ -89,8 +89,8 @@ def test_edit_delete_add_equal_a_fresh_build(tmp_path, registry, embedder):
     assert summary.embedding["chunks_embedded"] <= 2
     # attribution: every active chunk's text is exactly its span of the current document
     for row in registry.active_chunks("docs"):
-        text = (root / row["doc_id"]).read_text()
-        assert text[row["char_start"] : row["char_end"]] == row["text"]
+        text = (root / row.doc_id).read_text()
+        assert text[row.char_start : row.char_end] == row.text
 
 
 def test_identical_text_in_two_documents_is_embedded_once(tmp_path, registry, embedder):
@@ -136,7 +136,7 @@ def test_bad_input_is_skipped_with_reasons_and_loses_nothing(tmp_path, registry,
     assert reasons["big.txt"].startswith("larger than the 1024-byte limit")
     assert reasons["escape.txt"] == "symlink leaves the source root"
     assert summary.documents["seen"] == 4 and summary.documents["skipped"] == 5  # inside-link.md is indexed
-    assert registry.get_run(summary.run_id)["skipped"] == summary.skipped
+    assert registry.get_run(summary.run_id).skipped == summary.skipped
 
 
 def test_malformed_jsonl_lines_are_reported_with_line_numbers(tmp_path, registry, embedder):
@@ -211,6 +211,6 @@ def test_a_document_that_turns_bad_keeps_its_indexed_version(tmp_path, registry,
     assert summary.documents["kept_on_error"] == 1 and summary.documents["deleted"] == 1
     reasons = {s["doc_id"]: s["reason"] for s in summary.skipped}
     assert reasons["guide.md"].startswith("not valid UTF-8") and reasons["notes/notes.rst"] == "empty document"
-    guide = {r["chunk_id"] for r in registry.active_chunks("docs") if r["doc_id"] == "guide.md"}
+    guide = {r.chunk_id for r in registry.active_chunks("docs") if r.doc_id == "guide.md"}
     assert guide and guide <= before  # still served as last indexed
-    assert not any(r["doc_id"] == "notes/notes.rst" for r in registry.active_chunks("docs"))
+    assert not any(r.doc_id == "notes/notes.rst" for r in registry.active_chunks("docs"))

@@ -66,8 +66,8 @@ def test_steps_give_what_the_in_process_runner_gives(source, registry_config, em
         assert verify_index(registry, artifact_store(config(), registry.home), "docs", "docs").ok
         stepped = chunk_table(registry, version)
         run = registry.get_run(results["plan"]["run_id"])
-        assert run["status"] == "succeeded" and run["counts"]["version"] == version
-        assert run["counts"]["embedding"]["chunks_embedded"] == results["stage"]["to_embed"]
+        assert run.status == "succeeded" and run.counts["version"] == version
+        assert run.counts["embedding"]["chunks_embedded"] == results["stage"]["to_embed"]
         # the workspace is gone once the run is done
         assert not (registry.home / "artifacts" / "docs" / "_runs").exists() or \
             not any((registry.home / "artifacts" / "docs" / "_runs").iterdir())
@@ -86,15 +86,15 @@ def test_steps_give_what_the_in_process_runner_gives(source, registry_config, em
     assert second["plan"]["documents"]["changed"] == 1 and second["plan"]["documents"]["deleted"] == 1
     assert second["publish"]["previous"] == version
     with Registry.open(registry_config) as registry:  # b.md's new text embedded; a.md's texts were never touched
-        counts = registry.get_run(second["plan"]["run_id"])["counts"]["embedding"]
+        counts = registry.get_run(second["plan"]["run_id"]).counts["embedding"]
         assert counts["chunks_embedded"] == 1 and counts["chunks_cached"] == 0
     third = whole_run(source, registry_config, embedder)
     assert third == {"plan": {**third["plan"], "changed": False}}
     with Registry.open(registry_config) as registry:
         assert verify_index(registry, artifact_store(config(), registry.home), "docs", "docs").ok
-        docs = {c["doc_id"] for c in registry.active_chunks("docs")}
+        docs = {c.doc_id for c in registry.active_chunks("docs")}
         assert docs == {"a.md", "b.md"}
-        assert registry.get_run(third["plan"]["run_id"])["status"] == "succeeded"
+        assert registry.get_run(third["plan"]["run_id"]).status == "succeeded"
 
 
 def test_every_step_can_run_again(source, registry_config, embedder):
@@ -122,7 +122,7 @@ def test_every_step_can_run_again(source, registry_config, embedder):
     assert steps.gc(run_id, cfg, **kw) == {"run_id": run_id, "already_finished": True}
     with Registry.open(registry_config) as registry:
         assert verify_index(registry, artifact_store(cfg, registry.home), "docs", "docs").ok
-        assert [v["status"] for v in registry.list_versions("docs")] == ["published"]
+        assert [v.status for v in registry.list_versions("docs")] == ["published"]
         rows = registry.conn.execute("SELECT count(*), count(DISTINCT chunk_id) FROM chunks").fetchone()
         assert rows[0] == rows[1]  # no chunk row twice
     with pytest.raises(RunNotRunning, match="succeeded"):
@@ -145,7 +145,7 @@ def test_a_stage_retried_after_a_crash_discards_the_first_attempt(source, regist
     steps.publish(run_id, cfg, **kw)
     steps.gc(run_id, cfg, **kw)
     with Registry.open(registry_config) as registry:
-        statuses = {v["version"]: v["status"] for v in registry.list_versions("docs")}
+        statuses = {v.version: v.status for v in registry.list_versions("docs")}
         assert statuses[first["version"]] == "rejected" and statuses[second["version"]] == "published"
         assert verify_index(registry, artifact_store(cfg, registry.home), "docs", "docs").ok
 
@@ -165,10 +165,10 @@ def test_the_lease_keeps_other_runs_out_and_the_same_owner_takes_over(source, re
     with pytest.raises(RunNotRunning, match="abandoned"):
         steps.build(run_id, cfg, embedder=factory, **kw)
     with Registry.open(registry_config) as registry:
-        assert [v["status"] for v in registry.list_versions("docs")] == ["rejected"]  # the old run's staging
+        assert [v.status for v in registry.list_versions("docs")] == ["rejected"]  # the old run's staging
     whole_run(source, registry_config, embedder, owner="airflow:rag_index")  # and a later run completes
     with Registry.open(registry_config) as registry:
-        assert registry.get_run(newer["run_id"])["status"] == "failed"  # taken over by that later run
+        assert registry.get_run(newer["run_id"]).status == "failed"  # taken over by that later run
         assert verify_index(registry, artifact_store(cfg, registry.home), "docs", "docs").ok
     # an expired lease no longer blocks anyone
     short = config(run_lease=0.001)
@@ -177,7 +177,7 @@ def test_the_lease_keeps_other_runs_out_and_the_same_owner_takes_over(source, re
     with Registry.open(registry_config) as registry:
         summary = run_index(str(source), registry, embedder, cfg)
         assert summary.status == "succeeded"
-        assert registry.get_run(stale["run_id"])["status"] == "failed"
+        assert registry.get_run(stale["run_id"]).status == "failed"
 
 
 def test_terminal_errors_end_the_run_and_transient_ones_keep_it(source, registry_config, embedder, tmp_path):
@@ -195,7 +195,7 @@ def test_terminal_errors_end_the_run_and_transient_ones_keep_it(source, registry
     assert not steps.is_transient(rejected.value)
     with Registry.open(registry_config) as registry:
         run = registry.get_run(run_id)
-        assert run["status"] == "failed" and "rejected" in run["error"]
+        assert run.status == "failed" and "rejected" in run.error
         assert registry.list_aliases() == []  # nothing was published
     with pytest.raises(RunNotRunning):
         steps.publish(run_id, cfg, **kw)
@@ -209,7 +209,7 @@ def test_terminal_errors_end_the_run_and_transient_ones_keep_it(source, registry
         steps.stage(run_id, config(), embedder=factory, registry_config=down)
     assert steps.is_transient(unavailable.value)
     with Registry.open(registry_config) as registry:
-        assert registry.get_run(run_id)["status"] == "running"
+        assert registry.get_run(run_id).status == "running"
     assert steps.stage(run_id, config(), embedder=factory, **kw)["version"]
 
 
@@ -223,9 +223,9 @@ def test_rebuild_with_another_model_builds_a_shadow(source, registry_config, emb
     shadow = whole_run(source, registry_config, other, options=RunOptions(full=True, shadow=True))
     assert shadow["publish"]["action"] == "shadow" and shadow["build"]["full_build"]
     with Registry.open(registry_config) as registry:
-        alias = {a["alias"]: a for a in registry.list_aliases()}["docs"]
-        assert alias["version"] == live and alias["shadow_version"] == shadow["publish"]["version"]
-        assert registry.get_version(alias["shadow_version"])["model_id"] == other.model_id
+        alias = {a.alias: a for a in registry.list_aliases()}["docs"]
+        assert alias.version == live and alias.shadow_version == shadow["publish"]["version"]
+        assert registry.get_version(alias.shadow_version).model_id == other.model_id
         assert verify_index(registry, artifact_store(config(), registry.home), "docs", "docs").ok
 
 
@@ -273,7 +273,7 @@ def test_a_step_killed_midway_is_finished_by_its_retry(step, point, source, regi
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with Registry.open(registry_config) as registry:
         assert registry.list_aliases() == []  # nothing is served before publish commits
-        assert registry.get_run(run_id)["status"] == "running"  # the run waits for the retry
+        assert registry.get_run(run_id).status == "running"  # the run waits for the retry
     for retried in order[order.index(step):]:
         if retried == "publish":
             steps.publish(run_id, cfg, **kw)
@@ -281,6 +281,6 @@ def test_a_step_killed_midway_is_finished_by_its_retry(step, point, source, regi
             getattr(steps, retried)(run_id, cfg, embedder=factory, **kw)
     steps.gc(run_id, cfg, **kw)
     with Registry.open(registry_config) as registry:
-        assert {a["alias"]: a["version"] for a in registry.list_aliases()}["docs"] == staged["version"]
-        assert registry.get_run(run_id)["status"] == "succeeded"
+        assert {a.alias: a.version for a in registry.list_aliases()}["docs"] == staged["version"]
+        assert registry.get_run(run_id).status == "succeeded"
         assert verify_index(registry, artifact_store(cfg, registry.home), "docs", "docs").ok

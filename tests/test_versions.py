@@ -96,10 +96,10 @@ def test_failed_validation_rejects_and_keeps_the_alias(tmp_path, registry, embed
     (root / "c.txt").write_text("Changed note.\n")
     with pytest.raises(VersionRejected, match=r"HNSW recall@10 1.000 < 1.01; alias unchanged"):
         run(root, registry, embedder, min_recall=1.01)
-    assert registry.list_aliases()[0]["version"] == good.version
-    rejected = [v for v in registry.list_versions("docs") if v["status"] == "rejected"]
-    assert len(rejected) == 1 and "recall" in rejected[0]["reason"]
-    assert not artifact_store(config, registry.home).exists("docs", rejected[0]["version"])
+    assert registry.list_aliases()[0].version == good.version
+    rejected = [v for v in registry.list_versions("docs") if v.status == "rejected"]
+    assert len(rejected) == 1 and "recall" in rejected[0].reason
+    assert not artifact_store(config, registry.home).exists("docs", rejected[0].version)
     assert registry.document_states("docs")["c.txt"].content_hash != ""  # untouched: still the old text
     again, _ = run(root, registry, embedder)  # the same change, now accepted, embeds nothing new
     assert again.documents["changed"] == 1 and again.embedding["chunks_embedded"] == 0
@@ -119,7 +119,7 @@ def test_golden_set_gates_publishing(tmp_path, registry, embedder):
     # a drop below the live version's score is refused even when the floor allows it
     with pytest.raises(VersionRejected, match="fell more than 0.05 below the live version's 1.000"):
         run(root, registry, embedder, **{**gate, "golden_min_recall": 0.0})
-    assert registry.list_aliases()[0]["version"] == ok.version
+    assert registry.list_aliases()[0].version == ok.version
 
 
 def test_verify_names_altered_and_missing_files(tmp_path, registry, embedder):
@@ -144,11 +144,11 @@ def test_gc_keeps_live_head_and_retention(tmp_path, registry, embedder):
         (root / "c.txt").write_text(f"Note number {i}.\n")
         s, config = run(root, registry, embedder, retention=2)
         names.append(s.version)
-    statuses = {v["version"]: v["status"] for v in registry.list_versions("docs")}
+    statuses = {v.version: v.status for v in registry.list_versions("docs")}
     assert [statuses[n] for n in names] == ["removed", "removed", "retired", "published"]
     store = artifact_store(config, registry.home)
     assert not store.exists("docs", names[1]) and store.exists("docs", names[2])
-    seqs = {v["version"]: v["version_seq"] for v in registry.list_versions("docs")}
+    seqs = {v.version: v.version_seq for v in registry.list_versions("docs")}
     # rows only the removed version held are gone from the registry
     assert registry.conn.execute(
         "SELECT count(*) FROM chunks WHERE retired_seq IS NOT NULL AND retired_seq <= %s", (seqs[names[2]],)
@@ -164,13 +164,13 @@ def test_shadow_version_with_another_model_then_promote(tmp_path, registry, embe
     other = DeterministicEmbedder(dim=64)
     shadow, _ = run(root, registry, other, full=True, shadow=True)
     alias = registry.list_aliases()[0]
-    assert (alias["version"], alias["shadow_version"]) == (live.version, shadow.version)
+    assert (alias.version, alias.shadow_version) == (live.version, shadow.version)
     manifest = json.loads((version_dir(registry, config, shadow.version) / "manifest.json").read_text())
     assert manifest["model"] == {"id": "deterministic-hashing-64", "dim": 64}
     assert verify_index(registry, artifact_store(config, registry.home), "docs", "docs").ok
     move = registry.promote_shadow("docs")
     assert (move.version, move.previous) == (shadow.version, live.version)
-    assert registry.list_aliases()[0]["shadow_version"] is None
+    assert registry.list_aliases()[0].shadow_version is None
     # the next run with the first model cannot extend a version of another model: it rebuilds
     (root / "c.txt").write_text("Changed.\n")
     after, _ = run(root, registry, embedder)
@@ -255,10 +255,10 @@ def test_alias_moves_are_checked(tmp_path, registry, embedder):
         registry.swap_alias("docs", b.version)
     first_shadow, _ = run(root, registry, DeterministicEmbedder(dim=64), full=True, shadow=True)
     second_shadow, _ = run(root, registry, DeterministicEmbedder(dim=32), full=True, shadow=True)
-    assert registry.get_version(first_shadow.version)["status"] == "retired"  # replaced, kept for rollback
-    assert registry.list_aliases()[0]["shadow_version"] == second_shadow.version
+    assert registry.get_version(first_shadow.version).status == "retired"  # replaced, kept for rollback
+    assert registry.list_aliases()[0].shadow_version == second_shadow.version
     later, _ = run(root, registry, embedder)  # a run finds nothing unfinished
-    assert later.recovered == [] and registry.get_version(first_shadow.version)["status"] == "retired"
+    assert later.recovered == [] and registry.get_version(first_shadow.version).status == "retired"
 
 
 def test_a_new_title_reindexes_exactly_its_chunks_and_incremental_equals_full(tmp_path, registry, embedder):
@@ -276,7 +276,7 @@ def test_a_new_title_reindexes_exactly_its_chunks_and_incremental_equals_full(tm
 
     write("Lift polars")
     first, config = run(source, registry, embedder)
-    b_chunks = first.chunks["added"] - len([c for c in registry.active_chunks("docs") if c["doc_id"] != "b"])
+    b_chunks = first.chunks["added"] - len([c for c in registry.active_chunks("docs") if c.doc_id != "b"])
     assert b_chunks > 1
     write("Lift polars, revised")
     second, _ = run(source, registry, embedder)

@@ -1,0 +1,161 @@
+"""Typed rows the registry's named queries return (psycopg ``class_row``), what other modules read.
+
+A row type has one field per column its queries select, named and ordered as in their SELECT in
+registry/queries.sql (a subclass's columns follow its base's): ``class_row`` passes the columns by
+name (a column without a field fails), and ``dataclasses.asdict`` of a row gives the columns in
+query order (the CLI's JSON output). :data:`QUERY_ROWS` names each query's row type;
+``tests/test_registry.py::test_each_typed_query_selects_exactly_its_row_fields`` checks every entry.
+JSON columns (``manifest``, ``metrics``, ``counts``, ...) stay parsed JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RunListing:
+    """A run as ``runs list`` shows it."""
+
+    run_id: int
+    index_name: str
+    source: str
+    owner: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    counts: dict[str, Any]
+    stage_seconds: dict[str, Any]
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow(RunListing):
+    """One recorded run, with the documents it skipped."""
+
+    skipped: list[dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRow:
+    """A chunk of a version (or of the live state): what a build writes into the chunk table."""
+
+    chunk_key: int
+    chunk_id: str
+    doc_id: str
+    chunk_hash: str
+    ordinal: int
+    heading_path: list[str]
+    char_start: int
+    char_end: int
+    token_count: int
+    text: str
+    context: str
+    page_start: int | None  # the physical pages (and labels) of a chunk of a document that has pages
+    page_end: int | None
+    page_label_start: str | None
+    page_label_end: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentFields:
+    """The fields of a document that a chunk table repeats on each of its chunks."""
+
+    doc_id: str
+    source_uri: str
+    metadata: dict[str, Any]
+    valid_from: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRef:
+    """The head version of an index, what a run builds on."""
+
+    version: str
+    version_seq: int
+    model_id: str
+    artifact_uri: str | None
+    manifest: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedVersion:
+    """A version a killed run left built or validated, never published."""
+
+    version: str
+    version_seq: int
+    artifact_uri: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionColumns:
+    """What both version queries select of a version."""
+
+    version: str
+    version_seq: int
+    status: str
+    parent_version: str | None
+    model_id: str
+    full_build: bool
+    artifact_uri: str | None
+    metrics: dict[str, Any]
+    reason: str | None
+    created_at: datetime
+    published_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionListing(VersionColumns):
+    """A version as ``versions list`` shows it: its chunk count and the roles it has."""
+
+    chunks: int | None
+    live: bool
+    shadow: bool
+    head: bool
+
+    @property
+    def role(self) -> str | None:
+        """The roles it has ("live", "shadow", "head", comma-separated), None for none."""
+        return ",".join(name for name, has in (("live", self.live), ("shadow", self.shadow), ("head", self.head))
+                        if has) or None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRow(VersionColumns):
+    """Everything the registry records of one version."""
+
+    index_name: str
+    run_id: int | None
+    manifest: dict[str, Any] | None
+    validated_at: datetime | None
+    retired_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AliasRow:
+    """An alias and what it serves."""
+
+    alias: str
+    index_name: str
+    version: str
+    shadow_version: str | None
+    updated_at: datetime
+    model_id: str
+    chunks: int | None
+
+
+QUERY_ROWS: dict[str, type] = {
+    "list_runs": RunListing,
+    "get_run": RunRow,
+    "member_rows": ChunkRow,
+    "active_chunks": ChunkRow,
+    "document_fields": DocumentFields,
+    "head_version": VersionRef,
+    "unfinished_versions": UnfinishedVersion,
+    "list_versions": VersionListing,
+    "get_version": VersionRow,
+    "list_aliases": AliasRow,
+}
+"""The row type of each named query that returns typed rows (registry.queries.fetch_all / fetch_one)."""
