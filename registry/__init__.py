@@ -4,6 +4,7 @@ from registry.config import RegistryConfig
 from registry.errors import IndexLocked, MigrationError, RegistryError, RegistryUnavailable, RunNotRunning
 from registry.rows import (
     AliasRow,
+    CanaryRow,
     ChunkRow,
     DocumentFields,
     RunListing,
@@ -14,15 +15,18 @@ from registry.rows import (
     VersionRow,
 )
 from registry.store import DocumentState, Registry
+from registry.rollout_stats import Guard, StatsDelta, VersionStats
 from registry.versions import AliasError, AliasMove
 
 __all__ = [
     "AliasError",
     "AliasMove",
     "AliasRow",
+    "CanaryRow",
     "ChunkRow",
     "DocumentFields",
     "DocumentState",
+    "Guard",
     "IndexLocked",
     "MigrationError",
     "Registry",
@@ -32,8 +36,10 @@ __all__ = [
     "RunListing",
     "RunNotRunning",
     "RunRow",
+    "StatsDelta",
     "UnfinishedVersion",
     "VersionListing",
     "VersionRef",
     "VersionRow",
+    "VersionStats",
 ]

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,13 +26,17 @@ import numpy as np
 
 from registry import Registry, RegistryConfig
 from registry.listener import AliasListener
+from registry.rollout_stats import Guard, guard_breach
+from registry.rows import AliasRow
 from retrieval import telemetry
+from retrieval.caches import DEFAULT_SEMANTIC_COSINE, CacheCounters, LRUCache, SemanticCache
 from retrieval.errors import AliasNotFound, ModelError, ModelMismatch, VersionCorrupt, VersionUnavailable
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
 from retrieval.hit import Hit, StageScore
 from retrieval.artifacts import PAGE_COLUMNS, store_root
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
 from retrieval.rerank import Reranker, make_reranker
+from retrieval.rollout import MirrorStats, Rollout, StatsRecorder, WarmVersions, overlap_at_10, routes_to_canary
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,13 @@ class RetrievalConfig:
         follow: follow the alias (LISTEN/NOTIFY plus a poll every ``poll_interval`` seconds).
         mirror_fraction: share of queries also run against the alias's shadow version.
         mirror_window: how many of the latest mirrored queries the latency medians cover.
+        semantic_cache_size: queries the semantic result cache keeps per (version, filters, k); 0 turns it off.
+        semantic_cache_cosine: least cosine between a query and a cached one for the cached hits to be served.
+        semantic_cache_keys: how many (version, filters, k) combinations the semantic cache keeps.
+        warm_seconds: how long a version that stopped serving stays loaded, for an instant move back.
+        canary_compare_fraction: share of canary-served queries also run on the live version (overlap@10).
+        stats_interval: seconds between writes of serving statistics to the registry (while a canary
+            or shadow is served); 0 writes none.
     """
 
     retrievers: str = "hybrid"
@@ -76,6 +87,31 @@ class RetrievalConfig:
     poll_interval: float = 5.0
     mirror_fraction: float = 0.0
     mirror_window: int = 1000
+    semantic_cache_size: int = 0
+    semantic_cache_cosine: float = DEFAULT_SEMANTIC_COSINE
+    semantic_cache_keys: int = 64
+    warm_seconds: float = 300.0
+    canary_compare_fraction: float = 0.1
+    stats_interval: float = 5.0
+
+    @classmethod
+    def from_env(cls, **given: Any) -> "RetrievalConfig":
+        """The fields given, else the ``RAGPIPE_<FIELD>`` environment variables of the fields in
+        :data:`ENV_FIELDS`, else the defaults.
+
+        Raises:
+            ValueError: an environment variable does not parse as its field's type (named).
+        """
+        types = {f.name: f.type for f in fields(cls)}
+        for name in ENV_FIELDS:
+            raw = os.environ.get(f"RAGPIPE_{name.upper()}")
+            if name in given or raw is None or raw == "":
+                continue
+            try:
+                given[name] = int(raw) if types[name] == "int" else float(raw)
+            except ValueError:
+                raise ValueError(f"RAGPIPE_{name.upper()}={raw!r} is not a number") from None
+        return cls(**given)
 
     def __post_init__(self) -> None:
         if self.encoder_backend not in ("auto", "onnx", "torch"):
@@ -90,87 +126,46 @@ class RetrievalConfig:
             raise ValueError(f"mirror_fraction must be within [0, 1], got {self.mirror_fraction}")
         if self.mirror_window < 1:
             raise ValueError(f"mirror_window must be positive, got {self.mirror_window}")
+        if not -1.0 <= self.semantic_cache_cosine <= 1.0:
+            raise ValueError(f"semantic_cache_cosine must be within [-1, 1], got {self.semantic_cache_cosine}")
+        if not 0.0 <= self.canary_compare_fraction <= 1.0:
+            raise ValueError(f"canary_compare_fraction must be within [0, 1], got {self.canary_compare_fraction}")
+        if self.warm_seconds < 0 or self.stats_interval < 0:
+            raise ValueError("warm_seconds and stats_interval must not be negative")
+
+
+# read from RAGPIPE_SEMANTIC_CACHE_SIZE, ... by RetrievalConfig.from_env (Retriever.open)
+ENV_FIELDS = ("semantic_cache_size", "semantic_cache_cosine", "warm_seconds", "canary_compare_fraction",
+              "stats_interval")
 
 
 class Hits(list):  # type: ignore[type-arg]
-    """The hits of one query. ``exhausted`` is true when filters left fewer than k hits in the whole version."""
+    """The hits of one query, and how they were served.
 
-    exhausted: bool = False
-
-
-class _LRU:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
-class MirrorStats:
-    """What mirroring queries to the shadow version has shown so far: bounded memory, thread-safe.
-
-    ``queries`` and the mean overlap@10 are streaming aggregates over every mirrored query (a count
-    and a sum); the latency medians are over a fixed-size window of the last ``window`` mirrored
-    queries, since a median cannot be streamed exactly. Memory is O(window) however long the
-    retriever serves.
+    Attributes:
+        exhausted: filters left fewer than k hits in the whole version.
+        version: the version that served them (the live one or the alias's canary).
+        route: ``live`` or ``canary``.
+        cache: ``exact`` (the same query was answered before), ``semantic`` (a query within the
+            semantic cache's cosine was), or None (searched now).
+        similarity: for a semantic cache hit, the cosine between this query and the cached one.
+        cached_query: for a semantic cache hit, the query whose hits these are.
     """
 
-    def __init__(self, window: int = 1000) -> None:
-        if window < 1:
-            raise ValueError(f"the mirror window must be positive, got {window}")
-        self.window = window
-        self._lock = threading.Lock()
-        self._queries = 0
-        self._overlap_sum = 0.0
-        self._primary_ms: deque[float] = deque(maxlen=window)
-        self._shadow_ms: deque[float] = deque(maxlen=window)
+    exhausted: bool = False
+    version: str | None = None
+    route: str = "live"
+    cache: str | None = None
+    similarity: float | None = None
+    cached_query: str | None = None
 
-    @property
-    def queries(self) -> int:
-        return self._queries
-
-    def record(self, overlap_at_10: float, primary_ms: float, shadow_ms: float) -> None:
-        """Add one mirrored query: its overlap@10 and both versions' latencies."""
-        with self._lock:
-            self._queries += 1
-            self._overlap_sum += overlap_at_10
-            self._primary_ms.append(primary_ms)
-            self._shadow_ms.append(shadow_ms)
-
-    def summary(self) -> dict[str, float]:
-        """``queries`` and ``mean_overlap_at_10`` over every mirrored query; ``primary_p50_ms`` and
-        ``shadow_p50_ms`` over the last ``latency_window`` of them."""
-        with self._lock:
-            queries, overlap_sum = self._queries, self._overlap_sum
-            primary, shadow = list(self._primary_ms), list(self._shadow_ms)
-        if not queries:
-            return {"queries": 0}
-        return {
-            "queries": queries,
-            "mean_overlap_at_10": overlap_sum / queries,
-            "primary_p50_ms": float(np.median(primary)),
-            "shadow_p50_ms": float(np.median(shadow)),
-            "latency_window": len(primary),
-        }
+    def served(self, route: str, cache: str | None = None, similarity: float | None = None,
+               cached_query: str | None = None) -> "Hits":
+        """A copy marked with how it was served (cached lists are shared, never marked in place)."""
+        out = Hits(self)
+        out.exhausted, out.version, out.route = self.exhausted, self.version, route
+        out.cache, out.similarity, out.cached_query = cache, similarity, cached_query
+        return out
 
 
 class Retriever:
@@ -191,21 +186,33 @@ class Retriever:
         self._encoders: dict[tuple[str, str | None], Any] = {}  # loaded on demand, by (model, encoder digest)
         self._encoder_lock = threading.Lock()
         self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
-        self._query_cache = _LRU(config.query_cache_size)
-        self._result_cache = _LRU(config.result_cache_size)
+        self._query_cache = LRUCache(config.query_cache_size)
+        self._result_cache = LRUCache(config.result_cache_size)
+        self._semantic: SemanticCache | None = (
+            SemanticCache(config.semantic_cache_cosine, config.semantic_cache_size, config.semantic_cache_keys)
+            if config.semantic_cache_size > 0 else None)
         self._shadow: LoadedVersion | None = None
+        self._rollout: Rollout | None = None  # the alias's canary, when one runs
+        self._warm = WarmVersions(config.warm_seconds)
         self._refused: dict[str, str] = {}  # damaged versions and why: never loaded (and hashed) again
         self.mirror = MirrorStats(config.mirror_window)
+        self.stats = StatsRecorder()
+        self.loads = 0  # versions read from their files so far (moves onto warm versions read none)
         self._closed = threading.Event()
         try:
-            self._current = self._load(self._resolve())
+            row = self._alias_row()
+            self._current = self._load(self._info(row.version))
+            self._refresh_canary(row)
         except BaseException:
             self._registry.close()
             raise
-        self._follower: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         if config.follow:
-            self._follower = threading.Thread(target=self._follow, name="ragpipe-follow", daemon=True)
-            self._follower.start()
+            self._threads.append(threading.Thread(target=self._follow, name="ragpipe-follow", daemon=True))
+        if config.stats_interval > 0:
+            self._threads.append(threading.Thread(target=self._write_stats_every, name="ragpipe-stats", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     # -- opening and following ---------------------------------------------------------------
 
@@ -230,15 +237,18 @@ class Retriever:
         registry_config = RegistryConfig.from_env(database_url=database_url, home=home)
         return cls(registry_config, index, RetrievalConfig(**config), encoder)
 
-    def _resolve(self, shadow: bool = False) -> VersionInfo | None:
+    def _alias_row(self) -> AliasRow:
         with self._registry_lock:
             aliases = self._registry.read(self._registry.list_aliases)  # reconnects if the server dropped it
-            row = next((a for a in aliases if a.alias == self.alias), None)
-            if row is None:
-                raise AliasNotFound(f"alias {self.alias!r} does not exist; publish a version with `ragpipe index`")
-            name = row.shadow_version if shadow else row.version
-            if name is None:
-                return None
+        row = next((a for a in aliases if a.alias == self.alias), None)
+        if row is None:
+            raise AliasNotFound(f"alias {self.alias!r} does not exist; publish a version with `ragpipe index`")
+        return row
+
+    def _info(self, name: str | None) -> VersionInfo | None:
+        if name is None:
+            return None
+        with self._registry_lock:
             version = self._registry.read(self._registry.get_version, name)
         assert version is not None and version.artifact_uri is not None  # an alias serves built versions only
         return VersionInfo(alias=self.alias, index=version.index_name, version=name,
@@ -261,6 +271,7 @@ class Retriever:
                     f"publish a version built with that model"
                 )
         started = time.perf_counter()
+        self.loads += 1
         loaded = LoadedVersion(info, local_directory(info.artifact_uri, self._cache_dir))
         logger.info("loaded version %s (%d chunks) in %.2f s", info.version, loaded.size, time.perf_counter() - started)
         return loaded
@@ -280,24 +291,85 @@ class Retriever:
                                self.alias, self._current.info.version, exc_info=True)
 
     def refresh(self) -> bool:
-        """Load the alias's current version if it changed; returns whether the retriever switched.
+        """Follow the alias: switch to its live version if it changed, and load, change or drop its
+        canary; returns whether the live version switched.
 
-        A version that cannot be loaded is logged and not switched to: the current one keeps
-        serving. A damaged one (:class:`VersionCorrupt`) is not tried again; one whose files cannot
-        be read now is tried again at the next refresh.
+        A version served before is taken from the warm ones when still there (nothing is read). A
+        version that cannot be loaded is logged and not switched to: the current one keeps serving.
+        A damaged one (:class:`VersionCorrupt`) is not tried again; one whose files cannot be read
+        now is tried again at the next refresh.
         """
         with self._refresh_lock:
-            info = self._resolve()
+            row = self._alias_row()
             switched = False
-            if (info is not None and info.version != self._current.info.version and info.version not in self._refused
-                    and (loaded := self._load_or_keep(info)) is not None):
-                previous = self._current
-                self._current = loaded  # one assignment: queries already running keep `previous`
-                self._result_cache.clear()
-                switched = True
-                logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
+            if row.version != self._current.info.version and row.version not in self._refused:
+                loaded = self._served(row.version)
+                if loaded is not None:
+                    previous = self._current
+                    self._current = loaded  # one assignment: queries already running keep `previous`
+                    self._warm.keep(previous)
+                    self._result_cache.clear()
+                    switched = True
+                    logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
+            self._refresh_canary(row)
+            self._warm.expire()
+            if self._semantic is not None:
+                self._semantic.retain_versions(self.serving_versions())
             self._refresh_shadow()
             return switched
+
+    def _served(self, name: str) -> LoadedVersion | None:
+        """Version ``name`` to serve: the canary's or a warm one when loaded already, else read now."""
+        rollout = self._rollout
+        if rollout is not None and rollout.version.info.version == name:
+            return rollout.version  # a promoted canary: loaded since it started
+        warm = self._warm.take(name)
+        if warm is not None:
+            return warm
+        info = self._info(name)
+        assert info is not None
+        return self._load_or_keep(info)
+
+    def _refresh_canary(self, row: AliasRow) -> None:
+        """Serve the alias's canary (loading it once) at its percentage, or stop serving one."""
+        rollout = self._rollout
+        name = row.canary_version
+        if name is None or name == self._current.info.version or name in self._refused:
+            if rollout is not None:
+                self._rollout = None
+                if rollout.version is not self._current:
+                    self._warm.keep(rollout.version)  # an aborted canary can come back at once
+                logger.info("alias %s: canary %s ended", self.alias, rollout.version.info.version)
+            return
+        percent = float(row.canary_percent or 0.0)
+        if rollout is not None and rollout.version.info.version == name:
+            if rollout.percent != percent:
+                self._rollout = Rollout(rollout.version, percent)
+            return
+        try:
+            loaded = self._served(name)
+        except Exception:  # a canary is best effort: the live version keeps serving every request
+            logger.warning("alias %s: cannot load canary %s; all requests go to %s", self.alias, name,
+                           self._current.info.version, exc_info=True)
+            return
+        if loaded is not None:
+            self._rollout = Rollout(loaded, percent)
+            if rollout is not None:
+                self._warm.keep(rollout.version)
+            logger.info("alias %s: canary %s gets %g%% of requests", self.alias, name, percent)
+
+    def serving_versions(self) -> set[str]:
+        """The versions this retriever answers from now: the live one and the canary, if any."""
+        rollout = self._rollout
+        return {self._current.info.version} | ({rollout.version.info.version} if rollout else set())
+
+    def rollout_state(self) -> dict[str, Any]:
+        """What this retriever serves: live version, canary and its percentage, warm versions, loads."""
+        rollout = self._rollout
+        return {"alias": self.alias, "live": self._current.info.version,
+                "canary": rollout.version.info.version if rollout else None,
+                "canary_percent": rollout.percent if rollout else None,
+                "warm": self._warm.names(), "loads": self.loads}
 
     def _load_or_keep(self, info: VersionInfo) -> LoadedVersion | None:
         """The version loaded, or None (logged) when it cannot be served and the current one stays."""
@@ -314,11 +386,12 @@ class Retriever:
         if self.config.mirror_fraction <= 0:
             return
         try:
-            shadow = self._resolve(shadow=True)
+            shadow = self._info(self._alias_row().shadow_version)
             if shadow is None or shadow.version in self._refused:
                 self._shadow = None
             elif self._shadow is None or self._shadow.info.version != shadow.version:
                 try:
+                    self.loads += 1
                     self._shadow = LoadedVersion(shadow, local_directory(shadow.artifact_uri, self._cache_dir))
                 except VersionCorrupt as exc:
                     self._refused[shadow.version] = str(exc)
@@ -331,10 +404,54 @@ class Retriever:
     def version(self) -> str:
         return self._current.info.version
 
+    def _write_stats_every(self) -> None:
+        while not self._closed.wait(self.config.stats_interval):
+            try:
+                self.write_stats()
+            except Exception:  # the database is away: the deltas wait for the next write
+                logger.warning("cannot write serving statistics of alias %s; retrying in %g s", self.alias,
+                               self.config.stats_interval, exc_info=True)
+
+    def write_stats(self) -> str | None:
+        """Write what was measured since the last write (one batch), then judge the canary's guards
+        on the statistics every process wrote; a breached guard aborts the canary (recorded with its
+        reason, followed by every reader). Returns the abort's reason, or None.
+
+        Runs every ``stats_interval`` seconds in a background thread; callable directly.
+        """
+        deltas = self.stats.take()
+        try:
+            with self._registry_lock:
+                self._registry.record_version_stats(deltas)
+        except BaseException:
+            self.stats.give_back(deltas)
+            raise
+        if self._rollout is None:
+            return None
+        with self._registry_lock:
+            canary = self._registry.read(self._registry.canary_of, self.alias)
+            if canary is None or not canary.canary_guards:
+                return None
+            guards = [Guard.from_dict(g) for g in canary.canary_guards]
+            reason = guard_breach(guards, self._registry.read(self._registry.canary_stats, canary),
+                                  canary.canary_min_queries)
+            if reason is None:
+                return None
+            moved = self._registry.abort_canary(self.alias, reason, version=canary.canary_version)
+        if moved is not None:
+            logger.warning("alias %s: %s; canary aborted", self.alias, reason)
+            self.refresh()
+        return reason
+
     def close(self) -> None:
         self._closed.set()
-        if self._follower is not None:
-            self._follower.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        try:
+            if self.config.stats_interval > 0:
+                self.write_stats()  # what the last interval measured
+        except Exception:
+            logger.warning("cannot write the last serving statistics of alias %s", self.alias, exc_info=True)
         with self._registry_lock:
             self._registry.close()
 
@@ -409,15 +526,27 @@ class Retriever:
                     self._query_cache.put((model_id, queries[i]), vec)
             return np.stack(out) if out else np.zeros((0, 1), dtype=np.float32)  # type: ignore[arg-type]
 
-    def search(self, query: str, k: int = 10, filters: dict[str, Any] | None = None) -> Hits:
-        """The ``k`` best chunks for ``query`` with attribution, from one version."""
-        version = self._current
-        return self._search_on(version, query, None, k, filters)
+    def search(self, query: str, k: int = 10, filters: dict[str, Any] | None = None,
+               route_key: str | None = None) -> Hits:
+        """The ``k`` best chunks for ``query`` with attribution, from one version.
 
-    def search_many(self, queries: Sequence[str], k: int = 10, filters: dict[str, Any] | None = None) -> list[Hits]:
+        Args:
+            route_key: what routes the request while the alias has a canary (a client or session id:
+                the same key always gets the same version); None routes it at random.
+
+        Returns:
+            The hits; ``hits.version`` and ``hits.route`` say which version served them, ``hits.cache``
+            whether a cache did.
+        """
+        version, route = self._route(route_key)
+        return self._search_on(version, query, None, k, filters, route=route)
+
+    def search_many(self, queries: Sequence[str], k: int = 10, filters: dict[str, Any] | None = None,
+                    route_key: str | None = None) -> list[Hits]:
         """Search several queries on one version: one embedding batch and one HNSW call for all of them
-        (hnswlib spreads it over its threads), then BM25, fusion and reranking per query."""
-        version = self._current
+        (hnswlib spreads it over its threads), then BM25, fusion and reranking per query. One
+        ``route_key`` routes the whole batch."""
+        version, route = self._route(route_key)
         if not queries:
             return []
         vectors = self._embed(list(queries), version)
@@ -429,21 +558,38 @@ class Retriever:
                     knn = version.knn_query(vectors, n, self.config.ef)
                 except RuntimeError:  # a query got fewer than n neighbours: each one alone, exactly if need be
                     logger.info("HNSW returned fewer than %d neighbours for a query of the batch", n)
-        return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]))
+        return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]),
+                                route=route)
                 for i, q in enumerate(queries)]
+
+    def _route(self, route_key: str | None) -> tuple[LoadedVersion, str]:
+        rollout = self._rollout
+        if rollout is not None and routes_to_canary(self.alias, rollout.version.info.version, rollout.percent,
+                                                    route_key):
+            return rollout.version, "canary"
+        return self._current, "live"
+
+    def cache_counters(self) -> dict[str, CacheCounters]:
+        """Hits, misses and entries of the query-embedding, exact result and semantic result caches."""
+        out = {"embedding": self._query_cache.counters(), "result": self._result_cache.counters()}
+        if self._semantic is not None:
+            out["semantic"] = self._semantic.counters()
+        return out
 
     def _search_on(
         self, version: LoadedVersion, query: str, vector: np.ndarray | None, k: int, filters: dict[str, Any] | None,
-        knn: tuple[np.ndarray, np.ndarray] | None = None,
+        knn: tuple[np.ndarray, np.ndarray] | None = None, route: str = "live",
     ) -> Hits:
         filters = _normalized(filters)
         # while chunks of the version still wait for their valid_from, results depend on the clock
         cacheable = version.all_visible_by(datetime.now(timezone.utc)) or (filters or {}).get("as_of") is not None
-        key = (version.info.version, query, k, json.dumps(filters, sort_keys=True, default=str))
+        filters_key = json.dumps(filters, sort_keys=True, default=str)
+        key = (version.info.version, query, k, filters_key)
         cached = self._result_cache.get(key) if cacheable else None
         if cached is not None:
-            return cached
+            return cached.served(route, "exact")
         started = time.perf_counter()
+        semantic_key = (version.info.version, filters_key, k)
         with telemetry.span("retrieval.search", {
             "retrieval.index_version": version.info.version,
             "retrieval.index_updated_at": version.info.updated_at.isoformat() if version.info.updated_at else "",
@@ -452,31 +598,59 @@ class Retriever:
         }) as root:
             if vector is None:
                 vector = self._embed([query], version)[0]
+            match = self._semantic.get(semantic_key, vector) if self._semantic is not None and cacheable else None
+            if match is not None:
+                return match.value.served(route, "semantic", match.similarity, match.query)  # type: ignore[no-any-return]
             hits = self._ranked(version, query, vector, k, filters, knn)
+            hits.version = version.info.version
             for hit in hits:
                 telemetry.event(root, "chunk_retrieved", {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id,
                                                           "score": hit.score, "source": hit.source_uri})
         if cacheable:
             self._result_cache.put(key, hits)
-        if self.config.mirror_fraction and self._shadow is not None and random.random() < self.config.mirror_fraction:
-            self._mirror(query, hits, k, filters, (time.perf_counter() - started) * 1000)
-        return hits
+            if self._semantic is not None:
+                self._semantic.put(semantic_key, vector, query, hits)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self._measure(version, route, query, hits, k, filters, elapsed_ms)
+        return hits.served(route)
 
-    def _mirror(self, query: str, primary: Hits, k: int, filters: dict[str, Any] | None, primary_ms: float) -> None:
-        shadow = self._shadow
-        if shadow is None:
+    def _measure(self, version: LoadedVersion, route: str, query: str, hits: Hits, k: int,
+                 filters: dict[str, Any] | None, elapsed_ms: float) -> None:
+        """Statistics of a searched (not cached) query while a canary or shadow is served: its latency
+        by version and role; for a share of canary queries their overlap@10 with the live version;
+        for a share of live queries the shadow's (mirroring)."""
+        rollout = self._rollout
+        if route == "canary":
+            overlap = None
+            if random.random() < self.config.canary_compare_fraction:
+                compared = self._compare(self._current, query, hits, k, filters, reference_is_served=False)
+                overlap = None if compared is None else compared[0]
+            self.stats.record(self.alias, version.info.version, "canary", elapsed_ms, overlap)
             return
+        if rollout is not None:
+            self.stats.record(self.alias, version.info.version, "live", elapsed_ms)
+        shadow = self._shadow
+        if self.config.mirror_fraction and shadow is not None and random.random() < self.config.mirror_fraction:
+            compared = self._compare(shadow, query, hits, k, filters, reference_is_served=True)
+            if compared is not None:
+                self.mirror.record(compared[0], elapsed_ms, compared[1])
+                self.stats.record(self.alias, shadow.info.version, "shadow", compared[1], compared[0])
+
+    def _compare(self, other: LoadedVersion, query: str, served: Hits, k: int, filters: dict[str, Any] | None,
+                 reference_is_served: bool) -> tuple[float, float] | None:
+        """Run ``query`` on ``other`` too: (overlap@10 of the shadow's or canary's hits with the live
+        version's, milliseconds on ``other``), or None when it failed (never failing the query)."""
         started = time.perf_counter()
         try:
-            vector = self._embed([query], shadow)[0]
-            other = self._ranked(shadow, query, vector, max(k, 10), filters)
-        except Exception:  # mirroring never fails the user's query
-            logger.warning("mirror query on shadow %s failed", shadow.info.version, exc_info=True)
-            return
-        mine = {h.chunk_id for h in primary[:10]}
-        theirs = {h.chunk_id for h in other[:10]}
-        self.mirror.record(len(mine & theirs) / max(1, min(10, len(mine) or 1)), primary_ms,
-                           (time.perf_counter() - started) * 1000)
+            vector = self._embed([query], other)[0]
+            theirs = self._ranked(other, query, vector, max(k, 10), filters)
+        except Exception:
+            logger.warning("comparison query on version %s failed", other.info.version, exc_info=True)
+            return None
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if reference_is_served:  # the shadow measured against the live hits served
+            return overlap_at_10(theirs, served), elapsed_ms
+        return overlap_at_10(served, theirs), elapsed_ms
 
     def _ranked(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
                 filters: dict[str, Any] | None, knn: tuple[np.ndarray, np.ndarray] | None = None) -> Hits:
