@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,149 +23,22 @@ import numpy as np
 
 from registry import Registry, RegistryConfig
 from registry.listener import AliasListener
-from registry.rollout_stats import Guard, guard_breach
 from registry.rows import AliasRow
 from retrieval import telemetry
-from retrieval.caches import DEFAULT_SEMANTIC_COSINE, CacheCounters, LRUCache, SemanticCache
+from retrieval.artifacts import store_root
+from retrieval.caches import CacheCounters, LRUCache, SemanticCache
+from retrieval.config import ENV_FIELDS, Hits, RetrievalConfig
 from retrieval.errors import AliasNotFound, ModelError, ModelMismatch, VersionCorrupt, VersionUnavailable
-from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
-from retrieval.hit import Hit, StageScore
-from retrieval.artifacts import PAGE_COLUMNS, store_root
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
+from retrieval.measuring import RolloutMeasuring
+from retrieval.ranking import Ranker, normalized_filters
 from retrieval.rerank import Reranker, make_reranker
-from retrieval.rollout import MirrorStats, Rollout, StatsRecorder, WarmVersions, overlap_at_10, routes_to_canary
+from retrieval.rollout import MirrorStats, Rollout, StatsRecorder, WarmVersions, routes_to_canary
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RetrievalConfig:
-    """How the retriever searches. Every field can be passed to :meth:`Retriever.open`.
-
-    Attributes:
-        retrievers: ``hybrid`` (BM25 and HNSW), ``bm25`` or ``vector`` alone.
-        candidates: how many candidates each of BM25 and HNSW returns (N).
-        ef: HNSW search breadth; a search for n > ef neighbours searches at breadth n (hnswlib: max(ef, k)).
-        fusion: ``rrf`` (reciprocal rank fusion) or ``weighted`` (min-max normalized scores).
-        rrf_k: the k of reciprocal rank fusion.
-        vector_weight: weight of the vector list in weighted fusion (BM25 gets the rest).
-        reranker: ``exact`` (default), ``none``, ``exact:W``, or a cross-encoder name or path.
-        rerank_depth: how many fused candidates the reranker rescores.
-        model: the query encoder's model; None uses the model the version's manifest names.
-        encoder_backend: ``auto`` (ONNX Runtime when the model allows it, else torch), ``onnx``, ``torch``.
-        device: the torch encoder's device.
-        query_cache_size / result_cache_size: LRU sizes (0 turns a cache off).
-        follow: follow the alias (LISTEN/NOTIFY plus a poll every ``poll_interval`` seconds).
-        mirror_fraction: share of queries also run against the alias's shadow version.
-        mirror_window: how many of the latest mirrored queries the latency medians cover.
-        semantic_cache_size: queries the semantic result cache keeps per (version, filters, k); 0 turns it off.
-        semantic_cache_cosine: least cosine between a query and a cached one for the cached hits to be served.
-        semantic_cache_keys: how many (version, filters, k) combinations the semantic cache keeps.
-        warm_seconds: how long a version that stopped serving stays loaded, for an instant move back.
-        canary_compare_fraction: share of canary-served queries also run on the live version (overlap@10).
-        stats_interval: seconds between writes of serving statistics to the registry (while a canary
-            or shadow is served); 0 writes none.
-    """
-
-    retrievers: str = "hybrid"
-    candidates: int = 50
-    ef: int = 100
-    fusion: str = "rrf"
-    rrf_k: int = 60
-    vector_weight: float = 0.7
-    reranker: str | None = "exact"
-    rerank_depth: int = 50
-    model: str | None = None
-    encoder_backend: str = "auto"
-    device: str = "cpu"
-    query_cache_size: int = 1024
-    result_cache_size: int = 1024
-    follow: bool = True
-    poll_interval: float = 5.0
-    mirror_fraction: float = 0.0
-    mirror_window: int = 1000
-    semantic_cache_size: int = 0
-    semantic_cache_cosine: float = DEFAULT_SEMANTIC_COSINE
-    semantic_cache_keys: int = 64
-    warm_seconds: float = 300.0
-    canary_compare_fraction: float = 0.1
-    stats_interval: float = 5.0
-
-    @classmethod
-    def from_env(cls, **given: Any) -> "RetrievalConfig":
-        """The fields given, else the ``RAGPIPE_<FIELD>`` environment variables of the fields in
-        :data:`ENV_FIELDS`, else the defaults.
-
-        Raises:
-            ValueError: an environment variable does not parse as its field's type (named).
-        """
-        types = {f.name: f.type for f in fields(cls)}
-        for name in ENV_FIELDS:
-            raw = os.environ.get(f"RAGPIPE_{name.upper()}")
-            if name in given or raw is None or raw == "":
-                continue
-            try:
-                given[name] = int(raw) if types[name] == "int" else float(raw)
-            except ValueError:
-                raise ValueError(f"RAGPIPE_{name.upper()}={raw!r} is not a number") from None
-        return cls(**given)
-
-    def __post_init__(self) -> None:
-        if self.encoder_backend not in ("auto", "onnx", "torch"):
-            raise ValueError(f"encoder_backend must be 'auto', 'onnx' or 'torch', got {self.encoder_backend!r}")
-        if self.retrievers not in ("hybrid", "bm25", "vector"):
-            raise ValueError(f"retrievers must be 'hybrid', 'bm25' or 'vector', got {self.retrievers!r}")
-        if self.fusion not in ("rrf", "weighted"):
-            raise ValueError(f"fusion must be 'rrf' or 'weighted', got {self.fusion!r}")
-        if self.candidates < 1 or self.rerank_depth < 1:
-            raise ValueError("candidates and rerank_depth must be positive")
-        if not 0.0 <= self.mirror_fraction <= 1.0:
-            raise ValueError(f"mirror_fraction must be within [0, 1], got {self.mirror_fraction}")
-        if self.mirror_window < 1:
-            raise ValueError(f"mirror_window must be positive, got {self.mirror_window}")
-        if not -1.0 <= self.semantic_cache_cosine <= 1.0:
-            raise ValueError(f"semantic_cache_cosine must be within [-1, 1], got {self.semantic_cache_cosine}")
-        if not 0.0 <= self.canary_compare_fraction <= 1.0:
-            raise ValueError(f"canary_compare_fraction must be within [0, 1], got {self.canary_compare_fraction}")
-        if self.warm_seconds < 0 or self.stats_interval < 0:
-            raise ValueError("warm_seconds and stats_interval must not be negative")
-
-
-# read from RAGPIPE_SEMANTIC_CACHE_SIZE, ... by RetrievalConfig.from_env (Retriever.open)
-ENV_FIELDS = ("semantic_cache_size", "semantic_cache_cosine", "warm_seconds", "canary_compare_fraction",
-              "stats_interval")
-
-
-class Hits(list):  # type: ignore[type-arg]
-    """The hits of one query, and how they were served.
-
-    Attributes:
-        exhausted: filters left fewer than k hits in the whole version.
-        version: the version that served them (the live one or the alias's canary).
-        route: ``live`` or ``canary``.
-        cache: ``exact`` (the same query was answered before), ``semantic`` (a query within the
-            semantic cache's cosine was), or None (searched now).
-        similarity: for a semantic cache hit, the cosine between this query and the cached one.
-        cached_query: for a semantic cache hit, the query whose hits these are.
-    """
-
-    exhausted: bool = False
-    version: str | None = None
-    route: str = "live"
-    cache: str | None = None
-    similarity: float | None = None
-    cached_query: str | None = None
-
-    def served(self, route: str, cache: str | None = None, similarity: float | None = None,
-               cached_query: str | None = None) -> "Hits":
-        """A copy marked with how it was served (cached lists are shared, never marked in place)."""
-        out = Hits(self)
-        out.exhausted, out.version, out.route = self.exhausted, self.version, route
-        out.cache, out.similarity, out.cached_query = cache, similarity, cached_query
-        return out
-
-
-class Retriever:
+class Retriever(RolloutMeasuring):
     """Search the version an alias serves. Thread-safe; use as a context manager or call :meth:`close`."""
 
     def __init__(self, registry_config: RegistryConfig, alias: str, config: RetrievalConfig,
@@ -186,6 +56,7 @@ class Retriever:
         self._encoders: dict[tuple[str, str | None], Any] = {}  # loaded on demand, by (model, encoder digest)
         self._encoder_lock = threading.Lock()
         self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
+        self._ranker = Ranker(config, self._reranker, alias)
         self._query_cache = LRUCache(config.query_cache_size)
         self._result_cache = LRUCache(config.result_cache_size)
         self._semantic: SemanticCache | None = (
@@ -227,7 +98,9 @@ class Retriever:
             encoder: an object with ``model_id`` and ``embed(texts)`` to encode queries (an ONNX runner,
                 say), or a list of them (one per model, for mirroring to a shadow version of another
                 model); by default the model the version's manifest names.
-            **config: any :class:`RetrievalConfig` field, plus ``home`` (ragpipe's home directory).
+            **config: any :class:`RetrievalConfig` field, plus ``home`` (ragpipe's home directory);
+                the fields of :data:`retrieval.config.ENV_FIELDS` not given are read from
+                ``RAGPIPE_SEMANTIC_CACHE_SIZE``, ``RAGPIPE_SEMANTIC_CACHE_COSINE``, ``RAGPIPE_WARM_SECONDS``, ...
 
         Raises:
             AliasNotFound: nothing has been published to the alias yet.
@@ -235,7 +108,7 @@ class Retriever:
         """
         home = config.pop("home", None)
         registry_config = RegistryConfig.from_env(database_url=database_url, home=home)
-        return cls(registry_config, index, RetrievalConfig(**config), encoder)
+        return cls(registry_config, index, RetrievalConfig.from_env(**config), encoder)
 
     def _alias_row(self) -> AliasRow:
         with self._registry_lock:
@@ -404,45 +277,6 @@ class Retriever:
     def version(self) -> str:
         return self._current.info.version
 
-    def _write_stats_every(self) -> None:
-        while not self._closed.wait(self.config.stats_interval):
-            try:
-                self.write_stats()
-            except Exception:  # the database is away: the deltas wait for the next write
-                logger.warning("cannot write serving statistics of alias %s; retrying in %g s", self.alias,
-                               self.config.stats_interval, exc_info=True)
-
-    def write_stats(self) -> str | None:
-        """Write what was measured since the last write (one batch), then judge the canary's guards
-        on the statistics every process wrote; a breached guard aborts the canary (recorded with its
-        reason, followed by every reader). Returns the abort's reason, or None.
-
-        Runs every ``stats_interval`` seconds in a background thread; callable directly.
-        """
-        deltas = self.stats.take()
-        try:
-            with self._registry_lock:
-                self._registry.record_version_stats(deltas)
-        except BaseException:
-            self.stats.give_back(deltas)
-            raise
-        if self._rollout is None:
-            return None
-        with self._registry_lock:
-            canary = self._registry.read(self._registry.canary_of, self.alias)
-            if canary is None or not canary.canary_guards:
-                return None
-            guards = [Guard.from_dict(g) for g in canary.canary_guards]
-            reason = guard_breach(guards, self._registry.read(self._registry.canary_stats, canary),
-                                  canary.canary_min_queries)
-            if reason is None:
-                return None
-            moved = self._registry.abort_canary(self.alias, reason, version=canary.canary_version)
-        if moved is not None:
-            logger.warning("alias %s: %s; canary aborted", self.alias, reason)
-            self.refresh()
-        return reason
-
     def close(self) -> None:
         self._closed.set()
         for thread in self._threads:
@@ -580,7 +414,7 @@ class Retriever:
         self, version: LoadedVersion, query: str, vector: np.ndarray | None, k: int, filters: dict[str, Any] | None,
         knn: tuple[np.ndarray, np.ndarray] | None = None, route: str = "live",
     ) -> Hits:
-        filters = _normalized(filters)
+        filters = normalized_filters(filters)
         # while chunks of the version still wait for their valid_from, results depend on the clock
         cacheable = version.all_visible_by(datetime.now(timezone.utc)) or (filters or {}).get("as_of") is not None
         filters_key = json.dumps(filters, sort_keys=True, default=str)
@@ -601,7 +435,7 @@ class Retriever:
             match = self._semantic.get(semantic_key, vector) if self._semantic is not None and cacheable else None
             if match is not None:
                 return match.value.served(route, "semantic", match.similarity, match.query)  # type: ignore[no-any-return]
-            hits = self._ranked(version, query, vector, k, filters, knn)
+            hits = self._ranker.ranked(version, query, vector, k, filters, knn)
             hits.version = version.info.version
             for hit in hits:
                 telemetry.event(root, "chunk_retrieved", {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id,
@@ -614,171 +448,6 @@ class Retriever:
         self._measure(version, route, query, hits, k, filters, elapsed_ms)
         return hits.served(route)
 
-    def _measure(self, version: LoadedVersion, route: str, query: str, hits: Hits, k: int,
-                 filters: dict[str, Any] | None, elapsed_ms: float) -> None:
-        """Statistics of a searched (not cached) query while a canary or shadow is served: its latency
-        by version and role; for a share of canary queries their overlap@10 with the live version;
-        for a share of live queries the shadow's (mirroring)."""
-        rollout = self._rollout
-        if route == "canary":
-            overlap = None
-            if random.random() < self.config.canary_compare_fraction:
-                compared = self._compare(self._current, query, hits, k, filters, reference_is_served=False)
-                overlap = None if compared is None else compared[0]
-            self.stats.record(self.alias, version.info.version, "canary", elapsed_ms, overlap)
-            return
-        if rollout is not None:
-            self.stats.record(self.alias, version.info.version, "live", elapsed_ms)
-        shadow = self._shadow
-        if self.config.mirror_fraction and shadow is not None and random.random() < self.config.mirror_fraction:
-            compared = self._compare(shadow, query, hits, k, filters, reference_is_served=True)
-            if compared is not None:
-                self.mirror.record(compared[0], elapsed_ms, compared[1])
-                self.stats.record(self.alias, shadow.info.version, "shadow", compared[1], compared[0])
-
-    def _compare(self, other: LoadedVersion, query: str, served: Hits, k: int, filters: dict[str, Any] | None,
-                 reference_is_served: bool) -> tuple[float, float] | None:
-        """Run ``query`` on ``other`` too: (overlap@10 of the shadow's or canary's hits with the live
-        version's, milliseconds on ``other``), or None when it failed (never failing the query)."""
-        started = time.perf_counter()
-        try:
-            vector = self._embed([query], other)[0]
-            theirs = self._ranked(other, query, vector, max(k, 10), filters)
-        except Exception:
-            logger.warning("comparison query on version %s failed", other.info.version, exc_info=True)
-            return None
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        if reference_is_served:  # the shadow measured against the live hits served
-            return overlap_at_10(theirs, served), elapsed_ms
-        return overlap_at_10(served, theirs), elapsed_ms
-
-    def _ranked(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
-                filters: dict[str, Any] | None, knn: tuple[np.ndarray, np.ndarray] | None = None) -> Hits:
-        n = max(self.config.candidates, k)
-        while True:
-            hits, exhausted = self._ranked_once(version, query, vector, k, filters, n, knn)
-            knn = None  # computed for the first depth only
-            if len(hits) >= k or exhausted:
-                result = Hits(hits[:k])
-                result.exhausted = len(hits) < k
-                return result
-            n *= 4  # filters removed too many candidates: look deeper
-
-    def _ranked_once(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
-                     filters: dict[str, Any] | None, n: int,
-                     knn: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[Hit], bool]:
-        n = min(n, version.size)
-        exhausted = n >= version.size
-        if n == 0:
-            return [], True
-        if knn is not None and len(knn[0]) == n:
-            labels, distances = knn
-        else:
-            with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n}):
-                labels, distances = _vector_search(version, vector, n, self.config.ef)
-        vec_keys = [int(x) for x in labels]
-        vec_scores = {key: 1.0 - float(d) for key, d in zip(vec_keys, distances)}
-        with telemetry.span("retrieval.bm25_search", {"retrieval.candidates": n}):
-            bm_keys_arr, bm_scores_arr, all_bm25 = version.bm25.top(query, n)
-            bm_keys = [int(x) for x in bm_keys_arr]
-            bm_scores = dict(zip(bm_keys, bm_scores_arr.tolist()))
-        if self.config.retrievers == "bm25":
-            vec_keys, vec_scores = [], {}
-        elif self.config.retrievers == "vector":
-            bm_keys, bm_scores = [], {}
-        with telemetry.span("retrieval.fusion", {"retrieval.fusion": self.config.fusion}):
-            if self.config.fusion == "rrf":
-                fused = reciprocal_rank_fusion([vec_keys, bm_keys], self.config.rrf_k)
-            else:
-                w = self.config.vector_weight
-                fused = weighted_fusion([(vec_scores, w), (bm_scores, 1.0 - w)])
-            order = sorted(fused, key=lambda key: (-fused[key], key))
-        order = [key for key in order if self._passes(version, key, filters)]
-        rerank_scores: dict[int, float] = {}
-        if self._reranker is not None and order:
-            depth = order[: max(self.config.rerank_depth, k)]
-            with telemetry.span("retrieval.rerank", {"retrieval.reranker": self._reranker.name, "retrieval.depth": len(depth)}):
-                rerank_scores = self._reranker.rerank(query, vector, depth, version, all_bm25)
-            order = sorted(depth, key=lambda key: (-rerank_scores[key], key)) + order[len(depth):]
-        vec_rank = {key: i for i, key in enumerate(vec_keys, start=1)}
-        bm_rank = {key: i for i, key in enumerate(bm_keys, start=1)}
-        fused_rank = {key: i for i, key in enumerate(sorted(fused, key=lambda x: (-fused[x], x)), start=1)}
-        rerank_rank = {key: i for i, key in enumerate(sorted(rerank_scores, key=lambda x: (-rerank_scores[x], x)), start=1)}
-        hits = [
-            self._hit(version, key,
-                      StageScore(bm_scores.get(key), bm_rank.get(key)),
-                      StageScore(vec_scores.get(key), vec_rank.get(key)),
-                      StageScore(fused.get(key), fused_rank.get(key)),
-                      StageScore(rerank_scores.get(key), rerank_rank.get(key)))
-            for key in order[:k]
-        ]
-        return hits, exhausted
-
-    def _passes(self, version: LoadedVersion, key: int, filters: dict[str, Any] | None) -> bool:
-        row = version.row[key]
-        now = (filters or {}).get("as_of") or datetime.now(timezone.utc)
-        if not version.all_visible_by(now):
-            valid_from = version.columns["valid_from"][row]
-            if valid_from is not None and valid_from > now:
-                return False  # staged: not visible yet
-        if not filters:
-            return True
-        prefix = filters.get("doc_id_prefix")
-        if prefix and not version.columns["doc_id"][row].startswith(prefix):
-            return False
-        wanted = filters.get("metadata") or {}
-        if wanted:
-            meta = version.metadata(row)
-            for name, value in wanted.items():
-                have = meta.get(name)
-                if isinstance(value, (list, tuple, set, frozenset)):
-                    if have not in value:
-                        return False
-                elif have != value:
-                    return False
-        return True
-
-    def _hit(self, version: LoadedVersion, key: int, bm25: StageScore, vector: StageScore, fused: StageScore,
-             rerank: StageScore) -> Hit:
-        row = version.row[key]
-        c = version.columns
-        return Hit(
-            doc_id=c["doc_id"][row], chunk_id=c["chunk_id"][row], text=c["text"][row],
-            source_uri=c["source_uri"][row], heading_path=tuple(c["heading_path"][row]),
-            char_start=c["char_start"][row], char_end=c["char_end"][row], ordinal=c["ordinal"][row],
-            chunk_hash=c["chunk_hash"][row], index_version=version.info.version, alias=self.alias,
-            version_updated_at=version.info.updated_at, model_id=version.info.model_id,
-            bm25=bm25, vector=vector, fused=fused, rerank=rerank, metadata=version.metadata(row),
-            **{name: c[name][row] for name in PAGE_COLUMNS},
-        )
 
 
-def _vector_search(version: LoadedVersion, vector: np.ndarray, n: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-    """HNSW top-n; exact search over the full-precision matrix when n covers the whole version or
-    the graph cannot return n neighbours (hnswlib raises then)."""
-    if n < version.size:
-        try:
-            found = version.knn_query(vector, n, ef)
-            return found[0][0], found[1][0]
-        except RuntimeError:
-            logger.info("HNSW returned fewer than %d neighbours; searching exactly", n)
-    scores = np.asarray(version.matrix, dtype=np.float32) @ np.asarray(vector, dtype=np.float32)
-    order = np.argsort(-scores, kind="stable")[:n]
-    return version.keys[order], (1.0 - scores[order]).astype(np.float32)
-
-
-def _normalized(filters: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Filters with ``as_of`` as an aware datetime (ISO strings accepted, naive times are UTC)."""
-    if not filters or filters.get("as_of") is None:
-        return filters
-    as_of = filters["as_of"]
-    if isinstance(as_of, str):
-        as_of = datetime.fromisoformat(as_of)
-    if not isinstance(as_of, datetime):
-        raise ValueError(f"filters['as_of'] must be a datetime or an ISO 8601 string, got {as_of!r}")
-    if as_of.tzinfo is None:
-        as_of = as_of.replace(tzinfo=timezone.utc)
-    return {**filters, "as_of": as_of}
-
-
-__all__ = ["Hits", "MirrorStats", "RetrievalConfig", "Retriever"]
+__all__ = ["ENV_FIELDS", "Hits", "MirrorStats", "RetrievalConfig", "Retriever"]
