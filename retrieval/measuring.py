@@ -99,9 +99,9 @@ class RolloutMeasuring:
                 overlap = None if compared is None else compared[0]
             self.stats.record(self.alias, version.info.version, "canary", elapsed_ms, overlap)
             return
-        if rollout is not None:
-            self.stats.record(self.alias, version.info.version, "live", elapsed_ms)
         shadow = self._shadow
+        if rollout is not None or (self.config.mirror_fraction and shadow is not None):
+            self.stats.record(self.alias, version.info.version, "live", elapsed_ms)  # what the others compare with
         if self.config.mirror_fraction and shadow is not None and random.random() < self.config.mirror_fraction:
             compared = self._compare(shadow, query, hits, k, filters, reference_is_served=True)
             if compared is not None:

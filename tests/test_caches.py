@@ -10,7 +10,8 @@ from conftest import run_threads, write_tree
 from pipeline.config import IndexConfig
 from pipeline.runner import run_index
 from retrieval import Retriever
-from retrieval.caches import LRUCache, SemanticCache
+from retrieval.caches import DEFAULT_SEMANTIC_COSINE, LRUCache, SemanticCache
+from retrieval.config import RetrievalConfig
 
 
 def _unit(rng, dim=16):
@@ -67,6 +68,22 @@ def test_caches_count_from_many_threads():
     assert counters.hits + counters.misses == 3000 and counters.entries <= 64
     assert lru.counters().hits + lru.counters().misses == 3000
 
+
+
+def test_settings_come_from_the_environment_unless_given(monkeypatch):
+    monkeypatch.setenv("RAGPIPE_SEMANTIC_CACHE_SIZE", "128")
+    monkeypatch.setenv("RAGPIPE_SEMANTIC_CACHE_COSINE", "0.9")
+    monkeypatch.setenv("RAGPIPE_WARM_SECONDS", "")
+    config = RetrievalConfig.from_env(semantic_cache_cosine=0.97)
+    assert (config.semantic_cache_size, config.semantic_cache_cosine, config.warm_seconds) == (128, 0.97, 300.0)
+    assert RetrievalConfig().semantic_cache_size == 0 and RetrievalConfig().semantic_cache_cosine == DEFAULT_SEMANTIC_COSINE
+    monkeypatch.setenv("RAGPIPE_SEMANTIC_CACHE_SIZE", "many")
+    with pytest.raises(ValueError, match="RAGPIPE_SEMANTIC_CACHE_SIZE='many' is not a number"):
+        RetrievalConfig.from_env()
+    monkeypatch.setenv("RAGPIPE_SEMANTIC_CACHE_SIZE", "0")
+    monkeypatch.setenv("RAGPIPE_SEMANTIC_CACHE_COSINE", "1.5")
+    with pytest.raises(ValueError, match="semantic_cache_cosine must be within"):
+        RetrievalConfig.from_env()
 
 
 @pytest.fixture

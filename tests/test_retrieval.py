@@ -194,7 +194,13 @@ def test_mirror_mode_measures_the_shadow_and_serves_the_primary(corpus, registry
         hits = r.search("heat shields protect capsules", k=3)
         assert {h.index_version for h in hits} == {r.version} and r.version != shadow.version
         stats = r.mirror.summary()
+        r.write_stats()  # what the stats thread does every stats_interval
     assert stats["queries"] == 1 and 0.0 <= stats["mean_overlap_at_10"] <= 1.0 and stats["shadow_p50_ms"] > 0
+    written = {(s.version, s.role): s for s in registry.version_stats("docs")}
+    mirrored = written[(shadow.version, "shadow")]
+    assert mirrored.queries == mirrored.compared == 1
+    assert mirrored.overlap_at_10 == pytest.approx(stats["mean_overlap_at_10"])
+    assert written[(r.version, "live")].queries == 1
 
 
 def test_mirror_statistics_stay_bounded_under_concurrent_queries(corpus, registry, registry_config, embedder):
