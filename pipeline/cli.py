@@ -243,9 +243,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     registry_config = _registry_config(args)
     with Retriever.open(config.index, registry_config.database_url, home=registry_config.home, follow=False,
                         **_retrieval_overrides(args)) as retriever:
-        hits = retriever.search(args.query, k=args.k)
+        hits = retriever.search(args.query, k=args.k, route_key=args.route_key)
     print(json.dumps([h.to_dict() for h in hits], indent=2) if args.json else
-          format_hits(hits, retriever.alias, retriever.version))
+          format_hits(hits, retriever.alias, f"{hits.version} (canary)" if hits.route == "canary" else hits.version))
     return 0
 
 

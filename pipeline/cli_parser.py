@@ -136,6 +136,7 @@ def add_search(commands: Commands) -> None:
     search.add_argument("--k", type=int, default=5, help="how many hits")
     search.add_argument("--reranker", help="exact (default), none, exact:W, or a cross-encoder name/path")
     search.add_argument("--fusion", choices=["rrf", "weighted"], help="how to combine BM25 and vector lists")
+    search.add_argument("--route-key", help="routes the query while the alias has a canary (a client or session id)")
     add_output_flags(search)
 
 
