@@ -53,11 +53,13 @@ $(AIRFLOW_HOME_DIR)/airflow.db: | install
 	$(AIRFLOW_ENV) $(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME_DIR)/migrate.log 2>&1 \
 		|| (tail -n 40 $(AIRFLOW_HOME_DIR)/migrate.log; exit 1)
 
+# the checkout first on the path, for the tests and the subprocesses they start (benchmarks/ is not
+# part of the installed package)
 test: $(BENCH_STAMP)
-	$(VENV)/bin/pytest -q
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest -q
 
 test-fast: $(BENCH_STAMP)
-	$(VENV)/bin/pytest -q -m "not slow"
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest -q -m "not slow"
 
 bench-replay: install
 	$(VENV)/bin/ragpipe replay $${RAGPIPE_SHARED_DATA:-../shared/data}/peps-replay --embedder deterministic --json
