@@ -7,6 +7,10 @@ The retriever follows its alias: a background thread listens for the registry's 
 notifications (and polls as a fallback), loads a newly published version beside the current one and
 switches to it with one reference assignment. A query holds the version it started with until it
 returns, so every result list comes from exactly one version.
+
+While the alias has a canary, the retriever holds it loaded too and routes each request by its
+route key (retrieval.rollout); versions that stop serving stay loaded for ``warm_seconds``, so a
+move back loads nothing. Caches (retrieval.caches): query vectors, exact results, semantic results.
 """
 
 from __future__ import annotations
