@@ -407,6 +407,12 @@ class Retriever(RolloutMeasuring):
             return rollout.version, "canary"
         return self._current, "live"
 
+    def cache_stats(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) of each cache since the retriever opened: ``query`` (query vectors), ``result``
+        (exact result lists) and, when on, ``semantic``."""
+        names = {"embedding": "query", "result": "result", "semantic": "semantic"}
+        return {names[name]: (c.hits, c.misses) for name, c in self.cache_counters().items()}
+
     def cache_counters(self) -> dict[str, CacheCounters]:
         """Hits, misses and entries of the query-embedding, exact result and semantic result caches."""
         out = {"embedding": self._query_cache.counters(), "result": self._result_cache.counters()}

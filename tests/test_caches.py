@@ -118,6 +118,8 @@ def test_semantic_cache_through_the_retriever(faq, registry, registry_config, em
         counters = r.cache_counters()
         assert counters["semantic"].hits == 1 and counters["semantic"].misses >= 3
         assert counters["result"].hits == 1
+        stats = r.cache_stats()  # the form /metrics reads
+        assert stats["semantic"] == (1, counters["semantic"].misses) and stats["result"][0] == 1
         # a new version: the semantic cache of the old one is dropped
         faq.write_text(faq.read_text() + json.dumps({"doc_id": "en/9", "text": "Capsules tumble."}) + "\n")
         second = run_index(str(faq), registry, embedder, IndexConfig(lock_timeout=5))
