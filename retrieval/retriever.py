@@ -29,11 +29,11 @@ from registry import Registry, RegistryConfig
 from registry.listener import AliasListener
 from registry.rows import AliasRow
 from retrieval import telemetry
-from retrieval.artifacts import store_root
 from retrieval.caches import CacheCounters, LRUCache, SemanticCache
 from retrieval.config import ENV_FIELDS, Hits, RetrievalConfig
-from retrieval.errors import AliasNotFound, ModelError, ModelMismatch, VersionCorrupt, VersionUnavailable
+from retrieval.errors import AliasNotFound, ModelMismatch, VersionCorrupt, VersionUnavailable
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
+from retrieval.encoding import QueryEncoding
 from retrieval.measuring import RolloutMeasuring
 from retrieval.ranking import Ranker, normalized_filters
 from retrieval.rerank import Reranker, make_reranker
@@ -42,7 +42,7 @@ from retrieval.rollout import MirrorStats, Rollout, StatsRecorder, WarmVersions,
 logger = logging.getLogger(__name__)
 
 
-class Retriever(RolloutMeasuring):
+class Retriever(QueryEncoding, RolloutMeasuring):
     """Search the version an alias serves. Thread-safe; use as a context manager or call :meth:`close`."""
 
     def __init__(self, registry_config: RegistryConfig, alias: str, config: RetrievalConfig,
@@ -301,69 +301,6 @@ class Retriever(RolloutMeasuring):
 
     # -- searching -----------------------------------------------------------------------------
 
-    def _encoder(self, version: LoadedVersion) -> Any:
-        """The query encoder of ``version``: the caller's for its model, else the one its manifest
-        names (loaded once per digest), else sentence-transformers (``[pipeline]``)."""
-        model_id = version.info.model_id
-        ref = version.encoder_ref
-        with self._encoder_lock:
-            given = self._given.get(model_id)
-            if given is not None:
-                return given
-            key = (model_id, ref.digest if ref is not None else None)
-            encoder = self._encoders.get(key)
-            if encoder is None:
-                encoder = self._new_encoder(version)
-                if encoder.model_id != model_id:
-                    raise ModelMismatch(f"the version was embedded with {model_id!r}; the encoder is {encoder.model_id!r}")
-                if getattr(encoder, "query_prefix", version.query_prefix) != version.query_prefix:
-                    raise ModelMismatch(f"version {version.info.version} prefixes queries with {version.query_prefix!r}; "
-                                        f"its stored encoder says {encoder.query_prefix!r}")
-                self._encoders[key] = encoder
-            return encoder
-
-    def _new_encoder(self, version: LoadedVersion) -> Any:
-        from retrieval.models import SentenceTransformerEmbedder, split_variant
-
-        model_id, ref = version.info.model_id, version.encoder_ref
-        endpoint = version.manifest["model"].get("endpoint")
-        if endpoint is not None:  # queries go to the model the documents went to, over HTTP
-            from retrieval.endpoint import endpoint_encoder
-
-            return endpoint_encoder(endpoint, dim=version.dim)
-        onnx_only = bool(split_variant(model_id)[1])  # a quantized model's vectors come from ONNX Runtime alone
-        backend = self.config.encoder_backend
-        if backend == "torch":
-            if onnx_only:
-                raise ModelError(f"{model_id!r} runs on ONNX Runtime only; use encoder_backend 'auto' or 'onnx'")
-            return SentenceTransformerEmbedder(self.config.model or model_id, device=self.config.device)
-        if ref is not None:
-            from retrieval.onnx import OnnxEncoder
-
-            return OnnxEncoder.from_store(store_root(version.info.artifact_uri), ref, model_id, self._cache_dir)
-        if backend == "onnx" or onnx_only:
-            raise ModelError(
-                f"version {version.info.version} stores no ONNX query encoder for {model_id!r} (built before "
-                "ragpipe 0.2, or by an embedder without one): rebuild it with `ragpipe index SOURCE --full`, "
-                "or open the retriever with encoder=..."
-            )
-        logger.info("version %s stores no query encoder; encoding queries with sentence-transformers",
-                    version.info.version)
-        return SentenceTransformerEmbedder(self.config.model or model_id, device=self.config.device)
-
-    def _embed(self, queries: Sequence[str], version: LoadedVersion) -> np.ndarray:
-        model_id = version.info.model_id
-        queries = [version.query_prefix + q for q in queries]  # what the model expects before a query
-        with telemetry.span("embedding.query", {"embedding.model": model_id, "embedding.queries": len(queries)}):
-            out: list[np.ndarray | None] = [self._query_cache.get((model_id, q)) for q in queries]
-            missing = [i for i, v in enumerate(out) if v is None]
-            if missing:
-                vectors = self._encoder(version).embed([queries[i] for i in missing])
-                for i, vec in zip(missing, vectors):
-                    out[i] = vec
-                    self._query_cache.put((model_id, queries[i]), vec)
-            return np.stack(out) if out else np.zeros((0, 1), dtype=np.float32)  # type: ignore[arg-type]
-
     def search(self, query: str, k: int = 10, filters: dict[str, Any] | None = None,
                route_key: str | None = None) -> Hits:
         """The ``k`` best chunks for ``query`` with attribution, from one version.
@@ -399,6 +336,13 @@ class Retriever(RolloutMeasuring):
         return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]),
                                 route=route)
                 for i, q in enumerate(queries)]
+
+    def route(self, route_key: str | None) -> tuple[str, str]:
+        """(version, ``live`` or ``canary``) a request with ``route_key`` goes to now: what a server
+        groups a micro-batch by before one :meth:`search_many` per group (keys route deterministically;
+        None draws at random, so give keyless requests their request id as the key)."""
+        version, route = self._route(route_key)
+        return version.info.version, route
 
     def _route(self, route_key: str | None) -> tuple[LoadedVersion, str]:
         rollout = self._rollout

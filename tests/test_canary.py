@@ -59,11 +59,14 @@ def test_canary_routes_by_key_and_says_which_version_served(two_versions, regist
             assert hits.version == (v2 if hits.route == "canary" else v1)
             assert {h.index_version for h in hits} == {hits.version}
             routes[f"user-{i}"] = hits.route
+            assert r.route(f"user-{i}") == (hits.version, hits.route)
         share = sum(route == "canary" for route in routes.values()) / len(routes)
         assert 0.22 < share < 0.38
         for key, route in list(routes.items())[:50]:  # stable per key, also from the caches
             assert r.search("flutter of panels", k=3, route_key=key).route == route
         assert {r.search("heat shield reentry", k=3).route for _ in range(60)} == {"live", "canary"}  # no key: random
+        batch = r.search_many(QUERIES, k=3, route_key="user-7")  # one key routes the whole batch
+        assert {b.version for b in batch} == {r.route("user-7")[0]} and {b.route for b in batch} == {routes["user-7"]}
         registry.start_canary("docs", v2, 100.0)  # the same canary at another share
         r.refresh()
         assert all(r.search(q, k=3, route_key="anyone").version == v2 for q in QUERIES)
