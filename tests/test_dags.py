@@ -89,8 +89,8 @@ def test_dag_folder_imports_without_errors_and_without_heavy_modules(parsed):
 
 
 def test_task_graph_and_schedule(parsed):
-    for dag_id, schedule, params in (("rag_index", "@hourly", ["index", "source"]),
-                                     ("rag_index_rebuild", "@weekly", ["index", "model", "source"])):
+    for dag_id, schedule, params in (("rag_index", "@hourly", ["aws_conn_id", "index", "source"]),
+                                     ("rag_index_rebuild", "@weekly", ["aws_conn_id", "index", "model", "source"])):
         dag = parsed["dags"][dag_id]
         assert dag["tasks"] == EXPECTED_GRAPH, dag_id
         assert dag["schedule"] == schedule and dag["catchup"] is False and dag["max_active_runs"] == 1

@@ -1,6 +1,6 @@
 """Object-store credentials: from the standard AWS variables or an orchestrator's connection, never logged.
 
-The secret parts have no ``repr``; every error message about a store passes through :meth:`redact`.
+The key id and the secret parts have no ``repr``; every error message about a store passes through :meth:`redact`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class ObjectStoreCredentials:
         region: the bucket's region.
     """
 
-    access_key: str | None = None
+    access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
     endpoint_url: str | None = None

@@ -173,15 +173,14 @@ class _Store:
         return ListedObject(doc_id=rel, path=path, uri=uri, size=size, etag=etag, mtime=mtime)
 
     def _list_s3(self) -> Iterator[ListedObject]:
-        import s3fs
+        from registry.extras import require
 
+        s3fs = require("s3fs", "pipeline", "listing an s3:// source")
         c = self.credentials
         client_kwargs = {"region_name": c.region} if c.region else {}
         fs = s3fs.S3FileSystem(key=c.access_key, secret=c.secret_key, token=c.session_token,
                                endpoint_url=c.endpoint_url, client_kwargs=client_kwargs,
                                skip_instance_cache=True, use_listings_cache=False)
-        if not fs.exists(self.bucket):
-            raise FileNotFoundError(f"bucket {self.bucket} does not exist or is not visible to these credentials")
         for path, info in sorted(fs.find(self.root, detail=True).items()):
             if info.get("type") == "file":
                 yield self._object(path, int(info["size"]), info.get("ETag"), info.get("LastModified"))
