@@ -29,17 +29,6 @@ KEY_ID = "AKIATESTKEY" + uuid.uuid4().hex[:8].upper()
 SAMPLES = "pdf-samples"
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> str:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def s3(s3_endpoint, monkeypatch):
     """A client of the server; the standard AWS variables point ragpipe at it with a secret to guard."""
