@@ -83,3 +83,20 @@ def test_the_filter_prunes_excluded_directories_of_flat_keys():
     assert not selection.selects("node_modules/pkg/readme.md") and not selection.selects("web/node_modules/x.js")
     assert not selection.selects("image.png")  # not included
     assert selection.too_large("big.md", selection.max_bytes + 1).reason.startswith("larger than the ")
+
+
+def test_store_errors_name_the_uri_say_why_and_redact_credentials():
+    from pipeline.errors import SourceUnreachable
+    from pipeline.sources.credentials import ObjectStoreCredentials
+    from pipeline.sources.objectstore import _Store
+
+    creds = ObjectStoreCredentials(access_key="AKIAEXAMPLE", secret_key="s3cr3t", session_token="tok3n")
+    store = _Store("file", "", "/srv/docs/", creds, "file:///srv/docs/")
+    denied = store._error("cannot be listed", PermissionError("AccessDenied for AKIAEXAMPLE with s3cr3t / tok3n"))
+    assert str(denied).startswith("source file:///srv/docs/: access denied") and not denied.transient
+    missing = store._error("cannot be listed", FileNotFoundError("NoSuchBucket"))
+    assert str(missing).startswith("source file:///srv/docs/ does not exist") and not missing.transient
+    down = store._error("cannot be listed", OSError("connection reset, key AKIAEXAMPLE"))
+    assert isinstance(down, SourceUnreachable) and down.transient
+    for err in (denied, missing, down):
+        assert not any(s in str(err) for s in ("AKIAEXAMPLE", "s3cr3t", "tok3n"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -26,6 +27,8 @@ from pipeline.sources.listing import ListedObject, ListingMemory, ListingUpdate,
 logger = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "gs", "gcs", "file")
+FETCH_THREADS = 8
+FETCH_WINDOW = 32
 
 
 def is_object_store_uri(source: str) -> bool:
@@ -94,8 +97,7 @@ def scan_object_store(
     documents: list[SourceDocument] = []
     update = ListingUpdate(source=label, forget=sorted(set(recorded) - {o.doc_id for o in listed}))
     with IsolatedExtractor(limits) as extractor:  # its worker starts with the first PDF, DOCX or HTML object
-        for obj in plan.read:
-            data = store.read(obj)
+        for obj, data in _fetched(store, plan.read):
             if isinstance(data, SkippedDocument):  # not read: nothing to remember, the next run tries again
                 skipped.append(data)
                 continue
@@ -110,6 +112,15 @@ def scan_object_store(
     skipped.sort(key=lambda s: s.doc_id)
     return SourceScan(source=label, documents=documents, skipped=skipped, unread=sorted(plan.unread),
                       listing=update if memory is not None else None)
+
+
+def _fetched(store: "_Store", objects: list[ListedObject]) -> Iterator[tuple[ListedObject, bytes | SkippedDocument]]:
+    """Each object with its bytes, in order, fetched ``FETCH_THREADS`` at a time (requests wait on the
+    network, not the CPU); at most ``FETCH_WINDOW`` objects' bytes are held at once."""
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        for start in range(0, len(objects), FETCH_WINDOW):
+            part = objects[start:start + FETCH_WINDOW]
+            yield from zip(part, pool.map(store.read, part))
 
 
 def _bad_key(doc_id: str) -> str | None:
@@ -144,6 +155,8 @@ class _Store:
                 options.update(endpoint_override=endpoint.netloc or endpoint.path, scheme=endpoint.scheme or "https")
                 options["region"] = c.region or "us-east-1"
             return pafs.S3FileSystem(**{k: v for k, v in options.items() if v is not None})
+        if self.scheme == "file":
+            return pafs.LocalFileSystem()
         filesystem, _ = pafs.FileSystem.from_uri(f"{self.scheme}://{self.bucket}/{self.prefix}")
         return filesystem
 
