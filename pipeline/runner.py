@@ -38,7 +38,7 @@ from pipeline.embedding import (Embedder, embed_in_batches, model_lock_matches, 
 from pipeline.errors import ArtifactWriteError, EmbeddingError, UnsafeDeletion, VersionRejected
 from pipeline.formats.isolation import ExtractLimits
 from pipeline.sources import (ListingMemory, ListingUpdate, ObjectStoreCredentials, SourceDocument, SourceScan,
-                              scan_source)
+                              scan_source, source_label)
 from pipeline.validation import Thresholds, validate_version
 from registry import ChunkRow, DocumentFields, Registry
 from retrieval.bm25 import ANALYZER_VERSION
@@ -218,9 +218,9 @@ def run_index(
         VersionRejected: the new version failed validation; it was recorded as rejected, the alias
             did not move.
     """
-    source_label = source.source if isinstance(source, SourceScan) else str(source)
+    label = source.source if isinstance(source, SourceScan) else source_label(source)
     with registry.index_lock(config.index, config.lock_timeout):
-        state = start_run(registry, config, source_label, embedder.model_id, options)
+        state = start_run(registry, config, label, embedder.model_id, options)
         with recording(registry, state):
             scan = plan_run(registry, embedder, config, state, source, credentials)
             if state.changed:

@@ -52,7 +52,7 @@ from pipeline.runner import (
     validate_run,
 )
 from pipeline.hashing import content_hash
-from pipeline.sources import ObjectStoreCredentials
+from pipeline.sources import ObjectStoreCredentials, source_label
 from registry import Registry, RegistryConfig
 from registry.config import dsn_from_parts
 from registry.errors import is_transient
@@ -110,7 +110,8 @@ def plan(
     model = embedder(config)
     with _registry(registry_config) as registry, registry.index_lock(config.index, config.lock_timeout):
         store = artifact_store(config, registry.home)
-        state = start_run(registry, config, source, model.model_id, options, owner=owner, lease_s=config.run_lease)
+        state = start_run(registry, config, source_label(source), model.model_id, options, owner=owner,
+                          lease_s=config.run_lease)
         with _step(registry, state, final=False):
             store.remove_run_files(config.index)  # workspaces of earlier runs, all finished or taken over
             scan = plan_run(registry, model, config, state, source, source_credentials)

@@ -234,10 +234,15 @@ def test_an_unreachable_store_is_transient_and_its_error_holds_no_secret(monkeyp
     assert SECRET not in repr(creds)
 
 
-def test_credentials_in_the_uri_are_refused_without_echoing_them():
+def test_credentials_in_the_uri_are_refused_without_echoing_or_recording_them(registry, embedder):
+    uri = f"s3://{KEY_ID}:{SECRET}@bucket/docs/"
     with pytest.raises(ConfigError) as err:
-        scan_source(f"s3://{KEY_ID}:{SECRET}@bucket/docs/")
+        scan_source(uri)
     assert "s3://bucket/docs/" in str(err.value) and SECRET not in str(err.value) and KEY_ID not in str(err.value)
+    with pytest.raises(ConfigError):
+        index(uri, registry, embedder)
+    runs = json.dumps([list(r) for r in registry.conn.execute("SELECT * FROM runs")], default=str)
+    assert SECRET not in runs and KEY_ID not in runs  # refused before the run was recorded
 
 
 def test_file_uri_source_reads_only_what_changed(tmp_path, registry, embedder):

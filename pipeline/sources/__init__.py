@@ -33,14 +33,26 @@ from pipeline.sources.documents import document_from_bytes, format_for, make_doc
 from pipeline.sources.filters import SourceFilter
 from pipeline.sources.jsonl import scan_jsonl, scan_records
 from pipeline.sources.listing import ListingMemory, ListingUpdate
-from pipeline.sources.objectstore import is_object_store_uri, scan_object_store
+from pipeline.sources.objectstore import is_object_store_uri, root_uri, scan_object_store, source_root
 
 __all__ = [
     "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE", "DEFAULT_MAX_BYTES", "MAX_DOC_ID_LENGTH", "MAX_METADATA_DEPTH",
     "ListingMemory", "ListingUpdate", "ObjectStoreCredentials", "SkippedDocument", "SourceDocument", "SourceFilter",
     "SourceScan", "document_from_bytes", "format_for", "is_object_store_uri", "make_document", "parse_timestamp",
-    "scan_records", "scan_source", "storable", "unstorable_field",
+    "scan_records", "scan_source", "source_label", "storable", "unstorable_field",
 ]  # fmt: skip
+
+
+def source_label(source: str | os.PathLike[str]) -> str:
+    """How a run records its source: an object-store URI normalized (its prefix a directory), any
+    other source as given.
+
+    Raises:
+        ConfigError: an object-store URI holds credentials (refused before anything records it).
+    """
+    if isinstance(source, str) and is_object_store_uri(source):
+        return root_uri(*source_root(source))
+    return str(source)
 
 
 def scan_source(
