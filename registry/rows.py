@@ -146,6 +146,22 @@ class AliasRow:
     chunks: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class SourceObjectRow:
+    """What the registry remembers of one object of an object-store source: how it was listed when
+    last read, under which chunker and extractor configuration, and what it became (a document's
+    content hash, or the reason its content cannot be indexed)."""
+
+    doc_id: str
+    etag: str | None
+    size: int
+    mtime: datetime | None
+    fingerprint: str
+    content_hash: str | None
+    skip_reason: str | None
+    skip_gone: bool
+
+
 QUERY_ROWS: dict[str, type] = {
     "list_runs": RunListing,
     "get_run": RunRow,
@@ -157,5 +173,6 @@ QUERY_ROWS: dict[str, type] = {
     "list_versions": VersionListing,
     "get_version": VersionRow,
     "list_aliases": AliasRow,
+    "source_objects": SourceObjectRow,
 }
 """The row type of each named query that returns typed rows (registry.queries.fetch_all / fetch_one)."""

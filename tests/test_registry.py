@@ -66,7 +66,8 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
     # class_row fails on a column the dataclass lacks, and the CLI's JSON is asdict in field order:
     # so each query's columns must be its row type's fields, in order, for every query in QUERY_ROWS
     write_tree(tmp_path / "src", {"a.md": "# A\n\nAlpha text.\n", "b.md": "# B\n\nBeta text.\n"})
-    summary = run_index(str(tmp_path / "src"), registry, embedder, IndexConfig(index="docs", lock_timeout=5))
+    src_uri = (tmp_path / "src").as_uri() + "/"  # a file:// source: its listing is recorded
+    summary = run_index(src_uri, registry, embedder, IndexConfig(index="docs", lock_timeout=5))
     head = registry.head_version("docs")
     registry.create_version(index="docs", version="docs_unfinished", parent=head.version, run_id=summary.run_id,
                             model_id=embedder.model_id, full_build=False)
@@ -81,6 +82,7 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
         "list_versions": {"index": "docs"},
         "get_version": {"version": summary.version},
         "list_aliases": {},
+        "source_objects": {"index": "docs", "source": src_uri},
     }
     assert sorted(QUERY_ROWS) == sorted(params)  # a query given a row type is checked here too
     for name, row_type in QUERY_ROWS.items():
