@@ -86,6 +86,26 @@ def _source() -> str:
     return str(source)
 
 
+def _source_credentials() -> Any:
+    """An S3 source's credentials from the Airflow Connection the ``aws_conn_id`` param names (login:
+    access key id, password: secret key, extra: ``endpoint_url``, ``region_name``,
+    ``aws_session_token``); None without the param (the AWS_* variables decide). They go to the
+    discovery step only, never into XCom."""
+    conn_id = _params().get("aws_conn_id")
+    if not conn_id:
+        return None
+    from airflow.sdk import Connection
+
+    from pipeline.sources import ObjectStoreCredentials
+
+    conn = Connection.get(conn_id)
+    extra = conn.extra_dejson or {}
+    return ObjectStoreCredentials(access_key=conn.login or None, secret_key=conn.password or None,
+                                  session_token=extra.get("aws_session_token"),
+                                  endpoint_url=extra.get("endpoint_url") or None,
+                                  region=extra.get("region_name") or None)
+
+
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run one pipeline step; a terminal error fails the task without retry."""
     from pipeline.steps import is_transient
@@ -103,8 +123,11 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def _indexing_dag(dag_id: str, schedule: str, *, full: bool, doc: str) -> Any:
     params = {
-        "source": Param("", type="string", description="directory or .jsonl file; empty: Variable ragpipe_source "
-                                                         "or RAGPIPE_SOURCE"),
+        "source": Param("", type="string", description="directory, .jsonl file or object-store URI (s3://bucket/"
+                                                         "prefix/, gs://, file://); empty: Variable "
+                                                         "ragpipe_source or RAGPIPE_SOURCE"),
+        "aws_conn_id": Param("", type="string", description="Airflow Connection with an s3:// source's "
+                                                              "credentials; empty: the AWS_* variables"),
         "index": Param("", type="string", description="index name; empty: RAGPIPE_INDEX or 'docs'"),
     }
     if full:
@@ -130,7 +153,8 @@ def _indexing_dag(dag_id: str, schedule: str, *, full: bool, doc: str) -> Any:
 
             shadow = full and bool(_params().get("model"))
             return _call(steps.plan, _source(), _config(), owner=f"airflow:{dag_id}",
-                         options=RunOptions(full=full, shadow=shadow), registry_config=_registry_config())
+                         options=RunOptions(full=full, shadow=shadow), registry_config=_registry_config(),
+                         source_credentials=_source_credentials())
 
         @task.short_circuit(ignore_downstream_trigger_rules=True)
         def changed(planned: dict[str, Any]) -> bool:

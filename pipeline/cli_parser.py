@@ -60,7 +60,7 @@ def add_db(commands: Commands) -> None:
 
 def add_index(commands: Commands) -> None:
     index = commands.add_parser("index", help="run one incremental indexing pass over SOURCE")
-    index.add_argument("source", help="a directory tree or a .jsonl file (doc_id, text, metadata)")
+    index.add_argument("source", help="a directory tree, a .jsonl file (doc_id, text, metadata), or an object-store URI (s3://bucket/prefix/, gs://, file://; credentials from AWS_* variables)")
     index.add_argument("--index", help=INDEX_HELP)
     index.add_argument("--include", action="append", help="glob of files to index (repeatable)")
     index.add_argument("--exclude", action="append", help="glob of files to leave out (repeatable)")

@@ -98,7 +98,7 @@ GRAMMARS: dict[str, Grammar] = {
 }
 CODE_FORMATS = frozenset(GRAMMARS)
 
-# the file extensions read as code, by format (``pipeline.sources`` picks a document's format by them)
+# the file extensions read as code, by format (``pipeline.sources.documents`` picks a document's format by them)
 CODE_EXTENSIONS = {
     ".js": "javascript", ".mjs": "javascript", ".cjs": "javascript", ".jsx": "javascript",
     ".ts": "typescript", ".tsx": "tsx", ".go": "go", ".rs": "rust", ".java": "java",

@@ -31,7 +31,7 @@ class IndexConfig:
             takes the model's default (e5, bge, the model's own ``prompts``), ``"none"`` means none.
         device: 'auto' (CUDA when present), 'cpu', 'cuda', ...
         batch_size: texts per embedding call; each batch is cached as soon as it is embedded.
-        include: glob patterns of files to index (directory sources).
+        include: glob patterns of files to index (directory and object-store sources).
         exclude: glob patterns of files and directories to leave out.
         max_document_bytes: larger documents are skipped with a reason.
         extract_timeout: seconds one PDF, DOCX or HTML file's extraction may take.

@@ -66,6 +66,7 @@ def plan_changes(
     chunker_version: str,
     unreadable: Iterable[str] = (),
     unreadable_under: Iterable[str] = (),
+    unread: Iterable[str] = (),
 ) -> ChangeSet:
     """Partition ``incoming`` against ``known`` (the registry's document states).
 
@@ -77,6 +78,8 @@ def plan_changes(
         unreadable: doc_ids the source holds but could not be read this run (kept as indexed).
         unreadable_under: doc_id prefixes of directories the source could not list ("" for all):
             the indexed documents under them are kept, since nothing says they are gone.
+        unread: doc_ids the source holds but did not read, because it lists them exactly as when
+            their active, indexed version was read (an object store): unchanged.
 
     Returns:
         The change set; doc_ids of each list keep the order of ``incoming``.
@@ -99,6 +102,11 @@ def plan_changes(
             metadata_only.append(doc)
         else:
             unchanged.append(doc.doc_id)
+    for doc_id in unread:
+        if doc_id in seen:
+            raise ValueError(f"document {doc_id!r} appears twice in one source scan")
+        seen.add(doc_id)
+        unchanged.append(doc_id)
     held = set(unreadable) - seen
     prefixes = tuple(unreadable_under)
     if prefixes:

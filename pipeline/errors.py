@@ -40,3 +40,9 @@ class ArtifactWriteError(PipelineError):
     embedding."""
 
     transient = True
+
+
+class SourceUnreachable(SourceUnavailable):
+    """The source's store did not answer (a network failure, a timeout); nothing was changed."""
+
+    transient = True

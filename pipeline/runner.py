@@ -37,7 +37,8 @@ from pipeline.embedding import (Embedder, embed_in_batches, model_lock_matches, 
                                 query_embedding)
 from pipeline.errors import ArtifactWriteError, EmbeddingError, UnsafeDeletion, VersionRejected
 from pipeline.formats.isolation import ExtractLimits
-from pipeline.sources import SourceDocument, SourceScan, scan_source
+from pipeline.sources import (ListingMemory, ListingUpdate, ObjectStoreCredentials, SourceDocument, SourceScan,
+                              scan_source, source_label)
 from pipeline.validation import Thresholds, validate_version
 from registry import ChunkRow, DocumentFields, Registry
 from retrieval.bm25 import ANALYZER_VERSION
@@ -140,6 +141,7 @@ class RunState:
     to_embed: int = 0  # orchestrated runs: chunk texts handed to embedding tasks
     cached_before: int = 0  # orchestrated runs: chunk texts already in the cache when staged
     batches: list[str] = field(default_factory=list)  # orchestrated runs: the embedding work lists' URIs
+    listing: dict[str, Any] | None = None  # object stores: what to record of the listing once the run succeeded
     added_rows: int = 0
     retired_rows: int = 0
     step: str = "started"  # the last step finished: planned, staged, embedded, built, validated, published, done
@@ -190,6 +192,7 @@ def run_index(
     *,
     progress: bool = False,
     options: RunOptions = RunOptions(),
+    credentials: ObjectStoreCredentials | None = None,
 ) -> RunSummary:
     """Run one incremental indexing pass of ``source`` into ``config.index``, in this process.
 
@@ -197,11 +200,13 @@ def run_index(
     here one process holds the index lock from the first to the last.
 
     Args:
-        source: a directory, a ``.jsonl`` file, or an already scanned source (replays, tests).
+        source: a directory, a ``.jsonl`` file, an object-store URI (``s3://bucket/prefix/``,
+            ``gs://``, ``file://``), or an already scanned source (replays, tests).
         registry: the registry connection.
         embedder: the embedding model (its ``model_id`` keys the cache).
         config: index name, source filters, batch size, lock timeout.
         progress: show progress bars when stderr is a terminal.
+        credentials: an S3 source's credentials; default: the standard AWS variables.
 
     Returns:
         The run summary, also recorded in the ``runs`` table.
@@ -213,11 +218,11 @@ def run_index(
         VersionRejected: the new version failed validation; it was recorded as rejected, the alias
             did not move.
     """
-    source_label = source.source if isinstance(source, SourceScan) else str(source)
+    label = source.source if isinstance(source, SourceScan) else source_label(source)
     with registry.index_lock(config.index, config.lock_timeout):
-        state = start_run(registry, config, source_label, embedder.model_id, options)
+        state = start_run(registry, config, label, embedder.model_id, options)
         with recording(registry, state):
-            scan = plan_run(registry, embedder, config, state, source)
+            scan = plan_run(registry, embedder, config, state, source, credentials)
             if state.changed:
                 by_id = {d.doc_id: d for d in scan.documents}
                 stage_run(registry, embedder, config, state, [by_id[d] for d in state.to_chunk])
@@ -293,8 +298,13 @@ def _stage(state: RunState, name: str) -> Iterator[None]:
 
 def plan_run(
     registry: Registry, embedder: Embedder, config: IndexConfig, state: RunState, source: str | SourceScan,
+    credentials: ObjectStoreCredentials | None = None,
 ) -> SourceScan:
     """Recover what killed runs left, discover the source and diff it against the registry.
+
+    An object-store source reads only the objects whose listing changed since the last run that
+    succeeded; a run with nothing to do records the new listing here, one that publishes in
+    :func:`publish_run`.
 
     Returns the scan (the documents with their texts); ``state`` records the plan.
     """
@@ -303,28 +313,33 @@ def plan_run(
     with _stage(state, "recover"):
         summary.recovered = recover_unfinished(registry, store, config.index)
 
+    known = registry.document_states(config.index)
+    state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens, prefixes_of(embedder).passage)
     with _stage(state, "discover"):
         if isinstance(source, SourceScan):
             scan = source
         else:
+            memory = ListingMemory(lambda uri: registry.source_objects(config.index, uri), known,
+                                   state.chunker_version)
             scan = scan_source(
                 source, include=config.include, exclude=config.exclude, max_bytes=config.max_document_bytes,
                 limits=ExtractLimits(timeout_s=config.extract_timeout, memory_mb=config.extract_memory_mb,
                                      max_unzipped_bytes=config.max_unzipped_bytes),
+                memory=memory, credentials=credentials,
             )
+        state.listing = scan.listing.to_json() if scan.listing else None
         summary.skipped = [s.to_dict() for s in scan.skipped]
         for skip in summary.skipped:
             logger.warning("skipped %s: %s", skip["doc_id"], skip["reason"])
 
     with _stage(state, "diff"):
-        known = registry.document_states(config.index)
-        state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens, prefixes_of(embedder).passage)
         plan = plan_changes(known, scan.documents, state.chunker_version,
                             unreadable=[s.doc_id for s in scan.skipped if not s.gone],
-                            unreadable_under=[s.under for s in scan.skipped if s.under is not None])
+                            unreadable_under=[s.under for s in scan.skipped if s.under is not None],
+                            unread=scan.unread)
         _refuse_wiping(plan, scan, known, config)
     summary.documents = {
-        "seen": len(scan.documents),
+        "seen": len(scan.documents) + len(scan.unread),
         "new": len(plan.new),
         "changed": len(plan.changed),
         "metadata_only": len(plan.metadata_only),
@@ -345,6 +360,7 @@ def plan_run(
     if not state.changed:
         summary.chunks = {"added": 0, "removed": 0, "kept": 0, "active": registry.count_active_chunks(config.index)}
         summary.embedding = {"chunks_embedded": 0, "chunks_cached": 0, "chars_embedded": 0}
+        record_listing(registry, config, state)
         state.step = "done"
     else:
         state.step = "planned"
@@ -588,8 +604,21 @@ def publish_run(registry: Registry, config: IndexConfig, state: RunState) -> dic
         summary.chunks = {"added": state.added_rows, "removed": state.retired_rows,
                           "kept": state.staged_chunks - state.added_rows,
                           "active": registry.count_active_chunks(config.index)}
+        record_listing(registry, config, state)
     state.step = "published"
     return summary.alias
+
+
+def record_listing(registry: Registry, config: IndexConfig, state: RunState) -> None:
+    """Remember what an object-store source listed, once the documents it read are the index's.
+
+    After the publish transaction, not in it: a crash between the two leaves the old listing, and
+    the next run reads those objects again and finds them unchanged.
+    """
+    if state.listing is None:
+        return
+    update = ListingUpdate.from_json(state.listing)
+    registry.record_source_objects(config.index, update.source, update.record, update.forget)
 
 
 def gc_run(registry: Registry, config: IndexConfig, state: RunState) -> dict[str, Any]:
@@ -670,7 +699,7 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
 
 
 def _refuse_wiping(plan: ChangeSet, scan: SourceScan, known: dict[str, Any], config: IndexConfig) -> None:
-    if scan.documents or not plan.deleted or config.allow_delete_all:
+    if scan.documents or scan.unread or not plan.deleted or config.allow_delete_all:
         return
     raise UnsafeDeletion(
         f"source {scan.source} yielded no documents; refusing to delete all {len(plan.deleted)} documents of "

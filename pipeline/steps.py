@@ -52,6 +52,7 @@ from pipeline.runner import (
     validate_run,
 )
 from pipeline.hashing import content_hash
+from pipeline.sources import ObjectStoreCredentials, source_label
 from registry import Registry, RegistryConfig
 from registry.config import dsn_from_parts
 from registry.errors import is_transient
@@ -93,8 +94,12 @@ def plan(
     options: RunOptions = RunOptions(),
     registry_config: RegistryConfig | None = None,
     embedder: EmbedderFactory = default_embedder,
+    source_credentials: ObjectStoreCredentials | None = None,
 ) -> dict[str, Any]:
     """Start a run: recover what killed runs left, discover ``source``, diff it against the registry.
+
+    ``source_credentials`` reach an S3 source (default: the standard AWS variables); they are used
+    here only, and neither saved with the run nor returned.
 
     When something changed, the texts of the documents to chunk go to the run's workspace. When
     nothing did, the run ends here (succeeded, no version).
@@ -105,10 +110,11 @@ def plan(
     model = embedder(config)
     with _registry(registry_config) as registry, registry.index_lock(config.index, config.lock_timeout):
         store = artifact_store(config, registry.home)
-        state = start_run(registry, config, source, model.model_id, options, owner=owner, lease_s=config.run_lease)
+        state = start_run(registry, config, source_label(source), model.model_id, options, owner=owner,
+                          lease_s=config.run_lease)
         with _step(registry, state, final=False):
             store.remove_run_files(config.index)  # workspaces of earlier runs, all finished or taken over
-            scan = plan_run(registry, model, config, state, source)
+            scan = plan_run(registry, model, config, state, source, source_credentials)
             uri = None
             if state.changed:
                 wanted = set(state.to_chunk)

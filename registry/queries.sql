@@ -419,3 +419,31 @@ GROUP BY s.version, s.role;
 -- name: alias_history
 SELECT version, previous, action, reason, moved_at FROM alias_history
 WHERE alias = %(alias)s ORDER BY id DESC LIMIT %(limit)s;
+
+-- name: source_objects
+SELECT doc_id, etag, size, mtime, fingerprint, content_hash, skip_reason, skip_gone
+FROM source_objects
+WHERE index_name = %(index)s AND source = %(source)s;
+
+-- name: create_stage_source_objects
+CREATE TEMP TABLE stage_source_objects (
+    doc_id text, etag text, size bigint, mtime timestamptz, fingerprint text, content_hash text,
+    skip_reason text, skip_gone boolean
+) ON COMMIT DROP;
+
+-- name: copy_stage_source_objects
+COPY stage_source_objects (doc_id, etag, size, mtime, fingerprint, content_hash, skip_reason, skip_gone) FROM STDIN;
+
+-- name: merge_source_objects
+INSERT INTO source_objects (index_name, source, doc_id, etag, size, mtime, fingerprint, content_hash, skip_reason,
+                            skip_gone)
+SELECT %(index)s, %(source)s, doc_id, etag, size, mtime, fingerprint, content_hash, skip_reason, skip_gone
+FROM stage_source_objects
+ON CONFLICT (index_name, source, doc_id) DO UPDATE
+SET etag = excluded.etag, size = excluded.size, mtime = excluded.mtime, fingerprint = excluded.fingerprint,
+    content_hash = excluded.content_hash, skip_reason = excluded.skip_reason, skip_gone = excluded.skip_gone,
+    recorded_at = now();
+
+-- name: forget_source_objects
+DELETE FROM source_objects
+WHERE index_name = %(index)s AND source = %(source)s AND doc_id = ANY(%(doc_ids)s::text[]);

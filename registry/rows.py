@@ -175,6 +175,22 @@ class VersionStatsSums:
     latency_buckets: list[int] | None
 
 
+@dataclass(frozen=True, slots=True)
+class SourceObjectRow:
+    """What the registry remembers of one object of an object-store source: how it was listed when
+    last read, under which chunker and extractor configuration, and what it became (a document's
+    content hash, or the reason its content cannot be indexed)."""
+
+    doc_id: str
+    etag: str | None
+    size: int
+    mtime: datetime | None
+    fingerprint: str
+    content_hash: str | None
+    skip_reason: str | None
+    skip_gone: bool
+
+
 QUERY_ROWS: dict[str, type] = {
     "list_runs": RunListing,
     "get_run": RunRow,
@@ -189,5 +205,6 @@ QUERY_ROWS: dict[str, type] = {
     "get_canary": CanaryRow,
     "version_stats_of_index": VersionStatsSums,
     "canary_stats": VersionStatsSums,
+    "source_objects": SourceObjectRow,
 }
 """The row type of each named query that returns typed rows (registry.queries.fetch_all / fetch_one)."""

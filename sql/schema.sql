@@ -186,6 +186,23 @@ ALTER TABLE public.runs ALTER COLUMN run_id ADD GENERATED ALWAYS AS IDENTITY (
     CACHE 1
 );
 
+-- Name: source_objects; Type: TABLE; Schema: public; Owner: -
+
+CREATE TABLE public.source_objects (
+    index_name text NOT NULL,
+    source text NOT NULL,
+    doc_id text NOT NULL,
+    etag text,
+    size bigint NOT NULL,
+    mtime timestamp with time zone,
+    fingerprint text NOT NULL,
+    content_hash text,
+    skip_reason text,
+    skip_gone boolean DEFAULT false NOT NULL,
+    recorded_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT source_objects_check CHECK (((content_hash IS NULL) <> (skip_reason IS NULL)))
+);
+
 -- Name: version_stats; Type: TABLE; Schema: public; Owner: -
 
 CREATE TABLE public.version_stats (
@@ -258,6 +275,11 @@ ALTER TABLE ONLY public.index_versions
 
 ALTER TABLE ONLY public.runs
     ADD CONSTRAINT runs_pkey PRIMARY KEY (run_id);
+
+-- Name: source_objects source_objects_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.source_objects
+    ADD CONSTRAINT source_objects_pkey PRIMARY KEY (index_name, source, doc_id);
 
 -- Name: version_stats version_stats_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 

@@ -90,6 +90,20 @@ def embedder():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API: moto's standalone server on a free loopback port, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    from s3server import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared reference data (RAGPIPE_SHARED_DATA, else ../shared/data); skips when absent."""
     path = Path(os.environ.get("RAGPIPE_SHARED_DATA") or REPO.parent / "shared" / "data")

@@ -89,8 +89,8 @@ def test_dag_folder_imports_without_errors_and_without_heavy_modules(parsed):
 
 
 def test_task_graph_and_schedule(parsed):
-    for dag_id, schedule, params in (("rag_index", "@hourly", ["index", "source"]),
-                                     ("rag_index_rebuild", "@weekly", ["index", "model", "source"])):
+    for dag_id, schedule, params in (("rag_index", "@hourly", ["aws_conn_id", "index", "source"]),
+                                     ("rag_index_rebuild", "@weekly", ["aws_conn_id", "index", "model", "source"])):
         dag = parsed["dags"][dag_id]
         assert dag["tasks"] == EXPECTED_GRAPH, dag_id
         assert dag["schedule"] == schedule and dag["catchup"] is False and dag["max_active_runs"] == 1
@@ -186,3 +186,47 @@ def test_rag_index_dag_end_to_end(tmp_path, database_url):
             "ORDER BY e.id")]
     assert [e["version"] for e in extras] == [first, second, rebuilt]
     assert extras[1]["previous"] == first and extras[1]["action"] == "publish"
+
+
+@pytest.mark.slow
+def test_rag_index_dag_reads_s3_with_an_airflow_connection(tmp_path, database_url, s3_endpoint):
+    """An s3:// source with its credentials in an Airflow Connection (no AWS_* variables): indexed,
+    then a run where nothing changed reads no object; the secret reaches no XCom and no task log."""
+    import uuid
+
+    import boto3
+
+    from s3server import request_log
+
+    secret, key_id = "dagSecret-" + uuid.uuid4().hex, "AKIADAG" + uuid.uuid4().hex[:8].upper()
+    bucket = f"dag-{uuid.uuid4().hex[:10]}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=key_id, aws_secret_access_key=secret,
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for key, body in {"wings.md": "# Wings\n\nFlutter of swept wings.\n", "heat.md": "# Heat\n\nHot layers.\n"}.items():
+        s3.put_object(Bucket=bucket, Key=f"kb/{key}", Body=body.encode())
+    home = tmp_path / "airflow"
+    connection = {"conn_type": "aws", "login": key_id, "password": secret,
+                  "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}
+    env = airflow_env(home, RAGPIPE_DATABASE_URL=database_url, RAGPIPE_HOME=str(tmp_path / "ragpipe"),
+                      AIRFLOW_CONN_S3_DOCS=json.dumps(connection))
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, check=True, timeout=300)
+    conf = {"source": f"s3://{bucket}/kb/", "index": "s3docs", "aws_conn_id": "s3_docs"}
+
+    first = _dags_test(home, env, "rag_index", conf)
+    with Registry.open(RegistryConfig(database_url=database_url, home=tmp_path / "ragpipe")) as registry:
+        assert {c.doc_id for c in registry.active_chunks("s3docs")} == {"wings.md", "heat.md"}
+        assert set(registry.source_objects("s3docs", f"s3://{bucket}/kb/")) == {"wings.md", "heat.md"}
+    with request_log() as log:
+        second = _dags_test(home, env, "rag_index", conf)
+    assert log.object_reads(bucket) == []
+    with Registry.open(RegistryConfig(database_url=database_url, home=tmp_path / "ragpipe")) as registry:
+        assert registry.get_run(2).counts["version"] is None
+
+    with sqlite3.connect(home / "airflow.db") as db:
+        xcoms = json.dumps([list(map(str, row)) for row in db.execute("SELECT * FROM xcom")])
+    assert "s3docs" in xcoms or "run_id" in xcoms  # the XCom table is where the steps' results are
+    logs = "".join(p.read_text(errors="replace") for p in home.rglob("*.log")) if (home / "logs").exists() else ""
+    for text in (xcoms, logs, first.stdout + first.stderr, second.stdout + second.stderr):
+        assert secret not in text and key_id not in text

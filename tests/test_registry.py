@@ -66,9 +66,10 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
     # class_row fails on a column the dataclass lacks, and the CLI's JSON is asdict in field order:
     # so each query's columns must be its row type's fields, in order, for every query in QUERY_ROWS
     write_tree(tmp_path / "src", {"a.md": "# A\n\nAlpha text.\n", "b.md": "# B\n\nBeta text.\n"})
-    summary = run_index(str(tmp_path / "src"), registry, embedder, IndexConfig(index="docs", lock_timeout=5))
+    src_uri = (tmp_path / "src").as_uri() + "/"  # a file:// source: its listing is recorded
+    summary = run_index(src_uri, registry, embedder, IndexConfig(index="docs", lock_timeout=5))
     write_tree(tmp_path / "src", {"c.md": "# C\n\nGamma text.\n"})
-    second = run_index(str(tmp_path / "src"), registry, embedder, IndexConfig(index="docs", lock_timeout=5))
+    second = run_index(src_uri, registry, embedder, IndexConfig(index="docs", lock_timeout=5))
     registry.start_canary("docs", summary.version, 10.0)  # the first version, beside the second
     canary = registry.canary_of("docs")
     delta = StatsDelta("docs", summary.version, "canary")
@@ -91,6 +92,7 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
         "get_canary": {"alias": "docs"},
         "version_stats_of_index": {"index": "docs"},
         "canary_stats": {"alias": "docs", "version": summary.version, "since": canary.canary_started_at},
+        "source_objects": {"index": "docs", "source": src_uri},
     }
     assert sorted(QUERY_ROWS) == sorted(params)  # a query given a row type is checked here too
     for name, row_type in QUERY_ROWS.items():
