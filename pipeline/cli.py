@@ -24,6 +24,7 @@ from pipeline.cli_output import (
     format_hits,
     format_replay,
     format_run,
+    format_served,
     format_summary,
     format_table,
     format_versions_gc,
@@ -121,24 +122,48 @@ def _cmd_alias(args: argparse.Namespace) -> int:
     with Registry.open(_registry_config(args)) as registry:
         if args.alias_command == "list":
             _print_rows([asdict(a) for a in registry.list_aliases()],
-                        ["alias", "index_name", "version", "shadow_version", "model_id", "chunks", "updated_at"],
-                        args.json)
+                        ["alias", "index_name", "version", "shadow_version", "canary_version", "canary_percent",
+                         "model_id", "chunks", "updated_at"], args.json)
             return 0
-        if args.alias_command == "swap":
+        if args.alias_command == "abort":
+            move = registry.abort_canary(args.alias, args.reason)
+            assert move is not None  # without a version, abort_canary raises when there is no canary
+            return _print_move(move, args.json)
+        canary = registry.canary_of(args.alias) if args.alias_command == "promote" else None
+        if args.alias_command in ("swap", "canary"):
             target = args.version
         elif args.alias_command == "rollback":
             target = registry.rollback_candidate(args.alias)
         else:
-            target = registry.shadow_of(args.alias)
+            target = canary.canary_version if canary is not None else registry.shadow_of(args.alias)
         row = registry.get_version(target)
         if row is not None:  # the registry names a missing version itself
             store = artifact_store(_index_config(args), registry.home)
             if not store.exists(row.index_name, target):
                 raise ConfigError(f"version {target}'s files are missing from {store.version_uri(row.index_name, target)}; "
                                   f"alias {args.alias!r} unchanged")
-        move = registry.swap_alias(args.alias, target, action=args.alias_command)
+        if args.alias_command == "canary":
+            move = registry.start_canary(args.alias, target, args.percent, _guards(args.guard), args.guard_min_queries)
+        elif canary is not None:
+            move = registry.promote_canary(args.alias)
+        else:
+            move = registry.swap_alias(args.alias, target, action=args.alias_command)
+    return _print_move(move, args.json)
+
+
+def _guards(texts: list[str]) -> list[Any]:
+    from pipeline.errors import ConfigError
+    from registry import Guard
+
+    try:
+        return [Guard.parse(text) for text in texts]
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _print_move(move: Any, as_json: bool) -> int:
     result = {"alias": move.alias, "version": move.version, "previous": move.previous, "action": move.action}
-    print(json.dumps(result) if args.json else format_alias_move(move))
+    print(json.dumps(result) if as_json else format_alias_move(move))
     return 0
 
 
@@ -163,9 +188,12 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     config = _index_config(args)
     with Registry.open(_registry_config(args)) as registry:
         if args.versions_command == "list":
-            rows = [_version_record(v) for v in registry.list_versions(config.index)]
+            stats: dict[str, dict[str, Any]] = {}
+            for s in registry.version_stats(config.index):
+                stats.setdefault(s.version, {})[s.role] = s.to_dict()
+            rows = [_version_record(v, stats.get(v.version, {})) for v in registry.list_versions(config.index)]
             _print_rows(rows, ["version", "status", "role", "chunks", "model_id", "full_build", "created_at",
-                               "metrics", "reason"], args.json)
+                               "served", "metrics", "reason"], args.json)
             return 0
         with registry.index_lock(config.index, config.lock_timeout):
             result = collect_garbage(registry, artifact_store(config, registry.home), config.index, config.retention)
@@ -173,9 +201,11 @@ def _cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version_record(v: VersionListing) -> dict[str, Any]:
-    """A row of ``versions list``: the version's columns, its role flags as one ``role``."""
-    return {**{k: value for k, value in asdict(v).items() if k not in ("live", "shadow", "head")}, "role": v.role}
+def _version_record(v: VersionListing, stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A row of ``versions list``: the version's columns, its role flags as one ``role``, and what
+    serving processes measured of it per role (``stats``: live, canary, shadow)."""
+    record = {k: value for k, value in asdict(v).items() if k not in ("live", "shadow", "head", "canary")}
+    return {**record, "role": v.role, "stats": stats, "served": format_served(stats)}
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
@@ -213,9 +243,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     registry_config = _registry_config(args)
     with Retriever.open(config.index, registry_config.database_url, home=registry_config.home, follow=False,
                         **_retrieval_overrides(args)) as retriever:
-        hits = retriever.search(args.query, k=args.k)
+        hits = retriever.search(args.query, k=args.k, route_key=args.route_key)
     print(json.dumps([h.to_dict() for h in hits], indent=2) if args.json else
-          format_hits(hits, retriever.alias, retriever.version))
+          format_hits(hits, retriever.alias, f"{hits.version} (canary)" if hits.route == "canary" else hits.version))
     return 0
 
 

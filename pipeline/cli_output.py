@@ -95,6 +95,22 @@ def format_alias_move(move: AliasMove) -> str:
     return f"alias {move.alias}: {move.previous} -> {move.version} ({move.action})"
 
 
+def format_served(stats: Mapping[str, Mapping[str, Any]]) -> str:
+    """What serving processes measured of a version, per role: ``canary 420q overlap@10 0.91 p95 12ms``."""
+    parts = []
+    for role in ("live", "canary", "shadow"):
+        s = stats.get(role)
+        if not s:
+            continue
+        text = f"{role} {s['queries']}q"
+        if s.get("overlap@10") is not None:
+            text += f" overlap@10 {s['overlap@10']:.2f}"
+        if s.get("p95_ms") is not None:
+            text += f" p95 {s['p95_ms']:g}ms"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def format_versions_gc(result: Mapping[str, Any]) -> str:
     return f"removed {len(result['versions_removed'])} versions and {result['rows_removed']} registry rows"
 

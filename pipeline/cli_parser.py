@@ -82,17 +82,28 @@ def add_index(commands: Commands) -> None:
 
 
 def add_alias(commands: Commands) -> None:
-    alias = commands.add_parser("alias", help="aliases: list, swap, rollback, promote")
+    alias = commands.add_parser("alias", help="aliases: list, swap, rollback, canary, promote, abort")
     alias_sub = alias.add_subparsers(dest="alias_command", required=True)
     for name, help_text in [("list", "aliases and the versions they serve"),
                             ("swap", "point ALIAS at VERSION (any retained, validated version)"),
                             ("rollback", "point ALIAS at the previous retained version"),
-                            ("promote", "make ALIAS's shadow version its live one")]:
+                            ("canary", "route PERCENT %% of ALIAS's requests to VERSION (by route key)"),
+                            ("promote", "make ALIAS's canary (else its shadow) its live version"),
+                            ("abort", "end ALIAS's canary: every request goes to the live version")]:
         cmd = alias_sub.add_parser(name, help=help_text)
         if name != "list":
             cmd.add_argument("alias")
-        if name == "swap":
+        if name in ("swap", "canary"):
             cmd.add_argument("version")
+        if name == "canary":
+            cmd.add_argument("--percent", type=float, required=True, help="share of requests, 0-100")
+            cmd.add_argument("--guard", action="append", default=[],
+                             help="abort by itself when METRIC<X or METRIC>X holds, METRIC one of overlap@10, "
+                                  "p50_ms, p95_ms (repeatable; e.g. 'overlap@10<0.6', 'p95_ms>50')")
+            cmd.add_argument("--guard-min-queries", type=int, default=100,
+                             help="queries measured before guards are judged (default 100)")
+        if name == "abort":
+            cmd.add_argument("--reason", default="aborted by the operator", help="recorded in the alias history")
         cmd.add_argument("--artifacts", help=ARTIFACTS_HELP)
         add_output_flags(cmd)
 
@@ -125,6 +136,7 @@ def add_search(commands: Commands) -> None:
     search.add_argument("--k", type=int, default=5, help="how many hits")
     search.add_argument("--reranker", help="exact (default), none, exact:W, or a cross-encoder name/path")
     search.add_argument("--fusion", choices=["rrf", "weighted"], help="how to combine BM25 and vector lists")
+    search.add_argument("--route-key", help="routes the query while the alias has a canary (a client or session id)")
     add_output_flags(search)
 
 

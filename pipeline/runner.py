@@ -684,7 +684,7 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
     for v in versions:
         if v.status not in ("published", "retired", "validated"):
             continue
-        if v.live or v.shadow or v.head or kept < retention:
+        if v.live or v.canary or v.shadow or v.head or kept < retention:
             kept += 1
             retained_seqs.append(v.version_seq)
         else:

@@ -4,6 +4,7 @@ from registry.config import RegistryConfig
 from registry.errors import IndexLocked, MigrationError, RegistryError, RegistryUnavailable, RunNotRunning
 from registry.rows import (
     AliasRow,
+    CanaryRow,
     ChunkRow,
     DocumentFields,
     RunListing,
@@ -15,15 +16,18 @@ from registry.rows import (
     VersionRow,
 )
 from registry.store import DocumentState, Registry
+from registry.rollout_stats import Guard, StatsDelta, VersionStats
 from registry.versions import AliasError, AliasMove
 
 __all__ = [
     "AliasError",
     "AliasMove",
     "AliasRow",
+    "CanaryRow",
     "ChunkRow",
     "DocumentFields",
     "DocumentState",
+    "Guard",
     "IndexLocked",
     "MigrationError",
     "Registry",
@@ -34,8 +38,10 @@ __all__ = [
     "RunNotRunning",
     "RunRow",
     "SourceObjectRow",
+    "StatsDelta",
     "UnfinishedVersion",
     "VersionListing",
     "VersionRef",
     "VersionRow",
+    "VersionStats",
 ]

@@ -181,7 +181,7 @@ RETURNING version_seq;
 SELECT v.version, v.version_seq, v.artifact_uri
 FROM index_versions v
 WHERE v.index_name = %(index)s AND v.status IN ('building', 'validated')
-  AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.shadow_version = v.version);
+  AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.shadow_version = v.version OR a.canary_version = v.version);
 
 -- name: unstage_retired
 UPDATE chunks SET retired_seq = NULL
@@ -279,8 +279,8 @@ ON CONFLICT (alias) DO UPDATE
 SET version = excluded.version, shadow_version = excluded.shadow_version, updated_at = now();
 
 -- name: record_alias_move
-INSERT INTO alias_history (alias, version, previous, action)
-VALUES (%(alias)s, %(version)s, %(previous)s, %(action)s);
+INSERT INTO alias_history (alias, version, previous, action, reason)
+VALUES (%(alias)s, %(version)s, %(previous)s, %(action)s, %(reason)s);
 
 -- name: set_version_status
 UPDATE index_versions
@@ -300,14 +300,15 @@ SELECT v.version, v.version_seq, v.status, v.parent_version, v.model_id, v.full_
        (v.manifest -> 'counts' ->> 'chunks')::bigint AS chunks,
        EXISTS (SELECT 1 FROM aliases a WHERE a.version = v.version) AS live,
        EXISTS (SELECT 1 FROM aliases a WHERE a.shadow_version = v.version) AS shadow,
-       EXISTS (SELECT 1 FROM index_heads h WHERE h.version = v.version) AS head
+       EXISTS (SELECT 1 FROM index_heads h WHERE h.version = v.version) AS head,
+       EXISTS (SELECT 1 FROM aliases a WHERE a.canary_version = v.version) AS canary
 FROM index_versions v
 WHERE v.index_name = %(index)s
 ORDER BY v.version_seq DESC;
 
 -- name: list_aliases
 SELECT a.alias, a.index_name, a.version, a.shadow_version, a.updated_at, v.model_id,
-       (v.manifest -> 'counts' ->> 'chunks')::bigint AS chunks
+       (v.manifest -> 'counts' ->> 'chunks')::bigint AS chunks, a.canary_version, a.canary_percent
 FROM aliases a JOIN index_versions v ON v.version = a.version
 ORDER BY a.alias;
 
@@ -321,7 +322,8 @@ SELECT alias FROM aliases WHERE index_name = %(index)s FOR UPDATE;
 -- Only versions no alias serves; callers hold the index's alias rows locked.
 UPDATE index_versions SET status = 'removed'
 WHERE version = %(version)s AND status IN ('published', 'retired', 'validated', 'rejected')
-  AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.version = %(version)s OR a.shadow_version = %(version)s)
+  AND NOT EXISTS (SELECT 1 FROM aliases a WHERE a.version = %(version)s OR a.shadow_version = %(version)s
+                                            OR a.canary_version = %(version)s)
 RETURNING version;
 
 -- name: rollback_target
@@ -350,6 +352,73 @@ SELECT pg_database_size(current_database());
 DELETE FROM chunks
 WHERE index_name = %(index)s
   AND (status = 'discarded' OR (retired_seq IS NOT NULL AND retired_seq <= %(min_seq)s AND status <> 'active'));
+
+-- ---------------------------------------------------------------------------------------------
+-- Gradual rollout: canaries and serving statistics (sql/007_canary.sql)
+
+-- name: lock_canary
+SELECT alias, index_name, version, canary_version, canary_percent, canary_guards, canary_min_queries,
+       canary_started_at
+FROM aliases WHERE alias = %(alias)s FOR UPDATE;
+
+-- name: get_canary
+SELECT alias, index_name, version, canary_version, canary_percent, canary_guards, canary_min_queries,
+       canary_started_at
+FROM aliases WHERE alias = %(alias)s AND canary_version IS NOT NULL;
+
+-- name: set_canary
+UPDATE aliases
+SET canary_version = %(version)s, canary_percent = %(percent)s, canary_guards = %(guards)s,
+    canary_min_queries = %(min_queries)s,
+    canary_started_at = CASE WHEN canary_version IS DISTINCT FROM %(version)s THEN now() ELSE canary_started_at END,
+    updated_at = now()
+WHERE alias = %(alias)s;
+
+-- name: clear_canary
+UPDATE aliases
+SET canary_version = NULL, canary_percent = NULL, canary_guards = '[]', canary_started_at = NULL, updated_at = now()
+WHERE alias = %(alias)s;
+
+-- name: clear_canary_of_version
+-- An alias moved onto its canary (swap, rollback) has no canary left.
+UPDATE aliases
+SET canary_version = NULL, canary_percent = NULL, canary_guards = '[]', canary_started_at = NULL
+WHERE alias = %(alias)s AND canary_version = %(version)s;
+
+-- name: insert_version_stats
+INSERT INTO version_stats (alias, version, role, queries, compared, overlap_sum, latency_buckets)
+VALUES (%(alias)s, %(version)s, %(role)s, %(queries)s, %(compared)s, %(overlap_sum)s, %(latency_buckets)s);
+
+-- name: version_stats_of_index
+-- Every process's writes summed per version and role; the histogram is summed bucket by bucket.
+SELECT s.version, s.role, sum(s.queries)::bigint AS queries, sum(s.compared)::bigint AS compared,
+       sum(s.overlap_sum) AS overlap_sum,
+       (SELECT array_agg(total ORDER BY i)
+        FROM (SELECT b.i, sum(b.n)::bigint AS total
+              FROM version_stats s2, unnest(s2.latency_buckets) WITH ORDINALITY AS b(n, i)
+              WHERE s2.version = s.version AND s2.role = s.role
+              GROUP BY b.i) t) AS latency_buckets
+FROM version_stats s JOIN index_versions v ON v.version = s.version
+WHERE v.index_name = %(index)s
+GROUP BY s.version, s.role;
+
+-- name: canary_stats
+-- The canary's statistics since it started (an earlier canary of the same version does not count).
+SELECT s.version, s.role, coalesce(sum(s.queries), 0)::bigint AS queries,
+       coalesce(sum(s.compared), 0)::bigint AS compared, coalesce(sum(s.overlap_sum), 0) AS overlap_sum,
+       (SELECT array_agg(total ORDER BY i)
+        FROM (SELECT b.i, sum(b.n)::bigint AS total
+              FROM version_stats s2, unnest(s2.latency_buckets) WITH ORDINALITY AS b(n, i)
+              WHERE s2.alias = %(alias)s AND s2.version = %(version)s AND s2.role = 'canary'
+                AND s2.recorded_at >= %(since)s
+              GROUP BY b.i) t) AS latency_buckets
+FROM version_stats s
+WHERE s.alias = %(alias)s AND s.version = %(version)s AND s.role = 'canary' AND s.recorded_at >= %(since)s
+GROUP BY s.version, s.role;
+
+-- name: alias_history
+SELECT version, previous, action, reason, moved_at FROM alias_history
+WHERE alias = %(alias)s ORDER BY id DESC LIMIT %(limit)s;
 
 -- name: source_objects
 SELECT doc_id, etag, size, mtime, fingerprint, content_hash, skip_reason, skip_gone

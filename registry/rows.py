@@ -114,12 +114,13 @@ class VersionListing(VersionColumns):
     live: bool
     shadow: bool
     head: bool
+    canary: bool
 
     @property
     def role(self) -> str | None:
-        """The roles it has ("live", "shadow", "head", comma-separated), None for none."""
-        return ",".join(name for name, has in (("live", self.live), ("shadow", self.shadow), ("head", self.head))
-                        if has) or None
+        """The roles it has ("live", "canary", "shadow", "head", comma-separated), None for none."""
+        return ",".join(name for name, has in (("live", self.live), ("canary", self.canary), ("shadow", self.shadow),
+                                               ("head", self.head)) if has) or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,34 @@ class AliasRow:
     updated_at: datetime
     model_id: str
     chunks: int | None
+    canary_version: str | None = None
+    canary_percent: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryRow:
+    """An alias's canary: the version that gets ``canary_percent`` of requests, and its guards."""
+
+    alias: str
+    index_name: str
+    version: str  # the live version
+    canary_version: str
+    canary_percent: float
+    canary_guards: list[dict[str, Any]]
+    canary_min_queries: int
+    canary_started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatsSums:
+    """Serving statistics of a version in one role, summed over every write of every process."""
+
+    version: str
+    role: str
+    queries: int
+    compared: int
+    overlap_sum: float
+    latency_buckets: list[int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +202,9 @@ QUERY_ROWS: dict[str, type] = {
     "list_versions": VersionListing,
     "get_version": VersionRow,
     "list_aliases": AliasRow,
+    "get_canary": CanaryRow,
+    "version_stats_of_index": VersionStatsSums,
+    "canary_stats": VersionStatsSums,
     "source_objects": SourceObjectRow,
 }
 """The row type of each named query that returns typed rows (registry.queries.fetch_all / fetch_one)."""

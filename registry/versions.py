@@ -184,8 +184,9 @@ class VersionStore:
                 before_commit()
         return move
 
-    def _move_alias(self, alias: str, index: str, version: str, action: str) -> AliasMove:
-        """Point ``alias`` (or its shadow) at ``version``; the caller holds a transaction."""
+    def _move_alias(self, alias: str, index: str, version: str, action: str, reason: str | None = None) -> AliasMove:
+        """Point ``alias`` (or its shadow) at ``version``; the caller holds a transaction. An alias moved
+        onto its canary has no canary any more."""
         current = self.conn.execute(q("lock_alias"), {"alias": alias}).fetchone()
         if current and current[1] != index:
             raise AliasError(f"alias {alias!r} serves index {current[1]!r}, not {index!r}")
@@ -206,8 +207,10 @@ class VersionStore:
             self.conn.execute(q("set_version_status"), {"version": version, "status": "published"})
             if previous and previous != version:
                 self.conn.execute(q("set_version_status"), {"version": previous, "status": "retired"})
+            self.conn.execute(q("clear_canary_of_version"), {"alias": alias, "version": version})
         self.conn.execute(q("record_alias_move"),
-                          {"alias": alias, "version": version, "previous": previous, "action": action})
+                          {"alias": alias, "version": version, "previous": previous, "action": action,
+                           "reason": reason})
         payload = json.dumps({"alias": alias, "index": index, "version": version, "action": action})
         self.conn.execute(q("notify_alias"), {"payload": payload})
         return AliasMove(alias, version, previous, action)

@@ -7,18 +7,19 @@ The retriever follows its alias: a background thread listens for the registry's 
 notifications (and polls as a fallback), loads a newly published version beside the current one and
 switches to it with one reference assignment. A query holds the version it started with until it
 returns, so every result list comes from exactly one version.
+
+While the alias has a canary, the retriever holds it loaded too and routes each request by its
+route key (retrieval.rollout); versions that stop serving stay loaded for ``warm_seconds``, so a
+move back loads nothing. Caches (retrieval.caches): query vectors, exact results, semantic results.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -26,154 +27,22 @@ import numpy as np
 
 from registry import Registry, RegistryConfig
 from registry.listener import AliasListener
+from registry.rows import AliasRow
 from retrieval import telemetry
-from retrieval.errors import AliasNotFound, ModelError, ModelMismatch, VersionCorrupt, VersionUnavailable
-from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
-from retrieval.hit import Hit, StageScore
-from retrieval.artifacts import PAGE_COLUMNS, store_root
+from retrieval.caches import CacheCounters, LRUCache, SemanticCache
+from retrieval.config import ENV_FIELDS, Hits, RetrievalConfig
+from retrieval.errors import AliasNotFound, ModelMismatch, VersionCorrupt, VersionUnavailable
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
+from retrieval.encoding import QueryEncoding
+from retrieval.measuring import RolloutMeasuring
+from retrieval.ranking import Ranker, normalized_filters
 from retrieval.rerank import Reranker, make_reranker
+from retrieval.rollout import MirrorStats, Rollout, StatsRecorder, WarmVersions, routes_to_canary
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RetrievalConfig:
-    """How the retriever searches. Every field can be passed to :meth:`Retriever.open`.
-
-    Attributes:
-        retrievers: ``hybrid`` (BM25 and HNSW), ``bm25`` or ``vector`` alone.
-        candidates: how many candidates each of BM25 and HNSW returns (N).
-        ef: HNSW search breadth; a search for n > ef neighbours searches at breadth n (hnswlib: max(ef, k)).
-        fusion: ``rrf`` (reciprocal rank fusion) or ``weighted`` (min-max normalized scores).
-        rrf_k: the k of reciprocal rank fusion.
-        vector_weight: weight of the vector list in weighted fusion (BM25 gets the rest).
-        reranker: ``exact`` (default), ``none``, ``exact:W``, or a cross-encoder name or path.
-        rerank_depth: how many fused candidates the reranker rescores.
-        model: the query encoder's model; None uses the model the version's manifest names.
-        encoder_backend: ``auto`` (ONNX Runtime when the model allows it, else torch), ``onnx``, ``torch``.
-        device: the torch encoder's device.
-        query_cache_size / result_cache_size: LRU sizes (0 turns a cache off).
-        follow: follow the alias (LISTEN/NOTIFY plus a poll every ``poll_interval`` seconds).
-        mirror_fraction: share of queries also run against the alias's shadow version.
-        mirror_window: how many of the latest mirrored queries the latency medians cover.
-    """
-
-    retrievers: str = "hybrid"
-    candidates: int = 50
-    ef: int = 100
-    fusion: str = "rrf"
-    rrf_k: int = 60
-    vector_weight: float = 0.7
-    reranker: str | None = "exact"
-    rerank_depth: int = 50
-    model: str | None = None
-    encoder_backend: str = "auto"
-    device: str = "cpu"
-    query_cache_size: int = 1024
-    result_cache_size: int = 1024
-    follow: bool = True
-    poll_interval: float = 5.0
-    mirror_fraction: float = 0.0
-    mirror_window: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.encoder_backend not in ("auto", "onnx", "torch"):
-            raise ValueError(f"encoder_backend must be 'auto', 'onnx' or 'torch', got {self.encoder_backend!r}")
-        if self.retrievers not in ("hybrid", "bm25", "vector"):
-            raise ValueError(f"retrievers must be 'hybrid', 'bm25' or 'vector', got {self.retrievers!r}")
-        if self.fusion not in ("rrf", "weighted"):
-            raise ValueError(f"fusion must be 'rrf' or 'weighted', got {self.fusion!r}")
-        if self.candidates < 1 or self.rerank_depth < 1:
-            raise ValueError("candidates and rerank_depth must be positive")
-        if not 0.0 <= self.mirror_fraction <= 1.0:
-            raise ValueError(f"mirror_fraction must be within [0, 1], got {self.mirror_fraction}")
-        if self.mirror_window < 1:
-            raise ValueError(f"mirror_window must be positive, got {self.mirror_window}")
-
-
-class Hits(list):  # type: ignore[type-arg]
-    """The hits of one query. ``exhausted`` is true when filters left fewer than k hits in the whole version."""
-
-    exhausted: bool = False
-
-
-class _LRU:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._data.get(key)
-            if value is not None:
-                self._data.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        if self.size <= 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-
-class MirrorStats:
-    """What mirroring queries to the shadow version has shown so far: bounded memory, thread-safe.
-
-    ``queries`` and the mean overlap@10 are streaming aggregates over every mirrored query (a count
-    and a sum); the latency medians are over a fixed-size window of the last ``window`` mirrored
-    queries, since a median cannot be streamed exactly. Memory is O(window) however long the
-    retriever serves.
-    """
-
-    def __init__(self, window: int = 1000) -> None:
-        if window < 1:
-            raise ValueError(f"the mirror window must be positive, got {window}")
-        self.window = window
-        self._lock = threading.Lock()
-        self._queries = 0
-        self._overlap_sum = 0.0
-        self._primary_ms: deque[float] = deque(maxlen=window)
-        self._shadow_ms: deque[float] = deque(maxlen=window)
-
-    @property
-    def queries(self) -> int:
-        return self._queries
-
-    def record(self, overlap_at_10: float, primary_ms: float, shadow_ms: float) -> None:
-        """Add one mirrored query: its overlap@10 and both versions' latencies."""
-        with self._lock:
-            self._queries += 1
-            self._overlap_sum += overlap_at_10
-            self._primary_ms.append(primary_ms)
-            self._shadow_ms.append(shadow_ms)
-
-    def summary(self) -> dict[str, float]:
-        """``queries`` and ``mean_overlap_at_10`` over every mirrored query; ``primary_p50_ms`` and
-        ``shadow_p50_ms`` over the last ``latency_window`` of them."""
-        with self._lock:
-            queries, overlap_sum = self._queries, self._overlap_sum
-            primary, shadow = list(self._primary_ms), list(self._shadow_ms)
-        if not queries:
-            return {"queries": 0}
-        return {
-            "queries": queries,
-            "mean_overlap_at_10": overlap_sum / queries,
-            "primary_p50_ms": float(np.median(primary)),
-            "shadow_p50_ms": float(np.median(shadow)),
-            "latency_window": len(primary),
-        }
-
-
-class Retriever:
+class Retriever(QueryEncoding, RolloutMeasuring):
     """Search the version an alias serves. Thread-safe; use as a context manager or call :meth:`close`."""
 
     def __init__(self, registry_config: RegistryConfig, alias: str, config: RetrievalConfig,
@@ -191,21 +60,34 @@ class Retriever:
         self._encoders: dict[tuple[str, str | None], Any] = {}  # loaded on demand, by (model, encoder digest)
         self._encoder_lock = threading.Lock()
         self._reranker: Reranker | None = make_reranker(config.reranker, config.device)
-        self._query_cache = _LRU(config.query_cache_size)
-        self._result_cache = _LRU(config.result_cache_size)
+        self._ranker = Ranker(config, self._reranker, alias)
+        self._query_cache = LRUCache(config.query_cache_size)
+        self._result_cache = LRUCache(config.result_cache_size)
+        self._semantic: SemanticCache | None = (
+            SemanticCache(config.semantic_cache_cosine, config.semantic_cache_size, config.semantic_cache_keys)
+            if config.semantic_cache_size > 0 else None)
         self._shadow: LoadedVersion | None = None
+        self._rollout: Rollout | None = None  # the alias's canary, when one runs
+        self._warm = WarmVersions(config.warm_seconds)
         self._refused: dict[str, str] = {}  # damaged versions and why: never loaded (and hashed) again
         self.mirror = MirrorStats(config.mirror_window)
+        self.stats = StatsRecorder()
+        self.loads = 0  # versions read from their files so far (moves onto warm versions read none)
         self._closed = threading.Event()
         try:
-            self._current = self._load(self._resolve())
+            row = self._alias_row()
+            self._current = self._load(self._info(row.version))
+            self._refresh_canary(row)
         except BaseException:
             self._registry.close()
             raise
-        self._follower: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         if config.follow:
-            self._follower = threading.Thread(target=self._follow, name="ragpipe-follow", daemon=True)
-            self._follower.start()
+            self._threads.append(threading.Thread(target=self._follow, name="ragpipe-follow", daemon=True))
+        if config.stats_interval > 0:
+            self._threads.append(threading.Thread(target=self._write_stats_every, name="ragpipe-stats", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     # -- opening and following ---------------------------------------------------------------
 
@@ -220,7 +102,9 @@ class Retriever:
             encoder: an object with ``model_id`` and ``embed(texts)`` to encode queries (an ONNX runner,
                 say), or a list of them (one per model, for mirroring to a shadow version of another
                 model); by default the model the version's manifest names.
-            **config: any :class:`RetrievalConfig` field, plus ``home`` (ragpipe's home directory).
+            **config: any :class:`RetrievalConfig` field, plus ``home`` (ragpipe's home directory);
+                the fields of :data:`retrieval.config.ENV_FIELDS` not given are read from
+                ``RAGPIPE_SEMANTIC_CACHE_SIZE``, ``RAGPIPE_SEMANTIC_CACHE_COSINE``, ``RAGPIPE_WARM_SECONDS``, ...
 
         Raises:
             AliasNotFound: nothing has been published to the alias yet.
@@ -228,17 +112,20 @@ class Retriever:
         """
         home = config.pop("home", None)
         registry_config = RegistryConfig.from_env(database_url=database_url, home=home)
-        return cls(registry_config, index, RetrievalConfig(**config), encoder)
+        return cls(registry_config, index, RetrievalConfig.from_env(**config), encoder)
 
-    def _resolve(self, shadow: bool = False) -> VersionInfo | None:
+    def _alias_row(self) -> AliasRow:
         with self._registry_lock:
             aliases = self._registry.read(self._registry.list_aliases)  # reconnects if the server dropped it
-            row = next((a for a in aliases if a.alias == self.alias), None)
-            if row is None:
-                raise AliasNotFound(f"alias {self.alias!r} does not exist; publish a version with `ragpipe index`")
-            name = row.shadow_version if shadow else row.version
-            if name is None:
-                return None
+        row = next((a for a in aliases if a.alias == self.alias), None)
+        if row is None:
+            raise AliasNotFound(f"alias {self.alias!r} does not exist; publish a version with `ragpipe index`")
+        return row
+
+    def _info(self, name: str | None) -> VersionInfo | None:
+        if name is None:
+            return None
+        with self._registry_lock:
             version = self._registry.read(self._registry.get_version, name)
         assert version is not None and version.artifact_uri is not None  # an alias serves built versions only
         return VersionInfo(alias=self.alias, index=version.index_name, version=name,
@@ -261,6 +148,7 @@ class Retriever:
                     f"publish a version built with that model"
                 )
         started = time.perf_counter()
+        self.loads += 1
         loaded = LoadedVersion(info, local_directory(info.artifact_uri, self._cache_dir))
         logger.info("loaded version %s (%d chunks) in %.2f s", info.version, loaded.size, time.perf_counter() - started)
         return loaded
@@ -280,24 +168,85 @@ class Retriever:
                                self.alias, self._current.info.version, exc_info=True)
 
     def refresh(self) -> bool:
-        """Load the alias's current version if it changed; returns whether the retriever switched.
+        """Follow the alias: switch to its live version if it changed, and load, change or drop its
+        canary; returns whether the live version switched.
 
-        A version that cannot be loaded is logged and not switched to: the current one keeps
-        serving. A damaged one (:class:`VersionCorrupt`) is not tried again; one whose files cannot
-        be read now is tried again at the next refresh.
+        A version served before is taken from the warm ones when still there (nothing is read). A
+        version that cannot be loaded is logged and not switched to: the current one keeps serving.
+        A damaged one (:class:`VersionCorrupt`) is not tried again; one whose files cannot be read
+        now is tried again at the next refresh.
         """
         with self._refresh_lock:
-            info = self._resolve()
+            row = self._alias_row()
             switched = False
-            if (info is not None and info.version != self._current.info.version and info.version not in self._refused
-                    and (loaded := self._load_or_keep(info)) is not None):
-                previous = self._current
-                self._current = loaded  # one assignment: queries already running keep `previous`
-                self._result_cache.clear()
-                switched = True
-                logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
+            if row.version != self._current.info.version and row.version not in self._refused:
+                loaded = self._served(row.version)
+                if loaded is not None:
+                    previous = self._current
+                    self._current = loaded  # one assignment: queries already running keep `previous`
+                    self._warm.keep(previous)
+                    self._result_cache.clear()
+                    switched = True
+                    logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
+            self._refresh_canary(row)
+            self._warm.expire()
+            if self._semantic is not None:
+                self._semantic.retain_versions(self.serving_versions())
             self._refresh_shadow()
             return switched
+
+    def _served(self, name: str) -> LoadedVersion | None:
+        """Version ``name`` to serve: the canary's or a warm one when loaded already, else read now."""
+        rollout = self._rollout
+        if rollout is not None and rollout.version.info.version == name:
+            return rollout.version  # a promoted canary: loaded since it started
+        warm = self._warm.take(name)
+        if warm is not None:
+            return warm
+        info = self._info(name)
+        assert info is not None
+        return self._load_or_keep(info)
+
+    def _refresh_canary(self, row: AliasRow) -> None:
+        """Serve the alias's canary (loading it once) at its percentage, or stop serving one."""
+        rollout = self._rollout
+        name = row.canary_version
+        if name is None or name == self._current.info.version or name in self._refused:
+            if rollout is not None:
+                self._rollout = None
+                if rollout.version is not self._current:
+                    self._warm.keep(rollout.version)  # an aborted canary can come back at once
+                logger.info("alias %s: canary %s ended", self.alias, rollout.version.info.version)
+            return
+        percent = float(row.canary_percent or 0.0)
+        if rollout is not None and rollout.version.info.version == name:
+            if rollout.percent != percent:
+                self._rollout = Rollout(rollout.version, percent)
+            return
+        try:
+            loaded = self._served(name)
+        except Exception:  # a canary is best effort: the live version keeps serving every request
+            logger.warning("alias %s: cannot load canary %s; all requests go to %s", self.alias, name,
+                           self._current.info.version, exc_info=True)
+            return
+        if loaded is not None:
+            self._rollout = Rollout(loaded, percent)
+            if rollout is not None:
+                self._warm.keep(rollout.version)
+            logger.info("alias %s: canary %s gets %g%% of requests", self.alias, name, percent)
+
+    def serving_versions(self) -> set[str]:
+        """The versions this retriever answers from now: the live one and the canary, if any."""
+        rollout = self._rollout
+        return {self._current.info.version} | ({rollout.version.info.version} if rollout else set())
+
+    def rollout_state(self) -> dict[str, Any]:
+        """What this retriever serves: live version, canary and its percentage, warm versions, loads."""
+        rollout = self._rollout
+        return {"alias": self.alias, "live": self._current.info.version,
+                "canary": rollout.version.info.version if rollout else None,
+                "canary_percent": rollout.percent if rollout else None,
+                "warm": self._warm.names(), "loads": self.loads}
 
     def _load_or_keep(self, info: VersionInfo) -> LoadedVersion | None:
         """The version loaded, or None (logged) when it cannot be served and the current one stays."""
@@ -314,11 +263,12 @@ class Retriever:
         if self.config.mirror_fraction <= 0:
             return
         try:
-            shadow = self._resolve(shadow=True)
+            shadow = self._info(self._alias_row().shadow_version)
             if shadow is None or shadow.version in self._refused:
                 self._shadow = None
             elif self._shadow is None or self._shadow.info.version != shadow.version:
                 try:
+                    self.loads += 1
                     self._shadow = LoadedVersion(shadow, local_directory(shadow.artifact_uri, self._cache_dir))
                 except VersionCorrupt as exc:
                     self._refused[shadow.version] = str(exc)
@@ -333,8 +283,13 @@ class Retriever:
 
     def close(self) -> None:
         self._closed.set()
-        if self._follower is not None:
-            self._follower.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        try:
+            if self.config.stats_interval > 0:
+                self.write_stats()  # what the last interval measured
+        except Exception:
+            logger.warning("cannot write the last serving statistics of alias %s", self.alias, exc_info=True)
         with self._registry_lock:
             self._registry.close()
 
@@ -346,78 +301,27 @@ class Retriever:
 
     # -- searching -----------------------------------------------------------------------------
 
-    def _encoder(self, version: LoadedVersion) -> Any:
-        """The query encoder of ``version``: the caller's for its model, else the one its manifest
-        names (loaded once per digest), else sentence-transformers (``[pipeline]``)."""
-        model_id = version.info.model_id
-        ref = version.encoder_ref
-        with self._encoder_lock:
-            given = self._given.get(model_id)
-            if given is not None:
-                return given
-            key = (model_id, ref.digest if ref is not None else None)
-            encoder = self._encoders.get(key)
-            if encoder is None:
-                encoder = self._new_encoder(version)
-                if encoder.model_id != model_id:
-                    raise ModelMismatch(f"the version was embedded with {model_id!r}; the encoder is {encoder.model_id!r}")
-                if getattr(encoder, "query_prefix", version.query_prefix) != version.query_prefix:
-                    raise ModelMismatch(f"version {version.info.version} prefixes queries with {version.query_prefix!r}; "
-                                        f"its stored encoder says {encoder.query_prefix!r}")
-                self._encoders[key] = encoder
-            return encoder
+    def search(self, query: str, k: int = 10, filters: dict[str, Any] | None = None,
+               route_key: str | None = None) -> Hits:
+        """The ``k`` best chunks for ``query`` with attribution, from one version.
 
-    def _new_encoder(self, version: LoadedVersion) -> Any:
-        from retrieval.models import SentenceTransformerEmbedder, split_variant
+        Args:
+            route_key: what routes the request while the alias has a canary (a client or session id:
+                the same key always gets the same version); None routes it at random.
 
-        model_id, ref = version.info.model_id, version.encoder_ref
-        endpoint = version.manifest["model"].get("endpoint")
-        if endpoint is not None:  # queries go to the model the documents went to, over HTTP
-            from retrieval.endpoint import endpoint_encoder
+        Returns:
+            The hits; ``hits.version`` and ``hits.route`` say which version served them, ``hits.cache``
+            whether a cache did.
+        """
+        version, route = self._route(route_key)
+        return self._search_on(version, query, None, k, filters, route=route)
 
-            return endpoint_encoder(endpoint, dim=version.dim)
-        onnx_only = bool(split_variant(model_id)[1])  # a quantized model's vectors come from ONNX Runtime alone
-        backend = self.config.encoder_backend
-        if backend == "torch":
-            if onnx_only:
-                raise ModelError(f"{model_id!r} runs on ONNX Runtime only; use encoder_backend 'auto' or 'onnx'")
-            return SentenceTransformerEmbedder(self.config.model or model_id, device=self.config.device)
-        if ref is not None:
-            from retrieval.onnx import OnnxEncoder
-
-            return OnnxEncoder.from_store(store_root(version.info.artifact_uri), ref, model_id, self._cache_dir)
-        if backend == "onnx" or onnx_only:
-            raise ModelError(
-                f"version {version.info.version} stores no ONNX query encoder for {model_id!r} (built before "
-                "ragpipe 0.2, or by an embedder without one): rebuild it with `ragpipe index SOURCE --full`, "
-                "or open the retriever with encoder=..."
-            )
-        logger.info("version %s stores no query encoder; encoding queries with sentence-transformers",
-                    version.info.version)
-        return SentenceTransformerEmbedder(self.config.model or model_id, device=self.config.device)
-
-    def _embed(self, queries: Sequence[str], version: LoadedVersion) -> np.ndarray:
-        model_id = version.info.model_id
-        queries = [version.query_prefix + q for q in queries]  # what the model expects before a query
-        with telemetry.span("embedding.query", {"embedding.model": model_id, "embedding.queries": len(queries)}):
-            out: list[np.ndarray | None] = [self._query_cache.get((model_id, q)) for q in queries]
-            missing = [i for i, v in enumerate(out) if v is None]
-            if missing:
-                vectors = self._encoder(version).embed([queries[i] for i in missing])
-                for i, vec in zip(missing, vectors):
-                    out[i] = vec
-                    self._query_cache.put((model_id, queries[i]), vec)
-            return np.stack(out) if out else np.zeros((0, 1), dtype=np.float32)  # type: ignore[arg-type]
-
-    def search(self, query: str, k: int = 10, filters: dict[str, Any] | None = None) -> Hits:
-        """The ``k`` best chunks for ``query`` with attribution, from one version."""
-        version = self._current
-        return self._search_on(version, query, None, k, filters)
-
-    def search_many(self, queries: Sequence[str], k: int = 10, filters: dict[str, Any] | None = None) -> list[Hits]:
+    def search_many(self, queries: Sequence[str], k: int = 10, filters: dict[str, Any] | None = None,
+                    route_key: str | None = None) -> list[Hits]:
         """Search several queries on one version: one embedding batch and one HNSW call for all of them
-        (hnswlib spreads it over its threads), then BM25, fusion and reranking per query."""
-        version = self._current
+        (hnswlib spreads it over its threads), then BM25, fusion and reranking per query. One
+        ``route_key`` routes the whole batch."""
+        version, route = self._route(route_key)
         if not queries:
             return []
         vectors = self._embed(list(queries), version)
@@ -429,21 +333,51 @@ class Retriever:
                     knn = version.knn_query(vectors, n, self.config.ef)
                 except RuntimeError:  # a query got fewer than n neighbours: each one alone, exactly if need be
                     logger.info("HNSW returned fewer than %d neighbours for a query of the batch", n)
-        return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]))
+        return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]),
+                                route=route)
                 for i, q in enumerate(queries)]
+
+    def route(self, route_key: str | None) -> tuple[str, str]:
+        """(version, ``live`` or ``canary``) a request with ``route_key`` goes to now: what a server
+        groups a micro-batch by before one :meth:`search_many` per group (keys route deterministically;
+        None draws at random, so give keyless requests their request id as the key)."""
+        version, route = self._route(route_key)
+        return version.info.version, route
+
+    def _route(self, route_key: str | None) -> tuple[LoadedVersion, str]:
+        rollout = self._rollout
+        if rollout is not None and routes_to_canary(self.alias, rollout.version.info.version, rollout.percent,
+                                                    route_key):
+            return rollout.version, "canary"
+        return self._current, "live"
+
+    def cache_stats(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) of each cache since the retriever opened: ``query`` (query vectors), ``result``
+        (exact result lists) and, when on, ``semantic``."""
+        names = {"embedding": "query", "result": "result", "semantic": "semantic"}
+        return {names[name]: (c.hits, c.misses) for name, c in self.cache_counters().items()}
+
+    def cache_counters(self) -> dict[str, CacheCounters]:
+        """Hits, misses and entries of the query-embedding, exact result and semantic result caches."""
+        out = {"embedding": self._query_cache.counters(), "result": self._result_cache.counters()}
+        if self._semantic is not None:
+            out["semantic"] = self._semantic.counters()
+        return out
 
     def _search_on(
         self, version: LoadedVersion, query: str, vector: np.ndarray | None, k: int, filters: dict[str, Any] | None,
-        knn: tuple[np.ndarray, np.ndarray] | None = None,
+        knn: tuple[np.ndarray, np.ndarray] | None = None, route: str = "live",
     ) -> Hits:
-        filters = _normalized(filters)
+        filters = normalized_filters(filters)
         # while chunks of the version still wait for their valid_from, results depend on the clock
         cacheable = version.all_visible_by(datetime.now(timezone.utc)) or (filters or {}).get("as_of") is not None
-        key = (version.info.version, query, k, json.dumps(filters, sort_keys=True, default=str))
+        filters_key = json.dumps(filters, sort_keys=True, default=str)
+        key = (version.info.version, query, k, filters_key)
         cached = self._result_cache.get(key) if cacheable else None
         if cached is not None:
-            return cached
+            return cached.served(route, "exact")
         started = time.perf_counter()
+        semantic_key = (version.info.version, filters_key, k)
         with telemetry.span("retrieval.search", {
             "retrieval.index_version": version.info.version,
             "retrieval.index_updated_at": version.info.updated_at.isoformat() if version.info.updated_at else "",
@@ -452,159 +386,22 @@ class Retriever:
         }) as root:
             if vector is None:
                 vector = self._embed([query], version)[0]
-            hits = self._ranked(version, query, vector, k, filters, knn)
+            match = self._semantic.get(semantic_key, vector) if self._semantic is not None and cacheable else None
+            if match is not None:
+                return match.value.served(route, "semantic", match.similarity, match.query)  # type: ignore[no-any-return]
+            hits = self._ranker.ranked(version, query, vector, k, filters, knn)
+            hits.version = version.info.version
             for hit in hits:
                 telemetry.event(root, "chunk_retrieved", {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id,
                                                           "score": hit.score, "source": hit.source_uri})
         if cacheable:
             self._result_cache.put(key, hits)
-        if self.config.mirror_fraction and self._shadow is not None and random.random() < self.config.mirror_fraction:
-            self._mirror(query, hits, k, filters, (time.perf_counter() - started) * 1000)
-        return hits
-
-    def _mirror(self, query: str, primary: Hits, k: int, filters: dict[str, Any] | None, primary_ms: float) -> None:
-        shadow = self._shadow
-        if shadow is None:
-            return
-        started = time.perf_counter()
-        try:
-            vector = self._embed([query], shadow)[0]
-            other = self._ranked(shadow, query, vector, max(k, 10), filters)
-        except Exception:  # mirroring never fails the user's query
-            logger.warning("mirror query on shadow %s failed", shadow.info.version, exc_info=True)
-            return
-        mine = {h.chunk_id for h in primary[:10]}
-        theirs = {h.chunk_id for h in other[:10]}
-        self.mirror.record(len(mine & theirs) / max(1, min(10, len(mine) or 1)), primary_ms,
-                           (time.perf_counter() - started) * 1000)
-
-    def _ranked(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
-                filters: dict[str, Any] | None, knn: tuple[np.ndarray, np.ndarray] | None = None) -> Hits:
-        n = max(self.config.candidates, k)
-        while True:
-            hits, exhausted = self._ranked_once(version, query, vector, k, filters, n, knn)
-            knn = None  # computed for the first depth only
-            if len(hits) >= k or exhausted:
-                result = Hits(hits[:k])
-                result.exhausted = len(hits) < k
-                return result
-            n *= 4  # filters removed too many candidates: look deeper
-
-    def _ranked_once(self, version: LoadedVersion, query: str, vector: np.ndarray, k: int,
-                     filters: dict[str, Any] | None, n: int,
-                     knn: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[Hit], bool]:
-        n = min(n, version.size)
-        exhausted = n >= version.size
-        if n == 0:
-            return [], True
-        if knn is not None and len(knn[0]) == n:
-            labels, distances = knn
-        else:
-            with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n}):
-                labels, distances = _vector_search(version, vector, n, self.config.ef)
-        vec_keys = [int(x) for x in labels]
-        vec_scores = {key: 1.0 - float(d) for key, d in zip(vec_keys, distances)}
-        with telemetry.span("retrieval.bm25_search", {"retrieval.candidates": n}):
-            bm_keys_arr, bm_scores_arr, all_bm25 = version.bm25.top(query, n)
-            bm_keys = [int(x) for x in bm_keys_arr]
-            bm_scores = dict(zip(bm_keys, bm_scores_arr.tolist()))
-        if self.config.retrievers == "bm25":
-            vec_keys, vec_scores = [], {}
-        elif self.config.retrievers == "vector":
-            bm_keys, bm_scores = [], {}
-        with telemetry.span("retrieval.fusion", {"retrieval.fusion": self.config.fusion}):
-            if self.config.fusion == "rrf":
-                fused = reciprocal_rank_fusion([vec_keys, bm_keys], self.config.rrf_k)
-            else:
-                w = self.config.vector_weight
-                fused = weighted_fusion([(vec_scores, w), (bm_scores, 1.0 - w)])
-            order = sorted(fused, key=lambda key: (-fused[key], key))
-        order = [key for key in order if self._passes(version, key, filters)]
-        rerank_scores: dict[int, float] = {}
-        if self._reranker is not None and order:
-            depth = order[: max(self.config.rerank_depth, k)]
-            with telemetry.span("retrieval.rerank", {"retrieval.reranker": self._reranker.name, "retrieval.depth": len(depth)}):
-                rerank_scores = self._reranker.rerank(query, vector, depth, version, all_bm25)
-            order = sorted(depth, key=lambda key: (-rerank_scores[key], key)) + order[len(depth):]
-        vec_rank = {key: i for i, key in enumerate(vec_keys, start=1)}
-        bm_rank = {key: i for i, key in enumerate(bm_keys, start=1)}
-        fused_rank = {key: i for i, key in enumerate(sorted(fused, key=lambda x: (-fused[x], x)), start=1)}
-        rerank_rank = {key: i for i, key in enumerate(sorted(rerank_scores, key=lambda x: (-rerank_scores[x], x)), start=1)}
-        hits = [
-            self._hit(version, key,
-                      StageScore(bm_scores.get(key), bm_rank.get(key)),
-                      StageScore(vec_scores.get(key), vec_rank.get(key)),
-                      StageScore(fused.get(key), fused_rank.get(key)),
-                      StageScore(rerank_scores.get(key), rerank_rank.get(key)))
-            for key in order[:k]
-        ]
-        return hits, exhausted
-
-    def _passes(self, version: LoadedVersion, key: int, filters: dict[str, Any] | None) -> bool:
-        row = version.row[key]
-        now = (filters or {}).get("as_of") or datetime.now(timezone.utc)
-        if not version.all_visible_by(now):
-            valid_from = version.columns["valid_from"][row]
-            if valid_from is not None and valid_from > now:
-                return False  # staged: not visible yet
-        if not filters:
-            return True
-        prefix = filters.get("doc_id_prefix")
-        if prefix and not version.columns["doc_id"][row].startswith(prefix):
-            return False
-        wanted = filters.get("metadata") or {}
-        if wanted:
-            meta = version.metadata(row)
-            for name, value in wanted.items():
-                have = meta.get(name)
-                if isinstance(value, (list, tuple, set, frozenset)):
-                    if have not in value:
-                        return False
-                elif have != value:
-                    return False
-        return True
-
-    def _hit(self, version: LoadedVersion, key: int, bm25: StageScore, vector: StageScore, fused: StageScore,
-             rerank: StageScore) -> Hit:
-        row = version.row[key]
-        c = version.columns
-        return Hit(
-            doc_id=c["doc_id"][row], chunk_id=c["chunk_id"][row], text=c["text"][row],
-            source_uri=c["source_uri"][row], heading_path=tuple(c["heading_path"][row]),
-            char_start=c["char_start"][row], char_end=c["char_end"][row], ordinal=c["ordinal"][row],
-            chunk_hash=c["chunk_hash"][row], index_version=version.info.version, alias=self.alias,
-            version_updated_at=version.info.updated_at, model_id=version.info.model_id,
-            bm25=bm25, vector=vector, fused=fused, rerank=rerank, metadata=version.metadata(row),
-            **{name: c[name][row] for name in PAGE_COLUMNS},
-        )
+            if self._semantic is not None:
+                self._semantic.put(semantic_key, vector, query, hits)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self._measure(version, route, query, hits, k, filters, elapsed_ms)
+        return hits.served(route)
 
 
-def _vector_search(version: LoadedVersion, vector: np.ndarray, n: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-    """HNSW top-n; exact search over the full-precision matrix when n covers the whole version or
-    the graph cannot return n neighbours (hnswlib raises then)."""
-    if n < version.size:
-        try:
-            found = version.knn_query(vector, n, ef)
-            return found[0][0], found[1][0]
-        except RuntimeError:
-            logger.info("HNSW returned fewer than %d neighbours; searching exactly", n)
-    scores = np.asarray(version.matrix, dtype=np.float32) @ np.asarray(vector, dtype=np.float32)
-    order = np.argsort(-scores, kind="stable")[:n]
-    return version.keys[order], (1.0 - scores[order]).astype(np.float32)
 
-
-def _normalized(filters: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Filters with ``as_of`` as an aware datetime (ISO strings accepted, naive times are UTC)."""
-    if not filters or filters.get("as_of") is None:
-        return filters
-    as_of = filters["as_of"]
-    if isinstance(as_of, str):
-        as_of = datetime.fromisoformat(as_of)
-    if not isinstance(as_of, datetime):
-        raise ValueError(f"filters['as_of'] must be a datetime or an ISO 8601 string, got {as_of!r}")
-    if as_of.tzinfo is None:
-        as_of = as_of.replace(tzinfo=timezone.utc)
-    return {**filters, "as_of": as_of}
-
-
-__all__ = ["Hits", "MirrorStats", "RetrievalConfig", "Retriever"]
+__all__ = ["ENV_FIELDS", "Hits", "MirrorStats", "RetrievalConfig", "Retriever"]

@@ -9,7 +9,8 @@ CREATE TABLE public.alias_history (
     previous text,
     action text NOT NULL,
     moved_at timestamp with time zone DEFAULT now() NOT NULL,
-    CONSTRAINT alias_history_action_check CHECK ((action = ANY (ARRAY['publish'::text, 'swap'::text, 'rollback'::text, 'promote'::text, 'shadow'::text])))
+    reason text,
+    CONSTRAINT alias_history_action_check CHECK ((action = ANY (ARRAY['publish'::text, 'swap'::text, 'rollback'::text, 'promote'::text, 'shadow'::text, 'canary'::text, 'abort'::text])))
 );
 
 -- Name: alias_history_id_seq; Type: SEQUENCE; Schema: public; Owner: -
@@ -30,7 +31,14 @@ CREATE TABLE public.aliases (
     index_name text NOT NULL,
     version text NOT NULL,
     shadow_version text,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    canary_version text,
+    canary_percent double precision,
+    canary_guards jsonb DEFAULT '[]'::jsonb NOT NULL,
+    canary_min_queries integer DEFAULT 100 NOT NULL,
+    canary_started_at timestamp with time zone,
+    CONSTRAINT aliases_canary_min_queries_check CHECK ((canary_min_queries >= 1)),
+    CONSTRAINT aliases_canary_percent_check CHECK (((canary_percent >= (0)::double precision) AND (canary_percent <= (100)::double precision)))
 );
 
 -- Name: chunks; Type: TABLE; Schema: public; Owner: -
@@ -195,6 +203,34 @@ CREATE TABLE public.source_objects (
     CONSTRAINT source_objects_check CHECK (((content_hash IS NULL) <> (skip_reason IS NULL)))
 );
 
+-- Name: version_stats; Type: TABLE; Schema: public; Owner: -
+
+CREATE TABLE public.version_stats (
+    id bigint NOT NULL,
+    alias text NOT NULL,
+    version text NOT NULL,
+    role text NOT NULL,
+    queries bigint NOT NULL,
+    compared bigint NOT NULL,
+    overlap_sum double precision NOT NULL,
+    latency_buckets bigint[] NOT NULL,
+    recorded_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT version_stats_compared_check CHECK ((compared >= 0)),
+    CONSTRAINT version_stats_queries_check CHECK ((queries >= 0)),
+    CONSTRAINT version_stats_role_check CHECK ((role = ANY (ARRAY['live'::text, 'canary'::text, 'shadow'::text])))
+);
+
+-- Name: version_stats_id_seq; Type: SEQUENCE; Schema: public; Owner: -
+
+ALTER TABLE public.version_stats ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.version_stats_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 -- Name: alias_history alias_history_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 
 ALTER TABLE ONLY public.alias_history
@@ -245,6 +281,11 @@ ALTER TABLE ONLY public.runs
 ALTER TABLE ONLY public.source_objects
     ADD CONSTRAINT source_objects_pkey PRIMARY KEY (index_name, source, doc_id);
 
+-- Name: version_stats version_stats_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.version_stats
+    ADD CONSTRAINT version_stats_pkey PRIMARY KEY (id);
+
 -- Name: alias_history_alias; Type: INDEX; Schema: public; Owner: -
 
 CREATE INDEX alias_history_alias ON public.alias_history USING btree (alias, id DESC);
@@ -273,6 +314,10 @@ CREATE INDEX index_versions_index ON public.index_versions USING btree (index_na
 
 CREATE INDEX runs_index_started ON public.runs USING btree (index_name, started_at DESC);
 
+-- Name: version_stats_version; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX version_stats_version ON public.version_stats USING btree (version, role, recorded_at);
+
 -- Name: alias_history alias_history_previous_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
 
 ALTER TABLE ONLY public.alias_history
@@ -282,6 +327,11 @@ ALTER TABLE ONLY public.alias_history
 
 ALTER TABLE ONLY public.alias_history
     ADD CONSTRAINT alias_history_version_fkey FOREIGN KEY (version) REFERENCES public.index_versions(version);
+
+-- Name: aliases aliases_canary_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.aliases
+    ADD CONSTRAINT aliases_canary_version_fkey FOREIGN KEY (canary_version) REFERENCES public.index_versions(version);
 
 -- Name: aliases aliases_shadow_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
 
@@ -302,3 +352,8 @@ ALTER TABLE ONLY public.index_heads
 
 ALTER TABLE ONLY public.index_versions
     ADD CONSTRAINT index_versions_parent_version_fkey FOREIGN KEY (parent_version) REFERENCES public.index_versions(version);
+
+-- Name: version_stats version_stats_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.version_stats
+    ADD CONSTRAINT version_stats_version_fkey FOREIGN KEY (version) REFERENCES public.index_versions(version) ON DELETE CASCADE;

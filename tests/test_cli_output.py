@@ -63,3 +63,12 @@ def test_hits_show_every_stage_and_none_for_a_stage_that_missed():
 def test_durations_read_in_days_hours_or_seconds():
     assert [format_duration(s) for s in (30 * 86400, 36 * 3600, 5400, 90, 0)] == [
         "30 days", "1.5 days", "1.5 hours", "90 s", "0 s"]
+
+
+def test_served_statistics_read_per_role():
+    from pipeline.cli_output import format_served
+
+    stats = {"canary": {"queries": 420, "compared": 40, "overlap@10": 0.9123, "p50_ms": 4.3, "p95_ms": 12.0},
+             "live": {"queries": 3000, "compared": 0, "overlap@10": None, "p50_ms": 3.1, "p95_ms": 9.5}}
+    assert format_served(stats) == "live 3000q p95 9.5ms; canary 420q overlap@10 0.91 p95 12ms"
+    assert format_served({}) == ""

@@ -4,6 +4,7 @@ from dataclasses import fields
 
 from conftest import REPO
 from pipeline.config import IndexConfig
+from retrieval.config import ENV_FIELDS
 from retrieval.endpoint import EndpointConfig
 
 
@@ -11,7 +12,8 @@ def test_readme_lists_every_setting():
     readme = (REPO / "README.md").read_text()
     for f in fields(IndexConfig):
         assert f"`RAGPIPE_{f.name.upper()}`" in readme, f.name
-    for name in ["RAGPIPE_DATABASE_URL", "RAGPIPE_HOME", *EndpointConfig.variables()]:
+    retrieval = [f"RAGPIPE_{name.upper()}" for name in ENV_FIELDS]
+    for name in ["RAGPIPE_DATABASE_URL", "RAGPIPE_HOME", *EndpointConfig.variables(), *retrieval]:
         assert f"`{name}`" in readme, name
 
 

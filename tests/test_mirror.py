@@ -6,7 +6,7 @@ import tracemalloc
 import pytest
 
 from conftest import run_threads
-from retrieval.retriever import MirrorStats
+from retrieval.rollout import MirrorStats
 
 
 def test_memory_stays_bounded_over_many_mirrored_queries():

@@ -11,7 +11,7 @@ import pytest
 from conftest import write_tree
 from pipeline.config import IndexConfig
 from pipeline.runner import run_index
-from registry import AliasError, IndexLocked, Registry, RegistryConfig
+from registry import AliasError, IndexLocked, Registry, RegistryConfig, StatsDelta
 from registry import db as registry_db
 from registry.queries import fetch_all, fetch_one, parse_queries, q
 from registry.rows import QUERY_ROWS, RunListing
@@ -68,6 +68,13 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
     write_tree(tmp_path / "src", {"a.md": "# A\n\nAlpha text.\n", "b.md": "# B\n\nBeta text.\n"})
     src_uri = (tmp_path / "src").as_uri() + "/"  # a file:// source: its listing is recorded
     summary = run_index(src_uri, registry, embedder, IndexConfig(index="docs", lock_timeout=5))
+    write_tree(tmp_path / "src", {"c.md": "# C\n\nGamma text.\n"})
+    second = run_index(src_uri, registry, embedder, IndexConfig(index="docs", lock_timeout=5))
+    registry.start_canary("docs", summary.version, 10.0)  # the first version, beside the second
+    canary = registry.canary_of("docs")
+    delta = StatsDelta("docs", summary.version, "canary")
+    delta.record(3.0, 0.5)
+    registry.record_version_stats([delta])
     head = registry.head_version("docs")
     registry.create_version(index="docs", version="docs_unfinished", parent=head.version, run_id=summary.run_id,
                             model_id=embedder.model_id, full_build=False)
@@ -82,6 +89,9 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
         "list_versions": {"index": "docs"},
         "get_version": {"version": summary.version},
         "list_aliases": {},
+        "get_canary": {"alias": "docs"},
+        "version_stats_of_index": {"index": "docs"},
+        "canary_stats": {"alias": "docs", "version": summary.version, "since": canary.canary_started_at},
         "source_objects": {"index": "docs", "source": src_uri},
     }
     assert sorted(QUERY_ROWS) == sorted(params)  # a query given a row type is checked here too
@@ -96,7 +106,8 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
     with pytest.raises(TypeError, match="query 'get_run' returns .*RunRow.*, not RunListing"):
         fetch_one(registry.conn, "get_run", RunListing, params["get_run"])
     assert registry.get_run(summary.run_id).status == "succeeded"
-    assert [v.role for v in registry.list_versions("docs")] == [None, "live,head"]
+    assert [v.role for v in registry.list_versions("docs")] == [None, "live,head", "canary"]
+    assert second.version == registry.list_aliases()[0].version
     assert [u.version for u in registry.unfinished_versions("docs")] == ["docs_unfinished"]
 
 

@@ -111,7 +111,8 @@ def test_follows_the_alias_and_drops_caches(corpus, registry, registry_config, e
     with open_retriever(registry_config, embedder, follow=True, poll_interval=30) as r:
         first = r.version
         cached = r.search("heat shields", k=1)
-        assert r.search("heat shields", k=1) is cached  # result cache
+        again = r.search("heat shields", k=1)
+        assert cached.cache is None and again.cache == "exact" and again == cached  # result cache
         (corpus / "faq" / "heat.txt").write_text("Ablative heat shields char and erode during reentry.\n")
         second = publish(corpus, registry, embedder).version
         deadline = time.monotonic() + 10
@@ -119,7 +120,7 @@ def test_follows_the_alias_and_drops_caches(corpus, registry, registry_config, e
             time.sleep(0.05)
         assert r.version == second
         fresh = r.search("heat shields", k=1)
-        assert fresh is not cached and fresh[0].index_version == second and "Ablative" in fresh[0].text
+        assert fresh.cache is None and fresh.version == fresh[0].index_version == second and "Ablative" in fresh[0].text
 
 
 def test_eight_threads_through_twenty_swaps(corpus, registry, registry_config, embedder):
@@ -193,7 +194,13 @@ def test_mirror_mode_measures_the_shadow_and_serves_the_primary(corpus, registry
         hits = r.search("heat shields protect capsules", k=3)
         assert {h.index_version for h in hits} == {r.version} and r.version != shadow.version
         stats = r.mirror.summary()
+        r.write_stats()  # what the stats thread does every stats_interval
     assert stats["queries"] == 1 and 0.0 <= stats["mean_overlap_at_10"] <= 1.0 and stats["shadow_p50_ms"] > 0
+    written = {(s.version, s.role): s for s in registry.version_stats("docs")}
+    mirrored = written[(shadow.version, "shadow")]
+    assert mirrored.queries == mirrored.compared == 1
+    assert mirrored.overlap_at_10 == pytest.approx(stats["mean_overlap_at_10"])
+    assert written[(r.version, "live")].queries == 1
 
 
 def test_mirror_statistics_stay_bounded_under_concurrent_queries(corpus, registry, registry_config, embedder):
