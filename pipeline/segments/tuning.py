@@ -1,0 +1,77 @@
+"""Search breadth by measurement: the smallest HNSW ef whose recall@10 reaches the target on a segment's own vectors.
+
+Recall at a given ef depends on the segment's size and its vectors (hashed bag-of-words vectors
+need far more breadth than sentence embeddings at the same size), so a fixed ef is either wasted on
+small segments or short on large ones. The segment writer measures it once, on a sample of the
+segment's vectors as queries, against exact inner-product search (tie-aware, as validation counts:
+a returned chunk counts when its exact score reaches the k-th best), and records it in the segment
+manifest; searches use it unless the caller asks for another breadth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.validation import RECALL_SAMPLE
+
+EF_CANDIDATES = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+@dataclass(frozen=True)
+class EfChoice:
+    """The breadth chosen and what was measured on the way.
+
+    Attributes:
+        reached: whether ``recall`` reaches the target (else ``ef`` is the largest candidate).
+        measured: (ef, recall@k) for every breadth tried, ascending.
+    """
+
+    ef: int
+    recall: float
+    reached: bool
+    measured: tuple[tuple[int, float], ...]
+
+
+def choose_ef(graph: Any, vectors: np.ndarray, target: float, *, k: int = 10, sample: int = RECALL_SAMPLE,
+              candidates: Sequence[int] = EF_CANDIDATES, seed: int = 0) -> EfChoice:
+    """The smallest of ``candidates`` at which ``graph``'s recall@k against exact search over
+    ``vectors`` (row i: the vector labelled by the i-th key) reaches ``target``.
+
+    Args:
+        graph: an hnswlib index holding exactly ``vectors`` (inner-product space).
+        sample: how many of the vectors serve as queries (all of them when fewer).
+
+    Returns:
+        The choice; when no candidate reaches the target, the largest candidate with ``reached`` False.
+    """
+    rows = len(vectors)
+    k = min(k, rows)
+    if k == 0:
+        return EfChoice(int(min(candidates)), 1.0, True, ())
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(rows, size=min(sample, rows), replace=False))
+    queries = np.asarray(vectors[picked], dtype=np.float32)
+    kth = _exact_kth_scores(np.asarray(vectors, dtype=np.float32), queries, k)
+    measured = []
+    for ef in sorted(candidates):
+        graph.set_ef(max(ef, k))
+        _, distances = graph.knn_query(queries, k=k)
+        recall = float(((1.0 - distances) >= kth[:, None] - 1e-5).sum()) / (len(queries) * k)
+        measured.append((ef, round(recall, 4)))
+        if recall >= target:
+            return EfChoice(ef, recall, True, tuple(measured))
+    return EfChoice(measured[-1][0], measured[-1][1], False, tuple(measured))
+
+
+def _exact_kth_scores(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
+    """Each query's k-th best inner product over ``vectors``, in blocks of rows (bounded memory)."""
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for start in range(0, len(vectors), block):
+        scores = queries @ vectors[start:start + block].T
+        both = np.concatenate([best, scores], axis=1)
+        best = -np.partition(-both, k - 1, axis=1)[:, :k]
+    return best.min(axis=1)
