@@ -36,42 +36,54 @@ class EfChoice:
     measured: tuple[tuple[int, float], ...]
 
 
-def choose_ef(graph: Any, vectors: np.ndarray, target: float, *, k: int = 10, sample: int = RECALL_SAMPLE,
-              candidates: Sequence[int] = EF_CANDIDATES, seed: int = 0) -> EfChoice:
+def choose_ef(graph: Any, vectors: np.ndarray, keys: np.ndarray, target: float, *, k: int = 10,
+              sample: int = RECALL_SAMPLE, candidates: Sequence[int] = EF_CANDIDATES, seed: int = 0) -> EfChoice:
     """The smallest of ``candidates`` at which ``graph``'s recall@k against exact search over
-    ``vectors`` (row i: the vector labelled by the i-th key) reaches ``target``.
+    ``vectors`` reaches ``target``.
+
+    The queries are a sample of the vectors themselves; each query's own chunk is left out of both
+    its exact and its graph neighbours (it would be found at distance 0, an easy tenth of every
+    answer), so the recall measured is that of the query's k nearest other chunks.
 
     Args:
-        graph: an hnswlib index holding exactly ``vectors`` (inner-product space).
+        graph: an hnswlib index holding exactly ``vectors`` (inner-product space), labelled by ``keys``.
         sample: how many of the vectors serve as queries (all of them when fewer).
 
     Returns:
         The choice; when no candidate reaches the target, the largest candidate with ``reached`` False.
     """
     rows = len(vectors)
-    k = min(k, rows)
-    if k == 0:
+    k = min(k, rows - 1)
+    if k <= 0:
         return EfChoice(int(min(candidates)), 1.0, True, ())
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(rows, size=min(sample, rows), replace=False))
     queries = np.asarray(vectors[picked], dtype=np.float32)
-    kth = _exact_kth_scores(np.asarray(vectors, dtype=np.float32), queries, k)
+    kth = _exact_kth_scores(np.asarray(vectors, dtype=np.float32), queries, picked, k)
+    own = np.asarray(keys)[picked]
     measured = []
     for ef in sorted(candidates):
-        graph.set_ef(max(ef, k))
-        _, distances = graph.knn_query(queries, k=k)
-        recall = float(((1.0 - distances) >= kth[:, None] - 1e-5).sum()) / (len(queries) * k)
+        graph.set_ef(max(ef, k + 1))
+        labels, distances = graph.knn_query(queries, k=k + 1)
+        others = labels != own[:, None]
+        others[others.all(axis=1), -1] = False  # the query's own chunk not found: drop the farthest
+        scores = (1.0 - distances)[others].reshape(len(queries), k)
+        recall = float((scores >= kth[:, None] - 1e-5).sum()) / (len(queries) * k)
         measured.append((ef, round(recall, 4)))
         if recall >= target:
             return EfChoice(ef, recall, True, tuple(measured))
     return EfChoice(measured[-1][0], measured[-1][1], False, tuple(measured))
 
 
-def _exact_kth_scores(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 65536) -> np.ndarray:
-    """Each query's k-th best inner product over ``vectors``, in blocks of rows (bounded memory)."""
+def _exact_kth_scores(vectors: np.ndarray, queries: np.ndarray, own_rows: np.ndarray, k: int,
+                      block: int = 65536) -> np.ndarray:
+    """Each query's k-th best inner product over ``vectors`` other than its own row, in blocks of
+    rows (bounded memory)."""
     best = np.full((len(queries), k), -np.inf, dtype=np.float32)
     for start in range(0, len(vectors), block):
         scores = queries @ vectors[start:start + block].T
+        inside = (own_rows >= start) & (own_rows < start + scores.shape[1])
+        scores[np.flatnonzero(inside), own_rows[inside] - start] = -np.inf
         both = np.concatenate([best, scores], axis=1)
         best = -np.partition(-both, k - 1, axis=1)[:, :k]
     return best.min(axis=1)

@@ -230,7 +230,7 @@ class SegmentWriter:
         if recall_target is not None and self.rows:
             from pipeline.segments.tuning import choose_ef
 
-            choice = choose_ef(self._graph, np.load(self.tmp / f.VECTORS_FILE, mmap_mode="r"), recall_target)
+            choice = choose_ef(self._graph, np.load(self.tmp / f.VECTORS_FILE, mmap_mode="r"), keys, recall_target)
             ef, recall = choice.ef, choice.recall
         files = {name: FileInfo((self.tmp / name).stat().st_size, sha256_file(self.tmp / name)) for name in f.DATA_FILES}
         p = self.params

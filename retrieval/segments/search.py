@@ -172,8 +172,9 @@ class SegmentedVersion:
         for part in self.parts if terms else []:
             s = self._part_scores(part, terms)
             rows = np.flatnonzero(s > 0)
-            if len(rows) > n:
-                rows = rows[np.argpartition(-s[rows], n - 1)[:n]]
+            if len(rows) > n:  # the n best, and every chunk tied with the n-th: ties go by key across segments
+                nth = -np.partition(-s[rows], n - 1)[n - 1]
+                rows = rows[s[rows] >= nth]
             keys.append(part.segment.keys[rows])
             scores.append(s[rows])
         return _best(keys, scores, n, descending=True)

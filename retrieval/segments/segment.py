@@ -115,6 +115,10 @@ class Segment:
         start, end = int(self.offsets[at]), int(self.offsets[at + 1])
         return self.posting_rows[start:end], self.posting_tfs[start:end]
 
+    def terms(self) -> list[str]:
+        """The segment's vocabulary in term-hash order (what merges map to the merged vocabulary)."""
+        return _mapped_table(self.directory / f.TERMS_FILE).column("term").to_pylist()
+
     def chunk(self, row: int) -> dict[str, Any]:
         """The chunk table's row ``row`` as Python values."""
         return self.chunks.slice(row, 1).to_pylist()[0]
