@@ -45,7 +45,7 @@ def test_a_segment_holds_its_chunks_and_lists_every_file_with_its_checksum(store
     assert seg.rows_of(np.array([1299, 1000, 5])).tolist() == [0, 299, -1]
     assert seg.chunk(1)["chunk_key"] == keys[1]
     assert (np.diff(seg.term_hashes.astype(np.float64)) > 0).all()
-    assert isinstance(seg.vectors, np.memmap) and isinstance(seg.posting_rows, np.memmap)
+    assert not seg.vectors.flags.owndata and not seg.posting_rows.flags.owndata  # views of the mapped files
     # the postings are those of the analyzed texts, in whatever batches they were streamed
     analyzer = Analyzer()
     terms = seg.terms()
@@ -235,6 +235,15 @@ def test_choose_ef_returns_the_smallest_breadth_reaching_the_target(store):
     assert choice.reached and choice.ef == seg.manifest.ef_search
     recalls = dict(choice.measured)
     assert all(r < 0.98 for ef, r in recalls.items() if ef < choice.ef)
+    # short query-like texts need a wider search than the chunks themselves; measured with them,
+    # the breadth chosen reaches the target for them
+    queries = embed(synthetic_texts(70_000, 150, vocabulary=3000, words=(3, 10)))
+    for_queries = choose_ef(seg.graph, seg.vectors, seg.keys, 0.98, queries=queries)
+    assert for_queries.reached and for_queries.ef >= choice.ef
+    held_out = embed(synthetic_texts(80_000, 150, vocabulary=3000, words=(3, 10)))
+    version = open_version(store, [SegmentRef(seg.name, seg.rows)])
+    assert recall_at(version, vectors, seg.keys, queries, ef=for_queries.ef) >= 0.98
+    assert recall_at(version, vectors, seg.keys, held_out, ef=for_queries.ef) >= 0.96
     unreachable = choose_ef(seg.graph, seg.vectors, seg.keys, 1.01, candidates=(10, 20))
     assert not unreachable.reached and unreachable.ef == 20 and len(unreachable.measured) == 2
 

@@ -18,7 +18,7 @@ from retrieval.bm25 import Analyzer
 from retrieval.segments.files import SegmentManifest
 from retrieval.segments.manifest import SegmentRef, VersionManifest
 from retrieval.segments.search import SegmentPool
-from retrieval.segments.segment import Segment
+from retrieval.segments.segment import Segment, concat_ranges
 
 MERGE_BATCH_ROWS = 8192
 
@@ -65,10 +65,8 @@ def _copy_rows(segment: Segment, live_rows: np.ndarray, writer: SegmentWriter, b
     row_start = np.searchsorted(np.asarray(segment.posting_rows)[by_row], np.arange(segment.rows + 1))
     for at in range(0, len(live_rows), batch_rows):
         rows = live_rows[at:at + batch_rows]
-        starts, counts = row_start[rows], row_start[rows + 1] - row_start[rows]
-        ends = np.cumsum(counts)
-        within = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
-        postings = by_row[np.repeat(starts, counts) + within]
+        counts = row_start[rows + 1] - row_start[rows]
+        postings = by_row[concat_ranges(row_start[rows], counts)]
         writer.add_analyzed(
             segment.chunks.take(rows), np.asarray(segment.vectors[rows], dtype=np.float32),
             term_map[term_of[postings]], np.repeat(np.arange(len(rows), dtype=np.int32), counts),

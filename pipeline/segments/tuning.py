@@ -37,7 +37,8 @@ class EfChoice:
 
 
 def choose_ef(graph: Any, vectors: np.ndarray, keys: np.ndarray, target: float, *, k: int = 10,
-              sample: int = RECALL_SAMPLE, candidates: Sequence[int] = EF_CANDIDATES, seed: int = 0) -> EfChoice:
+              sample: int = RECALL_SAMPLE, candidates: Sequence[int] = EF_CANDIDATES, seed: int = 0,
+              queries: np.ndarray | None = None) -> EfChoice:
     """The smallest of ``candidates`` at which ``graph``'s recall@k against exact search over
     ``vectors`` reaches ``target``.
 
@@ -45,28 +46,39 @@ def choose_ef(graph: Any, vectors: np.ndarray, keys: np.ndarray, target: float, 
     its exact and its graph neighbours (it would be found at distance 0, an easy tenth of every
     answer), so the recall measured is that of the query's k nearest other chunks.
 
+    Short queries are harder for a graph than chunk texts (their vectors lie between the chunks'),
+    so where representative query vectors are at hand (a golden set's, recent queries') they give the
+    truer measure: pass them as ``queries``, and they are searched as they are.
+
     Args:
         graph: an hnswlib index holding exactly ``vectors`` (inner-product space), labelled by ``keys``.
         sample: how many of the vectors serve as queries (all of them when fewer).
+        queries: query vectors to measure with instead of a sample of ``vectors``.
 
     Returns:
         The choice; when no candidate reaches the target, the largest candidate with ``reached`` False.
     """
     rows = len(vectors)
-    k = min(k, rows - 1)
+    k = min(k, rows - 1 if queries is None else rows)
     if k <= 0:
         return EfChoice(int(min(candidates)), 1.0, True, ())
-    rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(rows, size=min(sample, rows), replace=False))
-    queries = np.asarray(vectors[picked], dtype=np.float32)
+    if queries is None:
+        picked = np.sort(np.random.default_rng(seed).choice(rows, size=min(sample, rows), replace=False))
+        queries = np.asarray(vectors[picked], dtype=np.float32)
+        own = np.asarray(keys)[picked]
+    else:
+        picked = np.full(len(queries), -1)
+        queries = np.asarray(queries, dtype=np.float32)
+        own = np.full(len(queries), -1)  # no query is a chunk of the segment: nothing to leave out
     kth = _exact_kth_scores(np.asarray(vectors, dtype=np.float32), queries, picked, k)
-    own = np.asarray(keys)[picked]
     measured = []
     for ef in sorted(candidates):
-        graph.set_ef(max(ef, k + 1))
-        labels, distances = graph.knn_query(queries, k=k + 1)
-        others = labels != own[:, None]
-        others[others.all(axis=1), -1] = False  # the query's own chunk not found: drop the farthest
+        extra = int((own >= 0).any())  # one more neighbour, the query's own chunk, left out below
+        graph.set_ef(max(ef, k + extra))
+        labels, distances = graph.knn_query(queries, k=k + extra)
+        others = labels != own[:, None].astype(labels.dtype) if extra else np.ones(labels.shape, dtype=bool)
+        if extra:
+            others[others.all(axis=1), -1] = False  # the query's own chunk not found: drop the farthest
         scores = (1.0 - distances)[others].reshape(len(queries), k)
         recall = float((scores >= kth[:, None] - 1e-5).sum()) / (len(queries) * k)
         measured.append((ef, round(recall, 4)))

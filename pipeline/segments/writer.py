@@ -198,12 +198,14 @@ class SegmentWriter:
             dup = np.unique(keys)[np.bincount(np.searchsorted(np.unique(keys), keys)) > 1][0]
             raise SegmentInputError(f"chunk key {int(dup)} appears twice in one batch")
 
-    def finish(self, *, recall_target: float | None = None) -> SegmentManifest:
+    def finish(self, *, recall_target: float | None = None, recall_queries: np.ndarray | None = None) -> SegmentManifest:
         """Complete the segment and give it its name; return its manifest.
 
         Args:
             recall_target: measure the smallest search breadth reaching this HNSW recall@10 on a
                 sample of the segment's vectors, and record it (None: not measured).
+            recall_queries: query vectors to measure the recall with instead (see
+                :func:`pipeline.segments.tuning.choose_ef`).
 
         Raises:
             SegmentInputError: a chunk key was written twice.
@@ -230,7 +232,8 @@ class SegmentWriter:
         if recall_target is not None and self.rows:
             from pipeline.segments.tuning import choose_ef
 
-            choice = choose_ef(self._graph, np.load(self.tmp / f.VECTORS_FILE, mmap_mode="r"), keys, recall_target)
+            choice = choose_ef(self._graph, np.load(self.tmp / f.VECTORS_FILE, mmap_mode="r"), keys, recall_target,
+                               queries=recall_queries)
             ef, recall = choice.ef, choice.recall
         files = {name: FileInfo((self.tmp / name).stat().st_size, sha256_file(self.tmp / name)) for name in f.DATA_FILES}
         p = self.params

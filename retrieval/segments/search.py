@@ -139,27 +139,26 @@ class SegmentedVersion:
 
     # -- BM25 -----------------------------------------------------------------------------------------
 
-    def _query_terms(self, query: str) -> list[tuple[int, float]]:
-        """(term hash, idf) of each analyzed query term found among the live chunks, repeats kept."""
-        terms = self.analyzer.terms(query)
-        out = []
-        for h in term_hashes(terms).tolist():
-            at = int(np.searchsorted(self.term_hashes, np.uint64(h)))
-            if at < len(self.term_hashes) and int(self.term_hashes[at]) == h and self.df[at] > 0:
-                out.append((h, float(self.idf[at])))
-        return out
+    def _query_terms(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """(term hashes, idfs) of the analyzed query terms found among the live chunks, repeats kept."""
+        hashes = term_hashes(self.analyzer.terms(query))
+        if not len(self.term_hashes) or not len(hashes):
+            return hashes[:0], np.zeros(0)
+        at = np.minimum(np.searchsorted(self.term_hashes, hashes), len(self.term_hashes) - 1)
+        found = (self.term_hashes[at] == hashes) & (self.df[at] > 0)
+        return hashes[found], self.idf[at[found]]
 
-    def _part_scores(self, part: _Part, terms: Sequence[tuple[int, float]]) -> np.ndarray:
+    def _part_scores(self, part: _Part, terms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """BM25 score of every row of the part's segment (0 for deleted rows). Each row's score adds
+        its terms' contributions in query order, whatever the layout, so equal chunk sets give
+        equal floating-point scores."""
         seg = part.segment
-        scores = np.zeros(seg.rows, dtype=np.float64)
-        k1, b, avgdl = self.k1, self.b, self.avgdl
-        for h, idf in terms:
-            rows, tfs = seg.postings(h)
-            if not len(rows):
-                continue
-            tf = tfs.astype(np.float64)
-            length = seg.doc_lengths[rows].astype(np.float64)
-            scores[rows] += idf * (tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / avgdl)))
+        which, rows, tfs = seg.postings(terms[0])
+        tf = tfs.astype(np.float64)
+        length = seg.doc_lengths[rows].astype(np.float64)
+        k1, b = self.k1, self.b
+        weights = terms[1][which] * (tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / self.avgdl)))
+        scores = np.bincount(rows, weights=weights, minlength=seg.rows)
         if part.live is not None:
             scores[~part.live] = 0.0
         return scores
@@ -169,7 +168,7 @@ class SegmentedVersion:
         ties by ascending key."""
         terms = self._query_terms(query)
         keys, scores = [], []
-        for part in self.parts if terms else []:
+        for part in self.parts if len(terms[0]) else []:
             s = self._part_scores(part, terms)
             rows = np.flatnonzero(s > 0)
             if len(rows) > n:  # the n best, and every chunk tied with the n-th: ties go by key across segments
@@ -223,9 +222,9 @@ class SegmentedVersion:
             if part.live is None:
                 labels, dist = seg.knn(vector, k, ef)
             elif deletions == "overfetch":
-                fetch = min(seg.rows, math.ceil(k * seg.rows / live * 1.25) + 2)
+                fetch = min(seg.rows, math.ceil(k * seg.rows / live * 1.05) + 2)
                 labels, dist = seg.knn(vector, fetch, ef)
-                keep = np.fromiter((part.accepts(int(x)) for x in labels[0]), dtype=bool, count=labels.shape[1])
+                keep = ~np.isin(labels[0].astype(np.int64), part.deleted_keys)
                 if int(keep.sum()) < k:
                     labels, dist = seg.knn(vector, k, ef, filter=part.accepts)
                 else:

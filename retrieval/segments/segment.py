@@ -81,11 +81,13 @@ class Segment:
         return self.manifest.ef_search or DEFAULT_EF
 
     def _array(self, name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """The memory-mapped array in ``name``, as a plain ndarray view of the mapping (np.memmap's
+        subclass hooks cost more than the lookups themselves)."""
         array = np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
         if array.dtype != np.dtype(dtype) or array.shape != shape:
             raise VersionCorrupt(f"segment {self.name}: {name} holds {array.dtype} {array.shape}, "
                                  f"expected {np.dtype(dtype)} {shape}")
-        return array
+        return np.asarray(array)
 
     def _load_graph(self) -> Any:
         import hnswlib
@@ -107,13 +109,19 @@ class Segment:
         at = np.minimum(np.searchsorted(self.sorted_keys, keys), self.rows - 1)
         return np.where(self.sorted_keys[at] == keys, self.key_rows[at], -1)
 
-    def postings(self, term_hash: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, term frequencies) of the chunks holding the term with ``term_hash``; empty when none."""
-        at = int(np.searchsorted(self.term_hashes, np.uint64(term_hash)))
-        if at >= len(self.term_hashes) or int(self.term_hashes[at]) != term_hash:
-            return _NO_ROWS, _NO_ROWS
-        start, end = int(self.offsets[at]), int(self.offsets[at + 1])
-        return self.posting_rows[start:end], self.posting_tfs[start:end]
+    def postings(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The postings of the terms with ``hashes`` (uint64), one term after the other in the order
+        given: (index into ``hashes``, row, term frequency) per posting; a term not in the segment
+        has none."""
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if not len(self.term_hashes) or not len(hashes):
+            return _NO_ROWS, _NO_ROWS, _NO_ROWS
+        at = np.minimum(np.searchsorted(self.term_hashes, hashes), len(self.term_hashes) - 1)
+        found = self.term_hashes[at] == hashes
+        starts = np.where(found, self.offsets[at], 0)
+        counts = np.where(found, self.offsets[at + 1] - self.offsets[at], 0)
+        index = concat_ranges(starts, counts)
+        return np.repeat(np.arange(len(hashes)), counts), self.posting_rows[index], self.posting_tfs[index]
 
     def terms(self) -> list[str]:
         """The segment's vocabulary in term-hash order (what merges map to the merged vocabulary)."""
@@ -132,6 +140,13 @@ class Segment:
 
 
 _NO_ROWS = np.zeros(0, dtype=np.int32)
+
+
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The indices ``starts[i] .. starts[i] + counts[i] - 1`` for every i, concatenated in order."""
+    ends = np.cumsum(counts)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.repeat(np.asarray(starts) - (ends - counts), counts) + np.arange(total)
 
 
 def _mapped_table(path: Path) -> pa.Table:
