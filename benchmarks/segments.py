@@ -91,10 +91,10 @@ def write_range(store: SegmentStore, corpus: Corpus, keys: np.ndarray, text_ids:
     return SegmentRef(manifest.name, manifest.rows), seconds, info
 
 
-def version(corpus: Corpus, name: str, refs: list[SegmentRef], parent: str | None = None) -> VersionManifest:
+def version(corpus: Corpus, name: str, refs: list[SegmentRef]) -> VersionManifest:
     return VersionManifest(index="bench", version=name, model_id=corpus.embedder.model_id, dim=corpus.dim, metric="ip",
                            analyzer=ANALYZER_VERSION, k1=K1, b=B, hnsw_m=16, hnsw_ef_construction=200,
-                           segments=tuple(refs), parent=parent)
+                           segments=tuple(refs))
 
 
 def build_layout(store: SegmentStore, corpus: Corpus, parts: int, target: float) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def change(store: SegmentStore, corpus: Corpus, pool: SegmentPool, base: Version
         seg = pool.get(old.name)
         mine = doomed[(doomed >= seg.sorted_keys[0]) & (doomed <= seg.sorted_keys[-1])] if seg.rows else doomed[:0]
         refs.append(store.with_deletions(old, mine, seg.sorted_keys) if len(mine) else old)
-    manifest = version(corpus, name, [*refs, ref], parent=base.version)
+    manifest = base.child(name, [*refs, ref])
     path = store.write_version(manifest)
     seconds = time.perf_counter() - started
     added = [store.segment_path(ref.name), path] + [store.deletions_dir / n for n in
@@ -148,6 +148,35 @@ def time_queries(v: SegmentedVersion, queries: list[str], vectors: np.ndarray, *
         vector.append((middle - started) * 1000)
         bm25.append((after - middle) * 1000)
     return {"hybrid": percentiles(hybrid), "vector": percentiles(vector), "bm25": percentiles(bm25)}
+
+
+def deletion_modes(store: SegmentStore, vectors: np.ndarray) -> dict[str, Any]:
+    """Vector search over the ten segments with 1%, 10% and 30% of every segment's chunks deleted:
+    hnswlib's filter callable against over-fetching, at breadth 100 and at the measured breadths."""
+    base = store.read_version("base")
+    pool = SegmentPool(store, verify=False)
+    out: dict[str, Any] = {}
+    for share in (0.01, 0.10, 0.30):
+        refs = []
+        for i, ref in enumerate(base.segments):
+            keys = pool.get(ref.name).sorted_keys
+            gone = np.random.default_rng(i).choice(keys, size=int(len(keys) * share), replace=False)
+            refs.append(store.with_deletions(ref, gone, keys))
+        manifest = base.child(f"deleted_{int(share * 100)}pct", refs)
+        store.write_version(manifest)
+        v = SegmentedVersion(manifest, pool)
+        entry: dict[str, Any] = {}
+        for ef in (100, None):
+            for mode in ("filter", "overfetch"):
+                times = []
+                for q in vectors:
+                    started = time.perf_counter()
+                    v.knn(q, 50, ef=ef, deletions=mode)
+                    times.append((time.perf_counter() - started) * 1000)
+                entry[f"{mode}, ef {ef or 'measured'}"] = {**percentiles(times),
+                                                           "recall_at_10": recall(v, vectors, ef, mode)}
+        out[f"{int(share * 100)}% deleted"] = entry
+    return out
 
 
 def recall(v: SegmentedVersion, vectors: np.ndarray, ef: int | None = None, deletions: str = "filter") -> float:
@@ -244,6 +273,7 @@ def run(workdir: Path, args: argparse.Namespace, target: float) -> dict[str, Any
                 entry["recall_at_10_overfetch"] = recall(v, qvectors, deletions="overfetch")
             queries[key] = entry
     result["queries"] = queries
+    result["deletion_modes"] = deletion_modes(versions["many"][0], qvectors)
     many = versions["many"][0].root
     one = versions["one"][0].root
     result["memory"] = {

@@ -29,7 +29,7 @@ from retrieval.artifacts import CHUNK_SCHEMA, METRIC, check_hnsw_written, indexe
 from retrieval.bm25 import Analyzer
 from retrieval.segments import files as f
 from retrieval.segments.files import FileInfo, SegmentManifest, term_hashes
-from retrieval.segments.manifest import SegmentStore, fsync_directory
+from retrieval.segments.manifest import SegmentStore, fsync_path
 
 _HEADER_BYTES = 128  # a fixed .npy header, rewritten with the final shape when the file is complete
 _SPILL = (".posting_terms.npy", ".posting_rows.npy", ".posting_tfs.npy")
@@ -249,12 +249,12 @@ class SegmentWriter:
         with writing_file(self.tmp / f.SEGMENT_MANIFEST) as path:
             path.write_text(manifest.to_json(), encoding="utf-8")
         for name in [*f.DATA_FILES, f.SEGMENT_MANIFEST]:
-            _fsync(self.tmp / name)
-        fsync_directory(self.tmp)
+            fsync_path(self.tmp / name)
+        fsync_path(self.tmp)
         final = self.store.segment_path(self.name)
         with writing_file(final):
             self.tmp.rename(final)
-        fsync_directory(self.store.segments_dir)
+        fsync_path(self.store.segments_dir)
         return manifest
 
     def _write_postings(self) -> tuple[int, int]:
@@ -303,11 +303,3 @@ def _as_table(chunks: pa.Table | pa.RecordBatch) -> pa.Table:
 def _save(path: Path, array: np.ndarray) -> None:
     with writing_file(path):
         np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

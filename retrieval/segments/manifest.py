@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -96,8 +97,6 @@ class VersionManifest:
                        created_at=created_at)
 
     def to_json(self) -> str:
-        import json
-
         data = asdict(self)
         data["counts"] = {"chunks": self.chunks, "deleted": self.deleted, "segments": len(self.segments)}
         return json.dumps(data, indent=2, sort_keys=True)
@@ -142,8 +141,8 @@ class VersionManifest:
 
 # -- durable files ------------------------------------------------------------------------------------
 
-def fsync_directory(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (a rename, a new file), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -162,7 +161,7 @@ def write_file_durably(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
 class SegmentStore:
