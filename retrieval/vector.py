@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,10 @@ class EfGate:
             return not any(n for e, n in self._waiting.items() if e != ef)
         return self._running == 0  # change the ef only when no search reads it
 
-    def knn_query(self, index: Any, vectors: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-        """``index.knn_query(vectors, k)`` at breadth ``max(ef, k)``; hnswlib's RuntimeError passes through."""
+    def knn_query(self, index: Any, vectors: np.ndarray, k: int, ef: int,
+                  filter: Callable[[int], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``index.knn_query(vectors, k)`` at breadth ``max(ef, k)``, only labels ``filter`` accepts when
+        given (hnswlib's filter); hnswlib's RuntimeError passes through."""
         with self._cond:
             self._waiting[ef] += 1
             try:
@@ -48,7 +51,9 @@ class EfGate:
             self._running += 1
             self._cond.notify_all()  # fewer waiters: searches at this ef may join
         try:
-            return index.knn_query(vectors, k=k)
+            if filter is None:
+                return index.knn_query(vectors, k=k)
+            return index.knn_query(vectors, k=k, filter=filter)
         finally:
             with self._cond:
                 self._running -= 1

@@ -95,3 +95,22 @@ def test_checksums_benchmark_times_loading_with_and_without(tmp_path, server_url
     assert result["chunks"] == 300 and version["bytes"] == sum(version["files"].values())
     assert version["load_with_checksums_seconds"] > 0 and version["load_without_checksums_seconds"] > 0
     assert abs(result["synthetic"]["bytes"] - 1_000_000) < 10
+
+
+def test_segments_benchmark_compares_layouts_changes_and_memory(capsys):
+    from benchmarks.segments import main
+
+    assert main(["--chunks", "3000", "--segments", "4", "--queries", "10"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    one, many = result["layouts"]["one_1"], result["layouts"]["many_4"]
+    assert [s["rows"] for s in one["segments"]] == [3000] and len(many["segments"]) == 4
+    for layout in (one, many):
+        change = layout["change"]
+        assert change["chunks_deleted"] == change["chunks_added"] == 30
+        assert change["bytes_added"] < layout["whole_copy_bytes"] / 10
+        assert all(s["ef"] and s["recall_at_ef"] >= result["min_recall"] for s in layout["segments"])
+    assert len(result["queries"]) == 4
+    memory = result["memory"]
+    shared = memory["many: two adjacent versions, shared segments"]["anon_mb"]
+    separate = memory["many: two versions loaded separately (as whole copies)"]["anon_mb"]
+    assert shared < separate

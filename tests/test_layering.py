@@ -46,6 +46,14 @@ def test_import_direction():
             assert not names & banned, f"{path} imports {names & banned}"
 
 
+def test_the_walk_covers_subpackages():
+    # retrieval.segments and pipeline.segments are held to their top-level package's direction
+    for path in ["retrieval/segments/search.py", "retrieval/segments/segment.py", "pipeline/segments/writer.py"]:
+        assert path in imports_of(path.split("/")[0]), path
+    assert "pipeline" not in set().union(*(names for path, names in imports_of("retrieval").items()
+                                           if path.startswith("retrieval/segments/")))
+
+
 def test_no_pickle():
     for package in PACKAGES:
         for path, names in imports_of(package).items():

@@ -1,0 +1,299 @@
+"""Searching a version over its segments: per-segment HNSW minus the version's deletions, collection-wide BM25.
+
+Results do not depend on how the chunks are laid out in segments:
+
+- **BM25** scores use the version's collection statistics over its live chunks — their number, their
+  mean length, and each term's document frequency summed over the segments minus the deleted
+  chunks — so that every score equals rank-bm25's ``BM25Okapi`` over the live chunks (with the idf
+  floor of :func:`retrieval.bm25.bm25_idf`), whatever the segments; ties are broken by chunk key.
+- **Vectors**: each segment's graph returns its ``k`` nearest live chunks, and the nearest ``k`` of
+  those win. The version's deletions are skipped inside the graph search (hnswlib's ``filter``),
+  never marked on a graph that other versions share. A segment with too few live chunks for the
+  graph to return ``k`` is searched exactly over its stored vectors.
+
+Each segment is opened once per process by a :class:`SegmentPool` and shared by every version that
+lists it; a version adds only its deletion masks and its term statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from retrieval.bm25 import Analyzer, bm25_idf
+from retrieval.errors import VersionCorrupt
+from retrieval.fusion import reciprocal_rank_fusion
+from retrieval.segments.files import term_hashes
+from retrieval.segments.manifest import SegmentRef, SegmentStore, VersionManifest
+from retrieval.segments.segment import Segment
+
+DELETION_MODES = ("filter", "overfetch")
+
+
+class SegmentPool:
+    """Segments opened once per process and shared by the versions that list them; thread-safe."""
+
+    def __init__(self, store: SegmentStore, *, verify: bool = True) -> None:
+        self.store = store
+        self.verify = verify
+        self._segments: dict[str, Segment] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Segment:
+        with self._lock:
+            segment = self._segments.get(name)
+            if segment is None:
+                segment = self._segments[name] = Segment(self.store.segment_path(name), verify=self.verify)
+            return segment
+
+    def retain(self, names: Iterable[str]) -> None:
+        """Drop every segment not in ``names`` (those no served version lists any more)."""
+        keep = set(names)
+        with self._lock:
+            for name in [n for n in self._segments if n not in keep]:
+                del self._segments[name]
+
+    @property
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return sorted(self._segments)
+
+
+@dataclass
+class _Part:
+    """A segment as one version sees it: the segment and that version's deletions from it."""
+
+    segment: Segment
+    ref: SegmentRef
+    deleted_keys: np.ndarray
+    live: np.ndarray | None  # bool per row; None when nothing is deleted
+    deleted_set: frozenset[int]
+
+    def accepts(self, label: int) -> bool:
+        return label not in self.deleted_set
+
+
+class SegmentedVersion:
+    """A version ready to search: its segments (from a pool) and its deletions and BM25 statistics."""
+
+    def __init__(self, manifest: VersionManifest, pool: SegmentPool, analyzer: Analyzer | None = None) -> None:
+        """Raises:
+            VersionCorrupt: a segment or deletion file is damaged, or a segment disagrees with the
+                version manifest (model, dimension, metric, analyzer, rows, deleted keys).
+        """
+        self.manifest = manifest
+        self.analyzer = analyzer or Analyzer()
+        self.parts = [self._part(ref, pool) for ref in manifest.segments]
+        self.size = manifest.chunks
+        self.k1, self.b = manifest.k1, manifest.b
+        self._collection_statistics()
+
+    def _part(self, ref: SegmentRef, pool: SegmentPool) -> _Part:
+        segment = pool.get(ref.name)
+        m, v = segment.manifest, self.manifest
+        where = f"version {v.version}: segment {ref.name}"
+        for what, theirs, ours in [("model", m.model_id, v.model_id), ("dimension", m.dim, v.dim),
+                                   ("metric", m.metric, v.metric), ("analyzer", m.analyzer, v.analyzer),
+                                   ("rows", m.rows, ref.rows)]:
+            if theirs != ours:
+                raise VersionCorrupt(f"{where} has {what} {theirs!r}, the version manifest says {ours!r}")
+        deleted = pool.store.read_deletions(ref)
+        live = None
+        if len(deleted):
+            rows = segment.rows_of(deleted)
+            if (rows < 0).any():
+                raise VersionCorrupt(f"{where}: deleted chunk key {int(deleted[rows < 0][0])} is not in the segment")
+            live = np.ones(segment.rows, dtype=bool)
+            live[rows] = False
+        return _Part(segment, ref, deleted, live, frozenset(deleted.tolist()))
+
+    def _collection_statistics(self) -> None:
+        """N, the mean length and every term's live document frequency over the version's chunks."""
+        total_length = 0
+        hashes, dfs = [], []
+        for part in self.parts:
+            seg = part.segment
+            df = np.asarray(seg.df, dtype=np.int64)
+            length = seg.manifest.total_length
+            if part.live is not None:
+                dead_rows = ~part.live
+                length -= int(np.asarray(seg.doc_lengths)[dead_rows].sum())
+                dead_postings = np.flatnonzero(dead_rows[np.asarray(seg.posting_rows)])
+                terms_of = np.searchsorted(np.asarray(seg.offsets), dead_postings, side="right") - 1
+                df = df - np.bincount(terms_of, minlength=len(df))
+            total_length += length
+            hashes.append(np.asarray(seg.term_hashes))
+            dfs.append(df)
+        self.avgdl = total_length / self.size if self.size else 0.0
+        all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+        self.term_hashes, inverse = np.unique(all_hashes, return_inverse=True)
+        df_live = np.bincount(inverse.ravel(), weights=np.concatenate(dfs) if dfs else None,
+                              minlength=len(self.term_hashes)).astype(np.int64)
+        self.df = df_live
+        self.idf = bm25_idf(df_live, self.size)
+
+    # -- BM25 -----------------------------------------------------------------------------------------
+
+    def _query_terms(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """(term hashes, idfs) of the analyzed query terms found among the live chunks, repeats kept."""
+        hashes = term_hashes(self.analyzer.terms(query))
+        if not len(self.term_hashes) or not len(hashes):
+            return hashes[:0], np.zeros(0)
+        at = np.minimum(np.searchsorted(self.term_hashes, hashes), len(self.term_hashes) - 1)
+        found = (self.term_hashes[at] == hashes) & (self.df[at] > 0)
+        return hashes[found], self.idf[at[found]]
+
+    def _part_scores(self, part: _Part, terms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """BM25 score of every row of the part's segment (0 for deleted rows). Each row's score adds
+        its terms' contributions in query order, whatever the layout, so equal chunk sets give
+        equal floating-point scores."""
+        seg = part.segment
+        which, rows, tfs = seg.postings(terms[0])
+        tf = tfs.astype(np.float64)
+        length = seg.doc_lengths[rows].astype(np.float64)
+        k1, b = self.k1, self.b
+        weights = terms[1][which] * (tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / self.avgdl)))
+        scores = np.bincount(rows, weights=weights, minlength=seg.rows)
+        if part.live is not None:
+            scores[~part.live] = 0.0
+        return scores
+
+    def bm25_top(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk keys, scores) of the ``n`` best live chunks with a positive BM25 score, best first,
+        ties by ascending key."""
+        terms = self._query_terms(query)
+        keys, scores = [], []
+        for part in self.parts if len(terms[0]) else []:
+            s = self._part_scores(part, terms)
+            rows = np.flatnonzero(s > 0)
+            if len(rows) > n:  # the n best, and every chunk tied with the n-th: ties go by key across segments
+                nth = -np.partition(-s[rows], n - 1)[n - 1]
+                rows = rows[s[rows] >= nth]
+            keys.append(part.segment.keys[rows])
+            scores.append(s[rows])
+        return _best(keys, scores, n, descending=True)
+
+    def bm25_scores(self, query: str, keys: Sequence[int]) -> np.ndarray:
+        """BM25 scores of the live chunks ``keys`` (0 for a key not among them)."""
+        terms = self._query_terms(query)
+        keys = np.asarray(keys, dtype=np.int64)
+        out = np.zeros(len(keys), dtype=np.float64)
+        for part in self.parts:
+            rows = part.segment.rows_of(keys)
+            found = rows >= 0
+            if found.any():
+                out[found] = self._part_scores(part, terms)[rows[found]]
+        return out
+
+    # -- vectors --------------------------------------------------------------------------------------
+
+    def knn(self, vector: np.ndarray, k: int, ef: int | None = None,
+            deletions: str = "filter") -> tuple[np.ndarray, np.ndarray]:
+        """(chunk keys, distances) of the ``k`` nearest live chunks, nearest first (ties by key).
+
+        Args:
+            ef: search breadth in every segment; None: each segment's measured breadth.
+            deletions: how a segment's deleted chunks are skipped: ``filter`` inside the graph search
+                (hnswlib's filter callable), or ``overfetch`` (ask for enough more neighbours, drop
+                the deleted ones, search again filtered if too few remain).
+        """
+        if deletions not in DELETION_MODES:
+            raise ValueError(f"deletions must be one of {DELETION_MODES}, got {deletions!r}")
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        keys, distances = [], []
+        for part in self.parts:
+            found = self._part_knn(part, vector, k, ef, deletions)
+            keys.append(found[0])
+            distances.append(found[1])
+        return _best(keys, distances, k, descending=False)
+
+    def _part_knn(self, part: _Part, vector: np.ndarray, k: int, ef: int | None,
+                  deletions: str) -> tuple[np.ndarray, np.ndarray]:
+        seg, live = part.segment, part.ref.live
+        k = min(k, live)
+        if k == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        try:
+            if part.live is None:
+                labels, dist = seg.knn(vector, k, ef)
+            elif deletions == "overfetch":
+                fetch = min(seg.rows, math.ceil(k * seg.rows / live * 1.05) + 2)
+                labels, dist = seg.knn(vector, fetch, ef)
+                keep = ~np.isin(labels[0].astype(np.int64), part.deleted_keys)
+                if int(keep.sum()) < k:
+                    labels, dist = seg.knn(vector, k, ef, filter=part.accepts)
+                else:
+                    labels, dist = labels[:, keep][:, :k], dist[:, keep][:, :k]
+            else:
+                labels, dist = seg.knn(vector, k, ef, filter=part.accepts)
+            return labels[0].astype(np.int64), dist[0]
+        except RuntimeError:  # the graph found fewer than k live neighbours: search exactly
+            return self._exact(part, vector[0], k)
+
+    def _exact(self, part: _Part, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        seg = part.segment
+        rows = np.arange(seg.rows) if part.live is None else np.flatnonzero(part.live)
+        matrix = np.asarray(seg.vectors[rows], dtype=np.float32)
+        if self.manifest.metric == "l2":
+            dist = ((matrix - vector) ** 2).sum(axis=1)
+        else:  # ip, cosine: hnswlib's distance 1 - <q, v> (vectors are L2-normalized)
+            dist = 1.0 - matrix @ vector
+        order = np.lexsort((seg.keys[rows], dist))[:k]
+        return seg.keys[rows][order].astype(np.int64), dist[order].astype(np.float32)
+
+    # -- hybrid and chunks ----------------------------------------------------------------------------
+
+    def hybrid(self, query: str, vector: np.ndarray, k: int = 10, candidates: int = 50, rrf_k: int = 60,
+               ef: int | None = None) -> list[tuple[int, float]]:
+        """(chunk key, fused score) of the ``k`` best chunks: BM25 top-``candidates`` and vector
+        top-``candidates`` fused by reciprocal rank."""
+        vec_keys, _ = self.knn(vector, candidates, ef)
+        bm_keys, _ = self.bm25_top(query, candidates)
+        fused = reciprocal_rank_fusion([vec_keys.tolist(), bm_keys.tolist()], rrf_k)
+        return sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
+
+    def chunk(self, key: int) -> dict[str, Any]:
+        """The chunk table row of the live chunk ``key``.
+
+        Raises:
+            KeyError: the key is not a live chunk of this version.
+        """
+        for part in self.parts:
+            row = int(part.segment.rows_of(np.array([key]))[0])
+            if row >= 0 and (part.live is None or part.live[row]):
+                return part.segment.chunk(row)
+        raise KeyError(key)
+
+    def live_keys(self) -> np.ndarray:
+        """Every live chunk key of the version, ascending."""
+        keys = [p.segment.keys if p.live is None else p.segment.keys[p.live] for p in self.parts]
+        return np.sort(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
+
+    def vectors_of(self, keys: Sequence[int]) -> np.ndarray:
+        """Full-precision vectors of live chunks, in the order of ``keys``."""
+        keys = np.asarray(keys, dtype=np.int64)
+        out = np.full((len(keys), self.manifest.dim), np.nan, dtype=np.float32)
+        for part in self.parts:
+            rows = part.segment.rows_of(keys)
+            if part.live is not None:
+                rows = np.where(rows >= 0, np.where(part.live[np.maximum(rows, 0)], rows, -1), -1)
+            found = rows >= 0
+            out[found] = part.segment.vectors[rows[found]]
+        if np.isnan(out[:, 0]).any():
+            raise KeyError(int(keys[np.isnan(out[:, 0])][0]))
+        return out
+
+
+def _best(keys: list[np.ndarray], values: list[np.ndarray], n: int, *, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` best of per-segment candidates: by value (highest first when ``descending``), then key."""
+    if not keys:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    all_keys = np.concatenate(keys).astype(np.int64)
+    all_values = np.concatenate(values)
+    order = np.lexsort((all_keys, -all_values if descending else all_values))[:n]
+    return all_keys[order], all_values[order]
