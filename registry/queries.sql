@@ -350,3 +350,19 @@ SELECT pg_database_size(current_database());
 DELETE FROM chunks
 WHERE index_name = %(index)s
   AND (status = 'discarded' OR (retired_seq IS NOT NULL AND retired_seq <= %(min_seq)s AND status <> 'active'));
+
+-- name: insert_feedback
+INSERT INTO feedback (request_id, index_name, alias, version, chunk_id, kind, source, score, query)
+VALUES (%(request_id)s, %(index_name)s, %(alias)s, %(version)s, %(chunk_id)s, %(kind)s, %(source)s, %(score)s,
+        %(query)s)
+RETURNING feedback_id;
+
+-- name: quality_report
+-- Feedback per version (newest version first), then kind and source: how many scores, their mean.
+SELECT f.index_name, f.version, v.status, f.kind, f.source, count(*) AS count, avg(f.score) AS mean,
+       min(f.created_at) AS first_at, max(f.created_at) AS last_at
+FROM feedback f
+JOIN index_versions v ON v.version = f.version
+WHERE %(index)s::text IS NULL OR f.index_name = %(index)s::text
+GROUP BY f.index_name, f.version, v.version_seq, v.status, f.kind, f.source
+ORDER BY f.index_name, v.version_seq DESC, f.kind, f.source;

@@ -27,6 +27,7 @@ import numpy as np
 from registry import Registry, RegistryConfig
 from registry.listener import AliasListener
 from retrieval import telemetry
+from retrieval.batch import BatchResult, Query
 from retrieval.errors import AliasNotFound, ModelError, ModelMismatch, VersionCorrupt, VersionUnavailable
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
 from retrieval.hit import Hit, StageScore
@@ -103,12 +104,17 @@ class _LRU:
         self.size = size
         self._data: OrderedDict[Any, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self.hits = 0  # lookups answered / not answered, since the retriever opened
+        self.misses = 0
 
     def get(self, key: Any) -> Any:
         with self._lock:
             value = self._data.get(key)
             if value is not None:
                 self._data.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
             return value
 
     def put(self, key: Any, value: Any) -> None:
@@ -331,6 +337,17 @@ class Retriever:
     def version(self) -> str:
         return self._current.info.version
 
+    @property
+    def refused(self) -> dict[str, str]:
+        """Versions the alias named that are not served (their files are damaged), and why."""
+        return dict(self._refused)
+
+    def cache_stats(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) of each cache since the retriever opened: ``query`` (query vectors) and
+        ``result`` (result lists)."""
+        return {"query": (self._query_cache.hits, self._query_cache.misses),
+                "result": (self._result_cache.hits, self._result_cache.misses)}
+
     def close(self) -> None:
         self._closed.set()
         if self._follower is not None:
@@ -417,11 +434,21 @@ class Retriever:
     def search_many(self, queries: Sequence[str], k: int = 10, filters: dict[str, Any] | None = None) -> list[Hits]:
         """Search several queries on one version: one embedding batch and one HNSW call for all of them
         (hnswlib spreads it over its threads), then BM25, fusion and reranking per query."""
+        return self.search_batch([Query(q, k, filters) for q in queries]).hits
+
+    def search_batch(self, queries: Sequence[Query]) -> BatchResult:
+        """Search queries of their own k and filters on one version (the one current when the call
+        starts, whatever the alias does meanwhile): one embedding batch, one HNSW call at the depth
+        the deepest query needs, then BM25, fusion and reranking per query."""
         version = self._current
+        stages = {"embed": 0.0, "vector": 0.0, "rank": 0.0}
         if not queries:
-            return []
-        vectors = self._embed(list(queries), version)
-        n = min(max(self.config.candidates, k), version.size)
+            return BatchResult(self.alias, version.info.version, [], stages)
+        started = time.perf_counter()
+        vectors = self._embed([q.text for q in queries], version)
+        stages["embed"] = time.perf_counter() - started
+        started = time.perf_counter()
+        n = min(max(self.config.candidates, max(q.k for q in queries)), version.size)
         knn = None
         if n:
             with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n, "retrieval.queries": len(queries)}):
@@ -429,8 +456,18 @@ class Retriever:
                     knn = version.knn_query(vectors, n, self.config.ef)
                 except RuntimeError:  # a query got fewer than n neighbours: each one alone, exactly if need be
                     logger.info("HNSW returned fewer than %d neighbours for a query of the batch", n)
-        return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]))
-                for i, q in enumerate(queries)]
+        stages["vector"] = time.perf_counter() - started
+        started = time.perf_counter()
+        hits = []
+        ef = self.config.ef
+        for i, q in enumerate(queries):
+            # hnswlib searches at breadth max(ef, depth): a shallower query searching at the same breadth
+            # gets the first of the batch's neighbours; one searching narrower searches alone
+            depth = min(max(self.config.candidates, q.k), version.size)
+            own = None if knn is None or max(ef, depth) != max(ef, n) else (knn[0][i][:depth], knn[1][i][:depth])
+            hits.append(self._search_on(version, q.text, vectors[i], q.k, dict(q.filters) if q.filters else None, own))
+        stages["rank"] = time.perf_counter() - started
+        return BatchResult(self.alias, version.info.version, hits, stages)
 
     def _search_on(
         self, version: LoadedVersion, query: str, vector: np.ndarray | None, k: int, filters: dict[str, Any] | None,
