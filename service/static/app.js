@@ -38,7 +38,7 @@ function scoreTable(hit) {
   table.append(el("tr", {}, el("th", {}, "stage"), el("th", {}, "score"), el("th", {}, "rank")));
   for (const stage of ["bm25", "vector", "fused", "rerank"]) {
     table.append(el("tr", { "data-stage": stage }, el("td", {}, stage), el("td", {}, fmt(hit[stage].score)),
-                    el("td", {}, fmt(hit[stage].rank))));
+                    el("td", {}, hit[stage].rank ?? "–")));
   }
   return table;
 }
