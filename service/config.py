@@ -97,7 +97,8 @@ class ServeConfig:
                 limits[f.name] = _parse(f"RAGPIPE_SERVE_{f.name.upper()}", raw, 0)
         given = {k: v for k, v in overrides.items() if v is not None and v != ()}
         limit_overrides = {k: given.pop(k) for k in list(given) if k in Limits.__dataclass_fields__}
-        database_url, home = given.pop("database_url", None), given.pop("home", None)
+        database_url = given.pop("database_url", None) or env.get("RAGPIPE_DATABASE_URL") or None
+        home = given.pop("home", None) or env.get("RAGPIPE_HOME") or None
         config = cls(**values, limits=Limits(**{**limits, **limit_overrides}),
                      registry=RegistryConfig.from_env(database_url=database_url, home=home))
         return replace(config, **given)
