@@ -58,6 +58,8 @@ class RetrievalConfig:
         follow: follow the alias (LISTEN/NOTIFY plus a poll every ``poll_interval`` seconds).
         mirror_fraction: share of queries also run against the alias's shadow version.
         mirror_window: how many of the latest mirrored queries the latency medians cover.
+        keep_previous: keep the version switched away from loaded, so that the alias moving back to it
+            (a rollback) switches at once; costs the memory of a second version.
     """
 
     retrievers: str = "hybrid"
@@ -77,6 +79,7 @@ class RetrievalConfig:
     poll_interval: float = 5.0
     mirror_fraction: float = 0.0
     mirror_window: int = 1000
+    keep_previous: bool = True
 
     def __post_init__(self) -> None:
         if self.encoder_backend not in ("auto", "onnx", "torch"):
@@ -200,6 +203,7 @@ class Retriever:
         self._query_cache = _LRU(config.query_cache_size)
         self._result_cache = _LRU(config.result_cache_size)
         self._shadow: LoadedVersion | None = None
+        self._previous: LoadedVersion | None = None  # the version switched away from (config.keep_previous)
         self._refused: dict[str, str] = {}  # damaged versions and why: never loaded (and hashed) again
         self.mirror = MirrorStats(config.mirror_window)
         self._closed = threading.Event()
@@ -296,14 +300,23 @@ class Retriever:
             info = self._resolve()
             switched = False
             if (info is not None and info.version != self._current.info.version and info.version not in self._refused
-                    and (loaded := self._load_or_keep(info)) is not None):
+                    and (loaded := self._previous_or_load(info)) is not None):
                 previous = self._current
                 self._current = loaded  # one assignment: queries already running keep `previous`
+                self._previous = previous if self.config.keep_previous else None
                 self._result_cache.clear()
                 switched = True
                 logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
             self._refresh_shadow()
             return switched
+
+    def _previous_or_load(self, info: VersionInfo) -> LoadedVersion | None:
+        """The version switched away from last, when the alias returns to it (a rollback: no reload),
+        else the version loaded."""
+        previous = self._previous
+        if previous is not None and previous.info.version == info.version and previous.info.artifact_uri == info.artifact_uri:
+            return previous
+        return self._load_or_keep(info)
 
     def _load_or_keep(self, info: VersionInfo) -> LoadedVersion | None:
         """The version loaded, or None (logged) when it cannot be served and the current one stays."""

@@ -72,6 +72,8 @@ class ServiceState:
             found = MicroBatcher(lambda queries: run_batch(retriever, self.analyzer, queries), self.executor,
                                  window_s=self.config.batch_window_ms / 1000, max_queries=self.config.max_batch_queries,
                                  queue_size=self.config.queue_size, threads=self.config.search_threads,
+                                 max_wait_s=(self.config.max_queue_wait_ms / 1000 if self.config.max_queue_wait_ms
+                                             is not None else self.config.deadline_s),
                                  on_batch=self.metrics.observe_batch,
                                  on_depth=self.metrics.queue_depth.labels(alias).set)
             found.start()

@@ -57,17 +57,22 @@ class BatchStats:
 class MicroBatcher:
     """Collects queries for up to ``window_s`` (or ``max_queries``) and runs ``search`` on them in ``executor``.
 
+    A request is shed (:class:`Overloaded`) when ``queue_size`` queries wait already, or when the
+    queries ahead of it (waiting or running) would take longer than ``max_wait_s`` at the throughput of
+    recent batches.
+
     Args:
         search: runs one batch of queries in a search thread; returns one result per query and a
             dict of stage seconds, as ``(results, stage_seconds)``, all results from one version.
         executor: the search threads (shared by the batchers of every alias).
         threads: how many batches of this batcher may run at once.
+        max_wait_s: the longest a request should wait for its batch (None: as long as ``queue_size`` allows).
         on_batch: called on the event loop after each batch (metrics).
         on_depth: called with the queue depth (queries) whenever it changes.
     """
 
     def __init__(self, search: Callable[[list[Query]], tuple[Any, dict[str, float]]], executor: Executor, *,
-                 window_s: float, max_queries: int, queue_size: int, threads: int,
+                 window_s: float, max_queries: int, queue_size: int, threads: int, max_wait_s: float | None = None,
                  on_batch: Callable[[BatchStats], None] = lambda stats: None,
                  on_depth: Callable[[int], None] = lambda depth: None) -> None:
         self._search = search
@@ -75,8 +80,10 @@ class MicroBatcher:
         self.window_s = window_s
         self.max_queries = max_queries
         self.queue_size = queue_size
+        self.max_wait_s = max_wait_s
         self._pending: deque[_Pending] = deque()
         self._depth = 0
+        self._running = 0  # queries in batches that run now
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(threads)
         self._on_batch = on_batch
@@ -122,6 +129,12 @@ class MicroBatcher:
         if self._depth + len(queries) > self.queue_size:
             raise Overloaded(f"{self._depth} queries are waiting (queue_size {self.queue_size})",
                              retry_after=max(1, round(self._depth / self._rate)) if self._rate else 1)
+        ahead = self._depth + self._running
+        if self.max_wait_s is not None and self._rate and ahead / self._rate > self.max_wait_s:
+            wait = ahead / self._rate  # the queries ahead of this request, at the recent throughput
+            raise Overloaded(f"{self._depth} queries are waiting and {self._running} running, about "
+                             f"{wait * 1000:.0f} ms of work (max_queue_wait_ms {self.max_wait_s * 1000:.0f})",
+                             retry_after=max(1, round(wait)))
         loop = asyncio.get_running_loop()
         item = _Pending(queries, loop.create_future(), deadline)
         self._pending.append(item)
@@ -147,6 +160,7 @@ class MicroBatcher:
                 continue
             started = time.perf_counter()
             flat = [q for item in batch for q in item.queries]
+            self._running += len(flat)
             waits = [started - item.enqueued for item in batch]
             future = loop.run_in_executor(self._executor, self._search, flat)
             future.add_done_callback(lambda f, batch=batch, waits=waits, started=started:
@@ -156,7 +170,9 @@ class MicroBatcher:
         while not self._pending:
             self._arrived.clear()
             await self._arrived.wait()
-        window_ends = loop.time() + self.window_s
+        # idle: nothing would arrive sooner than a batch of one returns, so a lone query does not wait;
+        # while a batch runs, the window lets the queries arriving together join one batch
+        window_ends = loop.time() + (self.window_s if self._running else 0.0)
         while sum(len(item.queries) for item in self._pending) < self.max_queries:
             remaining = window_ends - loop.time()
             if remaining <= 0:
@@ -183,6 +199,8 @@ class MicroBatcher:
 
     def _finish(self, done: asyncio.Future[Any], batch: list[_Pending], waits: list[float], started: float) -> None:
         self._slots.release()
+        queries = sum(len(item.queries) for item in batch)
+        self._running -= queries
         elapsed = time.perf_counter() - started
         exc = done.exception()
         if exc is not None:
@@ -192,7 +210,6 @@ class MicroBatcher:
                     item.future.set_exception(exc)
             return
         results, stages = done.result()
-        queries = sum(len(item.queries) for item in batch)
         if elapsed > 0:
             self._rate = 0.8 * self._rate + 0.2 * (queries / elapsed) if self._rate else queries / elapsed
         offset = 0

@@ -40,6 +40,8 @@ class ServeConfig:
         batch_window_ms: how long the first query of a batch waits for others.
         max_batch_queries: the most queries one encoder and HNSW call takes.
         queue_size: queries waiting (per alias) beyond which requests are shed with 429.
+        max_queue_wait_ms: shed a request when the queries ahead of it would take longer than this at
+            the recent throughput (a latency target); None: ``deadline_s``.
         search_threads: threads running batches (CPU work off the event loop).
         deadline_s: a request not answered within this is answered 504.
         remember_requests / remember_s: how many responses, and for how long, feedback can refer to.
@@ -57,6 +59,7 @@ class ServeConfig:
     batch_window_ms: float = 2.0
     max_batch_queries: int = 256
     queue_size: int = 1024
+    max_queue_wait_ms: float | None = None
     search_threads: int = 2
     deadline_s: float = 10.0
     remember_requests: int = 100_000
@@ -89,7 +92,8 @@ class ServeConfig:
                 continue
             raw = env.get(f"RAGPIPE_SERVE_{f.name.upper()}")
             if raw:
-                values[f.name] = _parse(f"RAGPIPE_SERVE_{f.name.upper()}", raw, cls.__dataclass_fields__[f.name].default)
+                default = f.default if f.default is not None else 0.0 if str(f.type).startswith("float") else None
+                values[f.name] = _parse(f"RAGPIPE_SERVE_{f.name.upper()}", raw, default)
         limits = {}
         for f in fields(Limits):
             raw = env.get(f"RAGPIPE_SERVE_{f.name.upper()}")

@@ -133,6 +133,24 @@ def test_a_full_queue_sheds_and_a_passed_deadline_fails_the_request():
     assert ["q0"] not in echo.batches  # expired before a batch took them: never searched
 
 
+def test_a_request_that_would_wait_beyond_the_budget_is_shed():
+    echo = Echo(seconds=0.1)  # 10 queries per second, one at a time
+
+    async def main():  # type: ignore[no-untyped-def]
+        batcher, _ = await batcher_with(echo, max_queries=1, window_s=0.0, max_wait_s=0.25)
+        loop = asyncio.get_running_loop()
+        await batcher.submit([Query("learn the rate")], loop.time() + 5)
+        admitted = [asyncio.ensure_future(batcher.submit([Query(f"q{i}")], loop.time() + 5)) for i in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="max_queue_wait_ms 250"):
+            for i in range(5):
+                await batcher.submit([Query(f"late {i}")], loop.time() + 5)
+        await asyncio.gather(*admitted)
+        await batcher.stop()
+
+    run(main())
+
+
 def test_request_memory_forgets_after_its_ttl_and_beyond_its_size():
     now = [0.0]
     memory = RequestMemory(size=2, ttl_s=10, clock=lambda: now[0])
@@ -176,10 +194,12 @@ def test_highlights_mark_the_words_whose_terms_match():
 
 def test_configuration_from_the_environment_and_back():
     env = {"RAGPIPE_SERVE_INDEXES": "docs, kb", "RAGPIPE_SERVE_PORT": "9000", "RAGPIPE_SERVE_MAX_K": "7",
-           "RAGPIPE_SERVE_BATCH_WINDOW_MS": "3.5", "RAGPIPE_SERVE_CORS_ORIGINS": "https://a.example"}
+           "RAGPIPE_SERVE_BATCH_WINDOW_MS": "3.5", "RAGPIPE_SERVE_CORS_ORIGINS": "https://a.example",
+           "RAGPIPE_SERVE_MAX_QUEUE_WAIT_MS": "80"}
     config = ServeConfig.from_env(env, port=9001)
     assert config.indexes == ("docs", "kb") and config.port == 9001 and config.limits.max_k == 7
     assert config.batch_window_ms == 3.5 and config.cors_origins == ("https://a.example",)
+    assert config.max_queue_wait_ms == 80.0 and config.default_index is None
     assert ServeConfig.from_env(config_environment(config)) == config  # what a worker process rebuilds
     assert ServeConfig.from_env({"RAGPIPE_DATABASE_URL": "postgresql://db/x"}).registry.database_url == "postgresql://db/x"
     with pytest.raises(ValueError, match="RAGPIPE_SERVE_PORT"):
