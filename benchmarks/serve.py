@@ -182,7 +182,8 @@ def build(shared: Path, size: int, url: str, home: Path) -> list[str]:
     return versions
 
 
-def serve_here(url: str, home: Path, port: int, threads: int, max_queue_wait_ms: float | None) -> None:
+def serve_here(url: str, home: Path, port: int, threads: int, max_queue_wait_ms: float | None,
+               deadline_s: float) -> None:
     """The server process: the app on the relabelled real encoder, uvicorn on 127.0.0.1."""
     import uvicorn
 
@@ -191,7 +192,7 @@ def serve_here(url: str, home: Path, port: int, threads: int, max_queue_wait_ms:
     from service.config import ServeConfig
 
     config = ServeConfig(indexes=("bench",), host=HOST, port=port, search_threads=threads, poll_interval=1.0,
-                         max_queue_wait_ms=max_queue_wait_ms, registry=RegistryConfig(database_url=url, home=home))
+                         max_queue_wait_ms=max_queue_wait_ms, deadline_s=deadline_s, registry=RegistryConfig(database_url=url, home=home))
     uvicorn.run(create_app(config, encoder=encoder(home)), host=HOST, port=port, log_level="warning",
                 access_log=False)
 
@@ -255,7 +256,7 @@ def server(url: str, home: Path, args: argparse.Namespace, max_queue_wait_ms: fl
     """A server process serving the alias ``bench``; yields its port once /readyz answers 200."""
     port = free_port()
     command = [sys.executable, "-m", "benchmarks", "serve", "--search-threads", str(args.search_threads),
-               "--serve", url, str(home), str(port)]
+               "--deadline-s", str(args.deadline_s), "--serve", url, str(home), str(port)]
     if max_queue_wait_ms is not None:
         command += ["--max-queue-wait-ms", str(max_queue_wait_ms)]
     with open(home / f"server-{port}.log", "wb") as log:
@@ -316,11 +317,12 @@ def run(shared: Path, args: argparse.Namespace) -> dict[str, Any]:
     from registry import RegistryConfig
     from registry.db import scratch_database
 
-    if not 0 < args.seconds <= 600 or not 0 < args.burst <= 1024:
-        raise SystemExit("--seconds must be within (0, 600] and --burst within (0, 1024]")
+    if not 0 < args.seconds <= 600 or not 0 < args.burst <= 1024 or not 0 < args.deadline_s <= 600:
+        raise SystemExit("--seconds and --deadline-s must be within (0, 600] and --burst within (0, 1024]")
     registry_config = RegistryConfig.from_env()
     out: dict[str, Any] = {"benchmark": "serve", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                           "chunks": args.chunks, "search_threads": args.search_threads, "cpus": os.cpu_count()}
+                           "chunks": args.chunks, "search_threads": args.search_threads, "cpus": os.cpu_count(),
+                           "load_average_before": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory(prefix="ragpipe-serve-") as tmp, \
             scratch_database(registry_config.database_url, registry_config.home) as url:
         home = Path(tmp)
@@ -328,6 +330,7 @@ def run(shared: Path, args: argparse.Namespace) -> dict[str, Any]:
         versions = build(shared, args.chunks, url, home)
         out["build_seconds"] = round(time.perf_counter() - started, 1)
         out.update(measure(shared, url, home, versions, args))
+    out["load_average_after"] = round(os.getloadavg()[0], 2)  # the machine is shared: how busy it was
     return out
 
 
@@ -342,12 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-queue-wait-ms", type=float, default=50.0,
                         help="the load phase's latency target (max_queue_wait_ms): longer waits are shed with 429")
     parser.add_argument("--max-queue-wait-ms", type=float, default=None, help=argparse.SUPPRESS)  # the server's
+    parser.add_argument("--deadline-s", type=float, default=60.0,
+                        help="the server's request deadline (RAGPIPE_SERVE_DEADLINE_S): room for the whole burst")
     parser.add_argument("--shared-data", type=Path, default=None)
     parser.add_argument("--serve", nargs=3, metavar=("URL", "HOME", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve_here(args.serve[0], Path(args.serve[1]), int(args.serve[2]), args.search_threads,
-                   args.max_queue_wait_ms)
+                   args.max_queue_wait_ms, args.deadline_s)
         return 0
     from benchmarks import shared_data_dir
 

@@ -25,6 +25,7 @@ from fastapi import Depends, FastAPI, Request  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
 from fastapi.staticfiles import StaticFiles  # noqa: E402
 
+from registry.errors import RegistryError  # noqa: E402
 from retrieval.batch import Query  # noqa: E402
 from retrieval.bm25 import Analyzer  # noqa: E402
 from service.batching import DeadlinePassed, MicroBatcher, Overloaded  # noqa: E402
@@ -266,6 +267,13 @@ def _errors(app: FastAPI) -> None:
     @app.exception_handler(UnknownIndex)
     async def unknown_index(request: Request, exc: UnknownIndex) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
+        # searching needs no database; listing indexes and recording feedback do
+        status = 503 if exc.transient else 500
+        return JSONResponse({"detail": f"the registry cannot answer: {exc}"}, status_code=status,
+                            headers={"Retry-After": "5"} if exc.transient else None)
 
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, exc: NotReady) -> JSONResponse:

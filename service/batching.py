@@ -140,7 +140,11 @@ class MicroBatcher:
         self._pending.append(item)
         self._set_depth(self._depth + len(queries))
         self._arrived.set()
-        return await asyncio.wait_for(asyncio.shield(item.future), max(0.0, deadline - loop.time()))
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), max(0.0, deadline - loop.time()))
+        except (TimeoutError, asyncio.CancelledError):
+            item.future.cancel()  # still queued: no batch takes it (running: its result is dropped)
+            raise
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth

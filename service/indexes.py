@@ -60,6 +60,7 @@ class ServedIndexes:
         self._retrievers: dict[str, Retriever] = {}
         self._errors: dict[str, str] = {}  # alias -> why it is not open (yet)
         self._named: dict[str, str] = {}  # alias -> the version the registry names, as last read
+        self._listed: set[str] = set()  # the aliases to serve, as last listed
         self._lock = threading.Lock()
         self._registry_lock = threading.Lock()
         self._stop = threading.Event()
@@ -90,7 +91,10 @@ class ServedIndexes:
     def _open_all(self) -> None:
         while not self._stop.is_set():
             try:
-                for alias in self.wanted():
+                wanted = self.wanted()
+                with self._lock:
+                    self._listed = set(wanted)  # served (and awaited by /readyz) from now on
+                for alias in wanted:
                     if alias not in self._retrievers and not self._stop.is_set():
                         self._open(alias)
             except Exception as exc:  # the registry is unreachable: try again at the next poll
@@ -134,7 +138,7 @@ class ServedIndexes:
 
     def _served_names(self) -> list[str]:
         with self._lock:
-            opened = set(self._retrievers) | set(self._errors)
+            opened = set(self._retrievers) | set(self._errors) | self._listed
         return sorted(opened | set(self.config.indexes))
 
     def default_alias(self) -> str:

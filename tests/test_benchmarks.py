@@ -95,3 +95,22 @@ def test_checksums_benchmark_times_loading_with_and_without(tmp_path, server_url
     assert result["chunks"] == 300 and version["bytes"] == sum(version["files"].values())
     assert version["load_with_checksums_seconds"] > 0 and version["load_without_checksums_seconds"] > 0
     assert abs(result["synthetic"]["bytes"] - 1_000_000) < 10
+
+
+@pytest.mark.db
+@pytest.mark.slow
+def test_serve_benchmark_runs_its_phases_on_a_small_index(server_url, shared_data, monkeypatch):
+    pytest.importorskip("fastapi", reason="needs ragpipe[serve]")
+    import argparse
+
+    from benchmarks import serve
+
+    monkeypatch.setenv("RAGPIPE_DATABASE_URL", server_url)
+    args = argparse.Namespace(chunks=300, clients=4, seconds=2.0, burst=16, rounds=1, search_threads=2,
+                              load_queue_wait_ms=50.0, deadline_s=60.0)
+    out = serve.run(shared_data, args)
+    assert out["burst"]["statuses"] == {"200": 16} and out["burst"]["encoder_alone_one_batch_s"] > 0
+    assert out["single"]["queries"] == 200 and out["single"]["library_p50_ms"] > 0
+    load = out["load"]
+    assert load["answered_200"] > 0 and load["unanswered"] == 0 and load["failed"] == {}
+    assert load["mixed_versions"] == 0 and load["alias_swaps"] >= 1
