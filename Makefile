@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	# finds it and never pulls a CUDA build. [test] brings [pipeline] and [airflow].
 	$(PIP) $(TORCH) 2>&1 | grep -v "is ignored" || true
 	$(PIP) -e '.[test]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -W ignore -c "import torch, sentence_transformers, hnswlib, psycopg, rank_bm25, pyarrow, pgserver, airflow, onnxruntime"
+	$(PY) -W ignore -c "import torch, sentence_transformers, hnswlib, psycopg, rank_bm25, pyarrow, pgserver, airflow, onnxruntime, fastapi, uvicorn, prometheus_client, playwright"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "install": "benchmarks.install", "html": "benchmarks.html", "extraction": "benchmarks.extraction",
     "checksums": "benchmarks.checksums", "agent_cache": "benchmarks.agent_cache",
     "segments": "benchmarks.segments",
+    "serve": "benchmarks.serve",
 }
 
 

@@ -287,6 +287,29 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0 if result["stale"] == 0 and result["missing"] == 0 else EXIT_TERMINAL
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from registry.extras import require
+
+    require("fastapi", "serve", "ragpipe serve")
+    from service import ServeConfig, serve
+
+    config = ServeConfig.from_env(indexes=tuple(args.index or ()), host=args.host, port=args.port,
+                                  workers=args.workers, tokens_file=args.tokens_file,
+                                  cors_origins=tuple(args.cors_origin or ()), database_url=args.database_url,
+                                  home=args.home)
+    serve(config)
+    return 0
+
+
+def _cmd_quality(args: argparse.Namespace) -> int:
+    from registry import Registry
+
+    with Registry.open(_registry_config(args)) as registry:
+        rows = [asdict(r) for r in registry.quality_report(args.index)]
+    _print_rows(rows, ["index_name", "version", "status", "kind", "source", "count", "mean", "last_at"], args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -297,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
                 "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search,
-                "eval": _cmd_eval, "gc": _cmd_gc, "dags-folder": _cmd_dags_folder}
+                "eval": _cmd_eval, "gc": _cmd_gc, "serve": _cmd_serve, "quality": _cmd_quality,
+                "dags-folder": _cmd_dags_folder}
     from pipeline.errors import PipelineError
     from registry.db import connection_error
     from registry.errors import RegistryError

@@ -187,8 +187,28 @@ def add_gc(commands: Commands) -> None:
     add_output_flags(gc)
 
 
+def add_serve(commands: Commands) -> None:
+    serve = commands.add_parser("serve", help="serve search over HTTP (needs ragpipe[serve])")
+    serve.add_argument("--index", action="append",
+                       help="alias to serve (repeatable; env RAGPIPE_SERVE_INDEXES; default: every alias)")
+    serve.add_argument("--host", help="address to listen on (env RAGPIPE_SERVE_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (env RAGPIPE_SERVE_PORT; default 8000)")
+    serve.add_argument("--workers", type=int, help="server processes (env RAGPIPE_SERVE_WORKERS; default 1)")
+    serve.add_argument("--tokens-file", help="bearer tokens, one a line (also env RAGPIPE_SERVE_TOKENS)")
+    serve.add_argument("--cors-origin", action="append", help="origin allowed cross-origin (repeatable; default none)")
+    add_registry_flags(serve)
+
+
+def add_quality(commands: Commands) -> None:
+    quality = commands.add_parser("quality", help="feedback on served results, per version")
+    quality_sub = quality.add_subparsers(dest="quality_command", required=True)
+    report = quality_sub.add_parser("report", help="count and mean score per version, kind and source")
+    report.add_argument("--index", help="only this index (default: every index)")
+    add_output_flags(report)
+
+
 # the order of ``ragpipe --help``
 COMMAND_GROUPS: list[Callable[[Commands], None]] = [
     add_db, add_index, add_alias, add_versions, add_runs, add_search, add_eval, add_verify, add_replay, add_gc,
-    add_dags_folder,
+    add_serve, add_quality, add_dags_folder,
 ]

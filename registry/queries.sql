@@ -447,3 +447,19 @@ SET etag = excluded.etag, size = excluded.size, mtime = excluded.mtime, fingerpr
 -- name: forget_source_objects
 DELETE FROM source_objects
 WHERE index_name = %(index)s AND source = %(source)s AND doc_id = ANY(%(doc_ids)s::text[]);
+
+-- name: insert_feedback
+INSERT INTO feedback (request_id, index_name, alias, version, chunk_id, kind, source, score, query)
+VALUES (%(request_id)s, %(index_name)s, %(alias)s, %(version)s, %(chunk_id)s, %(kind)s, %(source)s, %(score)s,
+        %(query)s)
+RETURNING feedback_id;
+
+-- name: quality_report
+-- Feedback per version (newest version first), then kind and source: how many scores, their mean.
+SELECT f.index_name, f.version, v.status, f.kind, f.source, count(*) AS count, avg(f.score) AS mean,
+       min(f.created_at) AS first_at, max(f.created_at) AS last_at
+FROM feedback f
+JOIN index_versions v ON v.version = f.version
+WHERE %(index)s::text IS NULL OR f.index_name = %(index)s::text
+GROUP BY f.index_name, f.version, v.version_seq, v.status, f.kind, f.source
+ORDER BY f.index_name, v.version_seq DESC, f.kind, f.source;

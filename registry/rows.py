@@ -191,6 +191,36 @@ class SourceObjectRow:
     skip_gone: bool
 
 
+@dataclass(frozen=True, slots=True)
+class FeedbackEntry:
+    """A score given to a served response (``chunk_id`` None) or to one of its hits."""
+
+    request_id: str
+    index_name: str
+    alias: str
+    version: str
+    chunk_id: str | None
+    kind: str
+    source: str
+    score: float
+    query: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QualityRow:
+    """The feedback of one version, one kind and one source: how many scores and their mean."""
+
+    index_name: str
+    version: str
+    status: str
+    kind: str
+    source: str
+    count: int
+    mean: float
+    first_at: datetime
+    last_at: datetime
+
+
 QUERY_ROWS: dict[str, type] = {
     "list_runs": RunListing,
     "get_run": RunRow,
@@ -206,5 +236,6 @@ QUERY_ROWS: dict[str, type] = {
     "version_stats_of_index": VersionStatsSums,
     "canary_stats": VersionStatsSums,
     "source_objects": SourceObjectRow,
+    "quality_report": QualityRow,
 }
 """The row type of each named query that returns typed rows (registry.queries.fetch_all / fetch_one)."""

@@ -24,6 +24,7 @@ from registry.config import RegistryConfig
 from registry.errors import ConnectionLost, IndexLocked, RunNotRunning
 from registry.queries import fetch_all, fetch_one, q
 from registry.rows import ChunkRow, RunListing, RunRow
+from registry.feedback import FeedbackStore
 from registry.rollout import RolloutStore
 from registry.source_objects import SourceObjectStore
 from registry.versions import VersionStore
@@ -51,7 +52,7 @@ class CacheCollection(NamedTuple):
     bytes: int
 
 
-class Registry(VersionStore, RolloutStore, SourceObjectStore):
+class Registry(VersionStore, RolloutStore, SourceObjectStore, FeedbackStore):
     """A connection to the registry database.
 
     Use :meth:`open` to connect (starting the embedded server and migrating on first use).

@@ -29,6 +29,7 @@ from registry import Registry, RegistryConfig
 from registry.listener import AliasListener
 from registry.rows import AliasRow
 from retrieval import telemetry
+from retrieval.batch import BatchResult, Query
 from retrieval.caches import CacheCounters, LRUCache, SemanticCache
 from retrieval.config import ENV_FIELDS, Hits, RetrievalConfig
 from retrieval.errors import AliasNotFound, ModelMismatch, VersionCorrupt, VersionUnavailable
@@ -321,11 +322,25 @@ class Retriever(QueryEncoding, RolloutMeasuring):
         """Search several queries on one version: one embedding batch and one HNSW call for all of them
         (hnswlib spreads it over its threads), then BM25, fusion and reranking per query. One
         ``route_key`` routes the whole batch."""
-        version, route = self._route(route_key)
+        return self.search_batch([Query(q, k, filters) for q in queries], route_key).hits
+
+    def search_batch(self, queries: Sequence[Query], route_key: str | None = None,
+                     route: str | None = None) -> BatchResult:
+        """Search queries of their own k and filters on one version (the one ``route_key`` routes to
+        when the call starts, whatever the alias does meanwhile): one embedding batch, one HNSW call at
+        the depth the deepest query needs, then BM25, fusion and reranking per query.
+
+        ``route`` (``live`` or ``canary``) names the version instead of a key: what a server passes
+        for a micro-batch it grouped by :meth:`route` (a canary that ended meanwhile answers live)."""
+        version, route = self._on_route(route) if route is not None else self._route(route_key)
+        stages = {"embed": 0.0, "vector": 0.0, "rank": 0.0}
         if not queries:
-            return []
-        vectors = self._embed(list(queries), version)
-        n = min(max(self.config.candidates, k), version.size)
+            return BatchResult(self.alias, version.info.version, [], stages)
+        started = time.perf_counter()
+        vectors = self._embed([q.text for q in queries], version)
+        stages["embed"] = time.perf_counter() - started
+        started = time.perf_counter()
+        n = min(max(self.config.candidates, max(q.k for q in queries)), version.size)
         knn = None
         if n:
             with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n, "retrieval.queries": len(queries)}):
@@ -333,9 +348,24 @@ class Retriever(QueryEncoding, RolloutMeasuring):
                     knn = version.knn_query(vectors, n, self.config.ef)
                 except RuntimeError:  # a query got fewer than n neighbours: each one alone, exactly if need be
                     logger.info("HNSW returned fewer than %d neighbours for a query of the batch", n)
-        return [self._search_on(version, q, vectors[i], k, filters, None if knn is None else (knn[0][i], knn[1][i]),
-                                route=route)
-                for i, q in enumerate(queries)]
+        stages["vector"] = time.perf_counter() - started
+        started = time.perf_counter()
+        hits = []
+        ef = self.config.ef
+        for i, q in enumerate(queries):
+            # hnswlib searches at breadth max(ef, depth): a shallower query searching at the same breadth
+            # gets the first of the batch's neighbours; one searching narrower searches alone
+            depth = min(max(self.config.candidates, q.k), version.size)
+            own = None if knn is None or max(ef, depth) != max(ef, n) else (knn[0][i][:depth], knn[1][i][:depth])
+            hits.append(self._search_on(version, q.text, vectors[i], q.k, dict(q.filters) if q.filters else None,
+                                        own, route=route))
+        stages["rank"] = time.perf_counter() - started
+        return BatchResult(self.alias, version.info.version, hits, stages)
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Versions the alias named that are not served (their files are damaged), and why."""
+        return dict(self._refused)
 
     def route(self, route_key: str | None) -> tuple[str, str]:
         """(version, ``live`` or ``canary``) a request with ``route_key`` goes to now: what a server
@@ -348,6 +378,14 @@ class Retriever(QueryEncoding, RolloutMeasuring):
         rollout = self._rollout
         if rollout is not None and routes_to_canary(self.alias, rollout.version.info.version, rollout.percent,
                                                     route_key):
+            return rollout.version, "canary"
+        return self._current, "live"
+
+    def _on_route(self, route: str) -> tuple[LoadedVersion, str]:
+        if route not in ("live", "canary"):
+            raise ValueError(f"route must be 'live' or 'canary', got {route!r}")
+        rollout = self._rollout
+        if route == "canary" and rollout is not None:
             return rollout.version, "canary"
         return self._current, "live"
 

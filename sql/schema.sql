@@ -115,6 +115,36 @@ CREATE TABLE public.embeddings (
     CONSTRAINT embeddings_check CHECK ((octet_length(vector) = (4 * dim)))
 );
 
+-- Name: feedback; Type: TABLE; Schema: public; Owner: -
+
+CREATE TABLE public.feedback (
+    feedback_id bigint NOT NULL,
+    request_id text NOT NULL,
+    index_name text NOT NULL,
+    alias text NOT NULL,
+    version text NOT NULL,
+    chunk_id text,
+    kind text NOT NULL,
+    source text NOT NULL,
+    score double precision NOT NULL,
+    query text,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT feedback_kind_check CHECK ((kind = ANY (ARRAY['relevance'::text, 'faithfulness'::text, 'thumbs'::text]))),
+    CONSTRAINT feedback_score_check CHECK (((score >= ('-1'::integer)::double precision) AND (score <= (1)::double precision))),
+    CONSTRAINT feedback_source_check CHECK ((source = ANY (ARRAY['user'::text, 'judge'::text])))
+);
+
+-- Name: feedback_feedback_id_seq; Type: SEQUENCE; Schema: public; Owner: -
+
+ALTER TABLE public.feedback ALTER COLUMN feedback_id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME public.feedback_feedback_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 -- Name: index_heads; Type: TABLE; Schema: public; Owner: -
 
 CREATE TABLE public.index_heads (
@@ -256,6 +286,11 @@ ALTER TABLE ONLY public.documents
 ALTER TABLE ONLY public.embeddings
     ADD CONSTRAINT embeddings_pkey PRIMARY KEY (model_id, chunk_hash);
 
+-- Name: feedback feedback_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.feedback
+    ADD CONSTRAINT feedback_pkey PRIMARY KEY (feedback_id);
+
 -- Name: index_heads index_heads_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 
 ALTER TABLE ONLY public.index_heads
@@ -306,6 +341,10 @@ CREATE INDEX chunks_added_seq ON public.chunks USING btree (index_name, added_se
 
 CREATE INDEX chunks_retired_seq ON public.chunks USING btree (index_name, retired_seq) WHERE (retired_seq IS NOT NULL);
 
+-- Name: feedback_version; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX feedback_version ON public.feedback USING btree (index_name, version);
+
 -- Name: index_versions_index; Type: INDEX; Schema: public; Owner: -
 
 CREATE INDEX index_versions_index ON public.index_versions USING btree (index_name, version_seq DESC);
@@ -342,6 +381,11 @@ ALTER TABLE ONLY public.aliases
 
 ALTER TABLE ONLY public.aliases
     ADD CONSTRAINT aliases_version_fkey FOREIGN KEY (version) REFERENCES public.index_versions(version);
+
+-- Name: feedback feedback_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.feedback
+    ADD CONSTRAINT feedback_version_fkey FOREIGN KEY (version) REFERENCES public.index_versions(version);
 
 -- Name: index_heads index_heads_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
 

@@ -114,3 +114,22 @@ def test_segments_benchmark_compares_layouts_changes_and_memory(capsys):
     shared = memory["many: two adjacent versions, shared segments"]["anon_mb"]
     separate = memory["many: two versions loaded separately (as whole copies)"]["anon_mb"]
     assert shared < separate
+
+
+@pytest.mark.db
+@pytest.mark.slow
+def test_serve_benchmark_runs_its_phases_on_a_small_index(server_url, shared_data, monkeypatch):
+    pytest.importorskip("fastapi", reason="needs ragpipe[serve]")
+    import argparse
+
+    from benchmarks import serve
+
+    monkeypatch.setenv("RAGPIPE_DATABASE_URL", server_url)
+    args = argparse.Namespace(chunks=300, clients=4, seconds=2.0, burst=16, rounds=1, search_threads=2,
+                              load_queue_wait_ms=50.0, deadline_s=60.0)
+    out = serve.run(shared_data, args)
+    assert out["burst"]["statuses"] == {"200": 16} and out["burst"]["encoder_alone_one_batch_s"] > 0
+    assert out["single"]["queries"] == 200 and out["single"]["library_p50_ms"] > 0
+    load = out["load"]
+    assert load["answered_200"] > 0 and load["unanswered"] == 0 and load["failed"] == {}
+    assert load["mixed_versions"] == 0 and load["alias_swaps"] >= 1

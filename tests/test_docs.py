@@ -17,6 +17,15 @@ def test_readme_lists_every_setting():
         assert f"`{name}`" in readme, name
 
 
+def test_readme_lists_every_serve_setting():
+    from service.config import Limits, ServeConfig
+
+    readme = (REPO / "README.md").read_text()
+    names = [f.name for f in fields(ServeConfig) if f.name not in ("limits", "registry")] + [f.name for f in fields(Limits)]
+    for name in [*names, "tokens"]:
+        assert f"`RAGPIPE_SERVE_{name.upper()}`" in readme, name
+
+
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (REPO / ".ci" / "run").read_text()
     assert "make test" in (REPO / "README.md").read_text()

@@ -1,5 +1,6 @@
-"""Import direction (dags → pipeline → {retrieval, registry}; nothing imports benchmarks), SQL only in
-registry/, and no pickle anywhere."""
+"""Import direction (dags → pipeline → {retrieval, registry}, service → {retrieval, registry}; nothing
+imports benchmarks, and only the CLI's `serve` imports service), SQL only in registry/, and no pickle
+anywhere."""
 
 import ast
 import functools
@@ -9,7 +10,7 @@ import pytest
 
 from conftest import REPO
 
-PACKAGES = ["dags", "pipeline", "registry", "retrieval", "benchmarks"]
+PACKAGES = ["dags", "pipeline", "registry", "retrieval", "service", "benchmarks"]
 
 
 def imports_of(package: str) -> dict[str, set[str]]:
@@ -36,13 +37,16 @@ def test_only_dags_import_airflow():
 
 def test_import_direction():
     forbidden = {
-        "registry": {"pipeline", "retrieval", "dags", "benchmarks"},
-        "retrieval": {"pipeline", "dags", "benchmarks"},
-        "pipeline": {"dags", "benchmarks"},
-        "dags": {"benchmarks"},
+        "registry": {"pipeline", "retrieval", "service", "dags", "benchmarks"},
+        "retrieval": {"pipeline", "service", "dags", "benchmarks"},
+        "service": {"pipeline", "dags", "benchmarks"},
+        "pipeline": {"service", "dags", "benchmarks"},
+        "dags": {"service", "benchmarks"},
     }
     for package, banned in forbidden.items():
         for path, names in imports_of(package).items():
+            if package == "pipeline" and path.startswith("pipeline/cli"):
+                banned = forbidden["pipeline"] - {"service"}  # `ragpipe serve` starts the service
             assert not names & banned, f"{path} imports {names & banned}"
 
 
@@ -54,6 +58,14 @@ def test_the_walk_covers_subpackages():
                                            if path.startswith("retrieval/segments/")))
 
 
+def test_the_service_is_imported_only_by_the_serve_command():
+    # (benchmarks measure the service; nothing imports them)
+    importers = sorted(path for package in PACKAGES if package not in ("service", "benchmarks")
+                       for path, names in imports_of(package).items() if "service" in names)
+    assert importers == ["pipeline/cli.py"], importers
+    assert {"retrieval", "registry"} <= set().union(*imports_of("service").values())
+
+
 def test_no_pickle():
     for package in PACKAGES:
         for path, names in imports_of(package).items():
@@ -61,7 +73,7 @@ def test_no_pickle():
 
 
 def test_sql_is_spoken_only_by_the_registry():
-    for package in ["pipeline", "retrieval", "dags"]:
+    for package in ["pipeline", "retrieval", "service", "dags"]:
         for path in (REPO / package).rglob("*.py"):
             assert "psycopg" not in imports_of(package)[str(path.relative_to(REPO))], path
 
@@ -136,7 +148,7 @@ def _packages_distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
-FIRST_PARTY = {"pipeline", "registry", "retrieval", "dags", "benchmarks"}
+FIRST_PARTY = {"pipeline", "registry", "retrieval", "service", "dags", "benchmarks"}
 
 
 def _third_party_imports(package: str) -> list[tuple[str, int, str]]:
@@ -171,6 +183,14 @@ def test_the_installed_packages_import_only_the_base_install_directly():
                                   "which the base install lacks: use registry.extras.require")
 
 
+def test_the_service_imports_only_the_base_install_and_the_serve_extra():
+    _, extras = _requirements()
+    found = _third_party_imports("service")
+    assert {top for _, _, top in found} >= {"fastapi", "prometheus_client"}
+    for path, line, top in found:
+        assert _distributions_of(top) & extras["serve"], f"{path}:{line} imports {top!r}, not in [serve]"
+
+
 def test_dags_import_only_the_airflow_extra():
     _, extras = _requirements()
     for path, line, top in _third_party_imports("dags"):
@@ -180,7 +200,7 @@ def test_dags_import_only_the_airflow_extra():
 def test_every_optional_import_names_the_extra_that_provides_it():
     _, extras = _requirements()
     calls = 0
-    for package in ["pipeline", "registry", "retrieval"]:
+    for package in ["pipeline", "registry", "retrieval", "service"]:
         for path in sorted((REPO / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
                 if not (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "require"):
@@ -198,7 +218,7 @@ def test_every_optional_import_names_the_extra_that_provides_it():
 
 def test_no_module_imports_by_name_behind_the_extras_door():
     # importlib.import_module with a literal would bypass the checks above
-    for package in ["pipeline", "registry", "retrieval", "dags"]:
+    for package in ["pipeline", "registry", "retrieval", "service", "dags"]:
         for path in sorted((REPO / package).rglob("*.py")):
             if path == REPO / "registry" / "extras.py":
                 continue
@@ -277,7 +297,7 @@ def test_sql_detector(text, sql):
 
 def test_no_sql_outside_the_registry():
     found = []
-    for package in ["pipeline", "retrieval", "dags", "benchmarks"]:
+    for package in ["pipeline", "retrieval", "service", "dags", "benchmarks"]:
         for path in sorted((REPO / package).rglob("*.py")):
             for text, line in string_constants(path):
                 if looks_like_sql(text):
@@ -288,7 +308,7 @@ def test_no_sql_outside_the_registry():
 def test_nothing_outside_the_registry_reaches_for_its_connection():
     # the registry's connection is how SQL would leak out again: `.conn`, `.execute(...)`, `.cursor()`
     found = []
-    for package in ["pipeline", "retrieval", "dags", "benchmarks"]:
+    for package in ["pipeline", "retrieval", "service", "dags", "benchmarks"]:
         for path in sorted((REPO / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
                 if isinstance(node, ast.Attribute) and node.attr in {"conn", "execute", "executemany", "cursor",

@@ -191,10 +191,12 @@ def test_the_wheel_and_sdist_are_a_real_distribution(dist):
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
     names = set(zipfile.ZipFile(wheel).namelist())
-    for package in ["pipeline", "registry", "retrieval"]:
+    for package in ["pipeline", "registry", "retrieval", "service"]:
         for source in (REPO / package).rglob("*.py"):
             assert source.relative_to(REPO).as_posix() in names, f"{source} is not in the wheel"
         assert f"{package}/py.typed" in names
+    for page in (REPO / "service" / "static").iterdir():  # the search page ships with the service
+        assert f"service/static/{page.name}" in names
     for migration in (REPO / "sql").glob("[0-9]*.sql"):
         assert f"registry/migrations/{migration.name}" in names
     assert "pipeline/dags/rag_index.py" in names

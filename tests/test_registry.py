@@ -11,7 +11,7 @@ import pytest
 from conftest import write_tree
 from pipeline.config import IndexConfig
 from pipeline.runner import run_index
-from registry import AliasError, IndexLocked, Registry, RegistryConfig, StatsDelta
+from registry import AliasError, FeedbackEntry, IndexLocked, Registry, RegistryConfig, StatsDelta
 from registry import db as registry_db
 from registry.queries import fetch_all, fetch_one, parse_queries, q
 from registry.rows import QUERY_ROWS, RunListing
@@ -93,7 +93,10 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
         "version_stats_of_index": {"index": "docs"},
         "canary_stats": {"alias": "docs", "version": summary.version, "since": canary.canary_started_at},
         "source_objects": {"index": "docs", "source": src_uri},
+        "quality_report": {"index": "docs"},
     }
+    registry.record_feedback(FeedbackEntry(request_id="r1", index_name="docs", alias="docs", version=summary.version,
+                                           chunk_id=None, kind="thumbs", source="user", score=1.0, query="alpha"))
     assert sorted(QUERY_ROWS) == sorted(params)  # a query given a row type is checked here too
     for name, row_type in QUERY_ROWS.items():
         with registry.conn.cursor() as cur:
