@@ -202,7 +202,8 @@ def _routes(app: FastAPI) -> None:
         answered, request_id = await _answer(state, body.index, [Query(body.query, body.k, filters)], "search",
                                              body.session or request.headers.get(SESSION_HEADER))
         payload = (f'{{"request_id":"{request_id}","index":{json.dumps(answered.alias)},'
-                   f'"version":{json.dumps(answered.version)},"hits":{answered.hits_json[0]}}}')
+                   f'"version":{json.dumps(answered.version)},"served":{answered.served(0)},'
+                   f'"hits":{answered.hits_json[0]}}}')
         state.metrics.stage_seconds.labels("request").observe(time.perf_counter() - started)
         return Response(payload, media_type="application/json")
 
@@ -215,7 +216,9 @@ def _routes(app: FastAPI) -> None:
         answered, request_id = await _answer(state, body.index, [Query(q, body.k, filters) for q in body.queries],
                                              "search_many", body.session or request.headers.get(SESSION_HEADER))
         payload = (f'{{"request_id":"{request_id}","index":{json.dumps(answered.alias)},'
-                   f'"version":{json.dumps(answered.version)},"results":[{",".join(answered.hits_json)}]}}')
+                   f'"version":{json.dumps(answered.version)},'
+                   f'"served":[{",".join(answered.served(i) for i in range(len(answered.hits_json)))}],'
+                   f'"results":[{",".join(answered.hits_json)}]}}')
         return Response(payload, media_type="application/json")
 
     @app.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, tags=["quality"])

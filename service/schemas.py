@@ -88,10 +88,18 @@ class HitModel(BaseModel):
     highlights: list[list[int]] = Field(description="[start, end) character spans of text matching the query")
 
 
+class Served(BaseModel):
+    route: str = Field(description="live, or canary while the alias has one")
+    cache: str | None = Field(None, description="exact or semantic when a result cache answered")
+    similarity: float | None = Field(None, description="a semantic hit: cosine of the query to the cached one")
+    cached_query: str | None = Field(None, description="a semantic hit: the query whose hits these are")
+
+
 class SearchResponse(BaseModel):
     request_id: str
     index: str
     version: str = Field(description="the version every hit comes from")
+    served: Served
     hits: list[HitModel]
 
 
@@ -99,6 +107,7 @@ class SearchManyResponse(BaseModel):
     request_id: str
     index: str
     version: str
+    served: list[Served]
     results: list[list[HitModel]]
 
 

@@ -24,10 +24,19 @@ class Answered:
     version: str
     hits_json: list[str]
     chunk_ids: list[tuple[str, ...]]
+    route: str = "live"  # ``live`` or ``canary``: which of the alias's versions served the batch
+    served_json: list[str] | None = None  # per query: how it was served (cache, similarity) as a JSON object
 
     def slice(self, start: int, count: int) -> "Answered":
         end = start + count
-        return Answered(self.alias, self.version, self.hits_json[start:end], self.chunk_ids[start:end])
+        served = self.served_json[start:end] if self.served_json is not None else None
+        return Answered(self.alias, self.version, self.hits_json[start:end], self.chunk_ids[start:end], self.route,
+                        served)
+
+    def served(self, i: int) -> str:
+        """``{"route", "cache", "similarity", "cached_query"}`` of query ``i`` as JSON: a ``cache`` of
+        ``semantic`` means the hits are those of ``cached_query``, whose embedding is that close."""
+        return self.served_json[i] if self.served_json is not None else json.dumps({"route": self.route, "cache": None})
 
 
 def highlight_spans(analyzer: Analyzer, query: str, text: str) -> list[list[int]]:
@@ -54,5 +63,8 @@ def run_batch(retriever: Any, analyzer: Analyzer, queries: list[Query],
     encoded = [json.dumps([{**hit.to_dict(), "highlights": highlight_spans(analyzer, q.text, hit.text)}
                            for hit in found], default=str) for q, found in zip(queries, result.hits)]
     chunk_ids = [tuple(hit.chunk_id for hit in found) for found in result.hits]
+    served = [json.dumps({"route": getattr(found, "route", route), "cache": getattr(found, "cache", None),
+                          "similarity": getattr(found, "similarity", None),
+                          "cached_query": getattr(found, "cached_query", None)}) for found in result.hits]
     stages = {**result.stage_seconds, "serialize": time.perf_counter() - started}
-    return Answered(result.alias, result.version, encoded, chunk_ids), stages
+    return Answered(result.alias, result.version, encoded, chunk_ids, route, served), stages

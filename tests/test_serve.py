@@ -303,3 +303,25 @@ def test_a_canary_gets_its_share_of_sessions_and_each_session_keeps_its_version(
                                                   for s in sessions):
             time.sleep(0.2)
         assert all(search(base, "vortex revision", session=s)[1]["version"] == a for s in sessions)
+
+
+def test_responses_say_how_they_were_served_exact_and_semantic_cache_hits_included(versions, registry_config,
+                                                                                    embedder, monkeypatch):
+    a, _, _ = versions
+    monkeypatch.setenv("RAGPIPE_SEMANTIC_CACHE_SIZE", "64")
+    monkeypatch.setenv("RAGPIPE_SEMANTIC_CACHE_COSINE", "0.6")
+    with running(app_for(registry_config, embedder)) as base:
+        first = search(base, "heat shield nozzle in tunnel 3 at Mach 0.4", k=3)[1]
+        assert first["served"] == {"route": "live", "cache": None, "similarity": None, "cached_query": None}
+        again = search(base, "heat shield nozzle in tunnel 3 at Mach 0.4", k=3)[1]
+        assert again["served"]["cache"] == "exact" and again["hits"] == first["hits"]
+        near = search(base, "heat shield nozzle tunnel 3 Mach 0.4", k=3)[1]
+        assert near["served"]["cache"] == "semantic", near["served"]
+        assert near["served"]["cached_query"] == "heat shield nozzle in tunnel 3 at Mach 0.4"
+        assert 0.6 <= near["served"]["similarity"] <= 1.0 + 1e-5 and near["hits"] == first["hits"]
+        other = search(base, "vortex revision", k=3)[1]
+        assert other["served"]["cache"] is None
+        many = call(base, "/v1/search_many", {"queries": ["vortex revision", "shock wave"], "k": 3})[1]
+        assert [s["cache"] for s in many["served"]] == ["exact", None] and many["version"] == a
+        metrics = call(base, "/metrics")[1]
+        assert 'cache="semantic"' in (metrics if isinstance(metrics, str) else metrics.decode())
