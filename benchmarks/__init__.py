@@ -10,7 +10,7 @@ BENCHMARKS = {
     "noop": "benchmarks.noop", "publish": "benchmarks.publish", "query": "benchmarks.query",
     "embed": "benchmarks.embed", "scale": "benchmarks.scale", "replay": "benchmarks.replay",
     "install": "benchmarks.install", "html": "benchmarks.html", "extraction": "benchmarks.extraction",
-    "checksums": "benchmarks.checksums",
+    "checksums": "benchmarks.checksums", "stability": "benchmarks.stability",
 }
 
 

@@ -264,24 +264,52 @@ def cut_runs(text: str, atoms: list[Atom], cutter: Cutter) -> list[tuple[list[At
         ends[i] = ends[i - 1] + atoms[i - 1].tokens
     window = window_tokens(cutter.max_tokens)
     edges = [0, *_content_cuts(keys, ends, tokens, window), len(atoms)]
+    for _ in range(MERGE_ROUNDS):
+        edges = _merge_round(atoms, keys, ends, edges, tokens, cutter)
     runs: list[tuple[list[Atom], int]] = []
     for lo, hi in zip(edges, edges[1:]):
         _split_stretch(atoms, keys, ends, lo, hi, cutter, window // 2, runs)
     return runs
 
 
+MERGE_ROUNDS = 1
+
+
+def _merge_round(atoms: list[Atom], keys: list[tuple[int, int]], ends: list[int], edges: list[int], total: int,
+                 cutter: Cutter) -> list[int]:
+    """Drop each cut whose key is higher than both neighbouring cuts' when the two stretches beside
+    it fit one chunk together: two neighbouring cuts are never both dropped, so each decision
+    depends on the two stretches beside the cut alone."""
+    def key(k: int) -> tuple[int, int]:
+        return (-2, 0) if k in (0, len(edges) - 1) else keys[edges[k]]
+
+    kept = [edges[0]]
+    for k in range(1, len(edges) - 1):
+        lo, cut, hi = edges[k - 1], edges[k], edges[k + 1]
+        tokens = (ends[hi] if hi < len(ends) else total) - ends[lo]
+        weakest = key(k) != _FORCED and key(k) > key(k - 1) and key(k) > key(k + 1)
+        if not (weakest and cutter.joinable(atoms[lo:lo + 1], atoms[lo + 1:hi], tokens)):
+            kept.append(cut)
+    kept.append(edges[-1])
+    return kept
+
+
 def _split_stretch(
     atoms: list[Atom], keys: list[tuple[int, int]], ends: list[int], lo: int, hi: int, cutter: Cutter,
     margin: int, out: list[tuple[list[Atom], int]],
 ) -> None:
-    """Append atoms[lo:hi] as one run if it fits, else split it at its lowest key and recurse."""
+    """Append atoms[lo:hi] as one run if it fits, else split it into as few even pieces as its
+    length needs, each cut at the lowest key within ``margin`` tokens of where it would fall."""
     tokens = sum(a.tokens for a in atoms[lo:hi])
     if hi - lo == 1 or cutter.joinable(atoms[lo:lo + 1], atoms[lo + 1:hi], tokens):
         out.append((atoms[lo:hi], tokens))
         return
-    start, end = ends[lo], ends[lo] + tokens
+    chars = atoms[hi - 1].end - atoms[lo].start
+    pieces = max(2, -(-tokens // cutter.max_tokens), -(-chars // cutter.max_chars))
+    start = ends[lo]
+    target = start + tokens * (pieces // 2) / pieces
     inner = range(lo + 1, hi)
-    roomy = [i for i in inner if ends[i] - start >= margin and end - ends[i] >= margin]
-    cut = min(roomy or inner, key=lambda i: keys[i])
+    near = [i for i in inner if abs(ends[i] - target) <= margin]
+    cut = min(near, key=lambda i: keys[i]) if near else min(inner, key=lambda i: abs(ends[i] - target))
     _split_stretch(atoms, keys, ends, lo, cut, cutter, margin, out)
     _split_stretch(atoms, keys, ends, cut, hi, cutter, margin, out)

@@ -318,7 +318,8 @@ def plan_run(
 
     with _stage(state, "diff"):
         known = registry.document_states(config.index)
-        state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens, prefixes_of(embedder).passage)
+        state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens, prefixes_of(embedder).passage,
+                                                config.chunk_context)
         plan = plan_changes(known, scan.documents, state.chunker_version,
                             unreadable=[s.doc_id for s in scan.skipped if not s.gone],
                             unreadable_under=[s.under for s in scan.skipped if s.under is not None])
@@ -362,7 +363,8 @@ def stage_run(
         with _stage(state, "chunk"):
             counter = embedder.token_counter()
             for doc in documents:
-                doc_chunks = chunk_document(doc, counter, embedder.max_tokens, prefixes_of(embedder).passage)
+                doc_chunks = chunk_document(doc, counter, embedder.max_tokens, prefixes_of(embedder).passage,
+                                            config.chunk_context)
                 chunks.extend(doc_chunks)
                 state.chunk_counts[doc.doc_id] = len(doc_chunks)
 
