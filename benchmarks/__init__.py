@@ -11,6 +11,7 @@ BENCHMARKS = {
     "embed": "benchmarks.embed", "scale": "benchmarks.scale", "replay": "benchmarks.replay",
     "install": "benchmarks.install", "html": "benchmarks.html", "extraction": "benchmarks.extraction",
     "checksums": "benchmarks.checksums", "stability": "benchmarks.stability",
+    "evalsets": "benchmarks.evalsets",
 }
 
 

@@ -313,3 +313,51 @@ def _split_stretch(
     cut = min(near, key=lambda i: keys[i]) if near else min(inner, key=lambda i: abs(ends[i] - target))
     _split_stretch(atoms, keys, ends, lo, cut, cutter, margin, out)
     _split_stretch(atoms, keys, ends, cut, hi, cutter, margin, out)
+
+
+def sequential_runs(text: str, atoms: list[Atom], cutter: Cutter) -> list[tuple[list[Atom], int]]:
+    """Experimental: left-to-right content-defined cuts, size-normalized thresholds."""
+    if not atoms:
+        return []
+    tokens = sum(a.tokens for a in atoms)
+    if len(atoms) == 1 or cutter.joinable(atoms[:1], atoms[1:], tokens) and all(
+            a.end < b.start for a, b in zip(atoms, atoms[1:])):
+        return [(atoms, tokens)]
+    keys = [_FORCED] + [_boundary_key(text, a, b) for a, b in zip(atoms, atoms[1:])]
+    mx = cutter.max_tokens
+    lo_size = int(mx * SEQ_MIN)
+    runs = []
+    s = 0
+    n = len(atoms)
+    while s < n:
+        size = atoms[s].tokens
+        i = s + 1
+        best = None
+        cut = n
+        while i < n:
+            nxt = size + atoms[i].tokens
+            k = keys[i]
+            if k == _FORCED:
+                cut = i
+                break
+            if not cutter.joinable(atoms[s:s + 1], atoms[s + 1:i + 1], nxt):
+                cut = best if best is not None else i
+                break
+            if size >= lo_size:
+                u = k[1] / 2**64
+                frac = (size - lo_size) / max(1, mx - lo_size)
+                p = (SEQ_P[k[0]]) * (0.25 + frac)
+                if u < p:
+                    cut = i
+                    break
+                if best is None or k < keys[best]:
+                    best = i
+            size = nxt
+            i += 1
+        runs.append((atoms[s:cut], sum(a.tokens for a in atoms[s:cut])))
+        s = cut
+    return runs
+
+
+SEQ_MIN = 0.5
+SEQ_P = {0: 1.0, 1: 0.5, 2: 0.35}

@@ -62,6 +62,9 @@ __all__ = [
     "split_sections",
 ]
 
+SEQUENTIAL = False
+OPEN_ALL = False
+from pipeline.boundaries import sequential_runs
 CHUNKER_ALGORITHM = "sections-v3"  # v3: content-defined cuts inside sections longer than one chunk
 CONTEXT_MODES = ("headings", "title", "none")  # what a chunk is indexed with besides its text
 DEFAULT_CONTEXT = "headings"
@@ -198,7 +201,7 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
     for heading_path, atoms in groups:
         if not atoms:
             continue
-        runs = cut_runs(text, atoms, cutter)
+        runs = (sequential_runs if SEQUENTIAL else cut_runs)(text, atoms, cutter)
         head_atoms, head_tokens = runs[0]
         if (open_last and cutter.joinable(pieces[-1][1], head_atoms, pieces[-1][2] + head_tokens)
                 and (layout is None or len(runs) == 1)):
@@ -208,7 +211,7 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
             pieces[-1] = (path, joined + head_atoms, tokens + head_tokens)
             runs = runs[1:]
         pieces.extend((heading_path, run_atoms, run_tokens) for run_atoms, run_tokens in runs)
-        open_last = len(runs) <= 1  # the last chunk of a long section was cut by content: it stays whole
+        open_last = OPEN_ALL or len(runs) <= 1  # the last chunk of a long section was cut by content: it stays whole
     title = chunk_context(doc.metadata)
     lines: dict[tuple[str, ...], str] = {}
     for path, _, _ in pieces:
