@@ -199,7 +199,8 @@ def _summary(counts: list[int]) -> dict[str, Any]:
     ordered = sorted(counts)
     return {"max": ordered[-1], "mean": round(statistics.mean(ordered), 3),
             "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-            "over_3": sum(1 for c in ordered if c > 3), "histogram": {str(k): v for k, v in sorted(Counter(ordered).items())}}
+            "over_3": sum(1 for c in ordered if c > 3),
+            "histogram": {str(k): v for k, v in sorted(Counter(ordered).items())}}
 
 
 def run(cranfield: Path, tools: Sequence[str], edits_per_kind: int, per_document: int, seed: int) -> dict[str, Any]:

@@ -37,6 +37,10 @@ CHARS_PER_TOKEN = 8
 MAX_TOKEN_CHARS = 32
 # Content-defined cuts are more than max_tokens // CUT_WINDOW_DIVISOR tokens apart.
 CUT_WINDOW_DIVISOR = 4
+# Rounds of joining two neighbouring stretches that fit one chunk (fuller chunks, a slightly wider
+# reach of an edit): one in structured documents, whose sections bound an edit anyway; none in text
+# without headings, where nothing else does.
+MERGE_ROUNDS = 1
 
 
 class TokenCounter(Protocol):
@@ -249,9 +253,12 @@ def _content_cuts(keys: list[tuple[int, int]], ends: list[int], total: int, wind
     return cuts
 
 
-def cut_runs(text: str, atoms: list[Atom], cutter: Cutter) -> list[tuple[list[Atom], int]]:
+def cut_runs(
+    text: str, atoms: list[Atom], cutter: Cutter, merge_rounds: int = MERGE_ROUNDS,
+) -> list[tuple[list[Atom], int]]:
     """Group a section's blocks into chunks (blocks, tokens) within the cutter's limits; a section
-    that fits one chunk is one chunk, a longer one is cut by content (see the module docstring)."""
+    that fits one chunk is one chunk, a longer one is cut by content (see the module docstring),
+    then ``merge_rounds`` rounds join neighbouring stretches that fit one chunk together."""
     if not atoms:
         return []
     tokens = sum(a.tokens for a in atoms)
@@ -264,15 +271,12 @@ def cut_runs(text: str, atoms: list[Atom], cutter: Cutter) -> list[tuple[list[At
         ends[i] = ends[i - 1] + atoms[i - 1].tokens
     window = window_tokens(cutter.max_tokens)
     edges = [0, *_content_cuts(keys, ends, tokens, window), len(atoms)]
-    for _ in range(MERGE_ROUNDS):
+    for _ in range(merge_rounds):
         edges = _merge_round(atoms, keys, ends, edges, tokens, cutter)
     runs: list[tuple[list[Atom], int]] = []
     for lo, hi in zip(edges, edges[1:]):
         _split_stretch(atoms, keys, ends, lo, hi, cutter, window // 2, runs)
     return runs
-
-
-MERGE_ROUNDS = 1
 
 
 def _merge_round(atoms: list[Atom], keys: list[tuple[int, int]], ends: list[int], edges: list[int], total: int,
@@ -314,50 +318,3 @@ def _split_stretch(
     _split_stretch(atoms, keys, ends, lo, cut, cutter, margin, out)
     _split_stretch(atoms, keys, ends, cut, hi, cutter, margin, out)
 
-
-def sequential_runs(text: str, atoms: list[Atom], cutter: Cutter) -> list[tuple[list[Atom], int]]:
-    """Experimental: left-to-right content-defined cuts, size-normalized thresholds."""
-    if not atoms:
-        return []
-    tokens = sum(a.tokens for a in atoms)
-    if len(atoms) == 1 or cutter.joinable(atoms[:1], atoms[1:], tokens) and all(
-            a.end < b.start for a, b in zip(atoms, atoms[1:])):
-        return [(atoms, tokens)]
-    keys = [_FORCED] + [_boundary_key(text, a, b) for a, b in zip(atoms, atoms[1:])]
-    mx = cutter.max_tokens
-    lo_size = int(mx * SEQ_MIN)
-    runs = []
-    s = 0
-    n = len(atoms)
-    while s < n:
-        size = atoms[s].tokens
-        i = s + 1
-        best = None
-        cut = n
-        while i < n:
-            nxt = size + atoms[i].tokens
-            k = keys[i]
-            if k == _FORCED:
-                cut = i
-                break
-            if not cutter.joinable(atoms[s:s + 1], atoms[s + 1:i + 1], nxt):
-                cut = best if best is not None else i
-                break
-            if size >= lo_size:
-                u = k[1] / 2**64
-                frac = (size - lo_size) / max(1, mx - lo_size)
-                p = (SEQ_P[k[0]]) * (0.25 + frac)
-                if u < p:
-                    cut = i
-                    break
-                if best is None or k < keys[best]:
-                    best = i
-            size = nxt
-            i += 1
-        runs.append((atoms[s:cut], sum(a.tokens for a in atoms[s:cut])))
-        s = cut
-    return runs
-
-
-SEQ_MIN = 0.5
-SEQ_P = {0: 1.0, 1: 0.5, 2: 0.35}

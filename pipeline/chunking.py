@@ -46,8 +46,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.boundaries import (
-    CHARS_PER_TOKEN, CUT_WINDOW_DIVISOR, MAX_TOKEN_CHARS, Atom, Cutter, TokenCounter, cut_runs, max_chars_for,
-    paragraphs,
+    CHARS_PER_TOKEN, CUT_WINDOW_DIVISOR, MAX_TOKEN_CHARS, MERGE_ROUNDS, Atom, Cutter, TokenCounter, cut_runs,
+    max_chars_for, paragraphs,
 )
 from pipeline.codechunks import CODE_FORMATS, code_layout
 from pipeline.formats import PageRange
@@ -62,9 +62,6 @@ __all__ = [
     "split_sections",
 ]
 
-SEQUENTIAL = False
-OPEN_ALL = False
-from pipeline.boundaries import sequential_runs
 CHUNKER_ALGORITHM = "sections-v3"  # v3: content-defined cuts inside sections longer than one chunk
 CONTEXT_MODES = ("headings", "title", "none")  # what a chunk is indexed with besides its text
 DEFAULT_CONTEXT = "headings"
@@ -178,6 +175,7 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
     flat = [span for spans in section_spans for span in spans]
     counts = counter.count([text[s:e] for s, e in flat]) if flat else []
 
+    merge_rounds = MERGE_ROUNDS if any(s.heading_path for s in sections) else 0  # see pipeline.boundaries
     groups: list[tuple[tuple[str, ...], list[Atom]]] = []
     carried: list[Atom] = []  # a heading-only section joins the next section
     k = 0
@@ -201,7 +199,7 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
     for heading_path, atoms in groups:
         if not atoms:
             continue
-        runs = (sequential_runs if SEQUENTIAL else cut_runs)(text, atoms, cutter)
+        runs = cut_runs(text, atoms, cutter, merge_rounds)
         head_atoms, head_tokens = runs[0]
         if (open_last and cutter.joinable(pieces[-1][1], head_atoms, pieces[-1][2] + head_tokens)
                 and (layout is None or len(runs) == 1)):
@@ -211,7 +209,7 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
             pieces[-1] = (path, joined + head_atoms, tokens + head_tokens)
             runs = runs[1:]
         pieces.extend((heading_path, run_atoms, run_tokens) for run_atoms, run_tokens in runs)
-        open_last = OPEN_ALL or len(runs) <= 1  # the last chunk of a long section was cut by content: it stays whole
+        open_last = len(runs) <= 1  # the last chunk of a long section was cut by content: it stays whole
     title = chunk_context(doc.metadata)
     lines: dict[tuple[str, ...], str] = {}
     for path, _, _ in pieces:
