@@ -96,7 +96,8 @@ def test_replay_with_the_deterministic_embedder(tmp_path, database_url):
 def test_benchmarks_run_as_their_own_module_not_a_ragpipe_command(tmp_path, database_url):
     assert ragpipe(["bench", "noop"], database_url, tmp_path / "home").returncode == 2
     usage = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert usage.returncode == 2 and "usage: python -m benchmarks {noop,publish,query,embed,scale,replay,install,html,extraction,checksums}" in usage.stderr
+    names = "noop,publish,query,embed,scale,replay,install,html,extraction,checksums,stability,evalsets"
+    assert usage.returncode == 2 and f"usage: python -m benchmarks {{{names}}}" in usage.stderr
 
 
 def test_gc_reports_versions_cache_entries_and_downloads_it_removed(tmp_path, database_url, embedder):
