@@ -31,7 +31,8 @@ How a document is cut:
    its text. The context line is the document's title (``metadata["title"]``) and the chunk's
    heading path, ``title > section > subsection``, so a chunk deep in a long document still says
    what it is about (``context="title"`` keeps the title only, ``"none"`` neither). A chunk that
-   begins with its context line gets none. The chunk's own text and character offsets stay those of
+   begins with its context line gets none; one that opens with its section's heading line gets the
+   path above it. The chunk's own text and character offsets stay those of
    the source, and the chunk alone still fits the limit: the context does not shrink the budget
    (that would cut more documents into more chunks, each embedded and stored). The line holds at
    most an eighth of the limit: longer, it keeps the title and the innermost heading, then the
@@ -212,11 +213,21 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
         open_last = len(runs) <= 1  # the last chunk of a long section was cut by content: it stays whole
     title = chunk_context(doc.metadata)
     lines: dict[tuple[str, ...], str] = {}
-    for path, _, _ in pieces:
-        if path not in lines:
-            lines[path] = context_line(title, path, counter, max_tokens, context)
-    return [_make_chunk(doc, i, path, atoms, tokens, lines[path], passage_prefix)
-            for i, (path, atoms, tokens) in enumerate(pieces)]
+    placed = []
+    for path, atoms, tokens in pieces:
+        # a chunk that opens with its section's heading line says that heading already
+        own = path[:-1] if path and _opens_with(text[atoms[0].start : atoms[-1].end], path[-1]) else path
+        if own not in lines:
+            lines[own] = context_line(title, own, counter, max_tokens, context)
+        placed.append((path, atoms, tokens, lines[own]))
+    return [_make_chunk(doc, i, path, atoms, tokens, line, passage_prefix)
+            for i, (path, atoms, tokens, line) in enumerate(placed)]
+
+
+def _opens_with(text: str, heading: str) -> bool:
+    """Whether ``text``'s first line is the heading (Markdown's ``#`` marks aside)."""
+    first = text.split("\n", 1)[0].strip().lstrip("#").strip().rstrip("#").strip()
+    return bool(heading) and " ".join(first.split()) == " ".join(heading.split())
 
 
 def _make_chunk(
