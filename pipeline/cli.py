@@ -61,6 +61,7 @@ def _index_config(args: argparse.Namespace) -> Any:
         batch_size=getattr(args, "batch_size", None),
         query_prefix=getattr(args, "query_prefix", None),
         passage_prefix=getattr(args, "passage_prefix", None),
+        chunk_context=getattr(args, "chunk_context", None),
         artifacts=getattr(args, "artifacts", None),
         golden_set=getattr(args, "golden_set", None),
         retention=getattr(args, "retention", None),
@@ -254,7 +255,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     config = _index_config(args)
     result = evaluate(args.dataset_dir, _registry_config(args), _model_embedder(config),
-                      args.mode or list(MODES), args.limit_queries, _retrieval_overrides(args))
+                      args.mode or list(MODES), args.limit_queries, _retrieval_overrides(args),
+                      chunk_context=config.chunk_context)
     print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
     return 0
 
@@ -282,6 +284,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         max_steps=args.steps,
         keep_database=args.keep_database,
         on_step=report,
+        chunk_context=config.chunk_context,
     )
     print(json.dumps(result, indent=2) if args.json else format_replay(result))
     return 0 if result["stale"] == 0 and result["missing"] == 0 else EXIT_TERMINAL

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from pipeline.chunking import CONTEXT_MODES
 from pipeline.embedding import DEFAULT_MODEL
 from pipeline.errors import ConfigError
 from pipeline.formats.isolation import DEFAULT_MAX_UNZIPPED_BYTES, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
@@ -30,6 +31,8 @@ class IndexConfig:
         query_prefix, passage_prefix: what the model sees before each query and each passage; None
             takes the model's default (e5, bge, the model's own ``prompts``), ``"none"`` means none.
         device: 'auto' (CUDA when present), 'cpu', 'cuda', ...
+        chunk_context: what each chunk is embedded and BM25-indexed with besides its text:
+            'headings' (its document's title and its heading path), 'title' or 'none'.
         batch_size: texts per embedding call; each batch is cached as soon as it is embedded.
         include: glob patterns of files to index (directory and object-store sources).
         exclude: glob patterns of files and directories to leave out.
@@ -61,6 +64,7 @@ class IndexConfig:
     query_prefix: str | None = None
     passage_prefix: str | None = None
     device: str = "auto"
+    chunk_context: str = "headings"
     batch_size: int = 64
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -92,6 +96,8 @@ class IndexConfig:
             object.__setattr__(self, "alias", self.index)
         if not _INDEX_NAME.fullmatch(self.alias):
             raise ConfigError(f"alias {self.alias!r} must match {_INDEX_NAME.pattern}")
+        if self.chunk_context not in CONTEXT_MODES:
+            raise ConfigError(f"chunk_context {self.chunk_context!r} is not one of {', '.join(CONTEXT_MODES)}")
         if self.retention < 1:
             raise ConfigError(f"retention must be at least 1, got {self.retention}")
         if self.embed_task_size < 1:

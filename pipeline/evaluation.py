@@ -37,7 +37,7 @@ def load_beir(
     directory: Path,
 ) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]], dict[str, str]]:
     """(documents: id -> "title\\n\\ntext", queries: id -> text, qrels: query id -> {doc id: grade},
-    titles: id -> title)."""
+    titles: id -> title). See :func:`corpus_formats` for the documents' formats."""
     for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
         if not (directory / name).is_file():
             raise ConfigError(f"{directory} is not a BEIR data set: {name} is missing")
@@ -60,6 +60,17 @@ def load_beir(
             if grade > 0:
                 qrels.setdefault(str(row["query-id"]), {})[str(row["corpus-id"])] = grade
     return docs, {q: t for q, t in queries.items() if q in qrels}, qrels, titles
+
+
+def corpus_formats(directory: Path) -> dict[str, str]:
+    """Each document's format: ``format`` of its corpus.jsonl record (an addition to the BEIR layout,
+    for structured documents such as reStructuredText), else ``text``."""
+    formats = {}
+    with open(directory / "corpus.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            d = json.loads(line)
+            formats[str(d["_id"])] = str(d.get("format") or "text")
+    return formats
 
 
 def ndcg_at(ranked: Sequence[str], grades: Mapping[str, int], k: int = 10) -> float:
@@ -90,22 +101,24 @@ def documents_in_order(hits: Sequence[Any]) -> list[str]:
 
 def evaluate(
     dataset: Path, registry_config: RegistryConfig, embedder: Embedder, modes: Sequence[str],
-    limit_queries: int | None = None, retrieval: dict[str, Any] | None = None,
+    limit_queries: int | None = None, retrieval: dict[str, Any] | None = None, chunk_context: str = "headings",
 ) -> dict[str, Any]:
-    """Index ``dataset`` once, then score every mode on its queries."""
+    """Index ``dataset`` once (chunks indexed with ``chunk_context``), then score every mode on its queries."""
     from retrieval import Retriever
 
     for mode in modes:
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     docs, queries, qrels, titles = load_beir(dataset)
+    formats = corpus_formats(dataset)
     query_ids = list(queries)[:limit_queries] if limit_queries else list(queries)
     results: dict[str, Any] = {"dataset": str(dataset), "documents": len(docs), "queries": len(query_ids),
-                               "model_id": embedder.model_id, "modes": {}}
+                               "model_id": embedder.model_id, "chunk_context": chunk_context, "modes": {}}
     with tempfile.TemporaryDirectory(prefix="ragpipe-eval-") as tmp, \
             scratch_database(registry_config.database_url, registry_config.home) as url:
-        config = IndexConfig(index="eval", artifacts=str(Path(tmp) / "artifacts"), lock_timeout=0)
-        records = ((d, text, {"format": "text", "title": titles[d]} if titles[d] else {"format": "text"})
+        config = IndexConfig(index="eval", artifacts=str(Path(tmp) / "artifacts"), lock_timeout=0,
+                             chunk_context=chunk_context)
+        records = ((d, text, {"format": formats[d], "title": titles[d]} if titles[d] else {"format": formats[d]})
                    for d, text in docs.items())
         scan = scan_records(records, dataset.resolve().as_uri())
         with Registry.open(RegistryConfig(database_url=url, home=Path(tmp))) as registry:

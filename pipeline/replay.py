@@ -58,7 +58,8 @@ def load_replay(replay_dir: Path) -> tuple[Documents, dict[int, list[dict[str, A
 
 
 def check_against_fresh_build(registry: Registry, index: str, docs: Documents, embedder: Embedder,
-                              memo: dict[tuple[str, str, str], set[str]] | None = None) -> dict[str, int]:
+                              memo: dict[tuple[str, str, str], set[str]] | None = None,
+                              chunk_context: str = "headings") -> dict[str, int]:
     """Compare the registry's active chunks with a full chunking of ``docs``.
 
     ``memo`` keeps each document's fresh chunk ids by (doc_id, text, metadata) between checks of one
@@ -73,7 +74,8 @@ def check_against_fresh_build(registry: Registry, index: str, docs: Documents, e
         ids = memo.get(key)
         if ids is None:
             scan = scan_records([(doc_id, text, metadata)], "replay")
-            ids = memo[key] = {c.chunk_id for d in scan.documents for c in chunk_document(d, counter, embedder.max_tokens, passage)}
+            ids = memo[key] = {c.chunk_id for d in scan.documents
+                                  for c in chunk_document(d, counter, embedder.max_tokens, passage, chunk_context)}
         expected |= ids
     active = registry.active_chunk_ids(index)
     return {
@@ -92,6 +94,7 @@ def run_replay(
     max_steps: int | None = None,
     keep_database: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    chunk_context: str = "headings",
 ) -> dict[str, Any]:
     """Replay ``replay_dir`` and return the counts ``ragpipe replay --json`` prints."""
     if check_every < 1:
@@ -99,7 +102,8 @@ def run_replay(
     docs, steps = load_replay(replay_dir)
     step_numbers = list(steps)[:max_steps] if max_steps is not None else list(steps)
     artifacts = tempfile.TemporaryDirectory(prefix="ragpipe-replay-")
-    config = IndexConfig(index="replay", lock_timeout=0, artifacts=artifacts.name, retention=2)
+    config = IndexConfig(index="replay", lock_timeout=0, artifacts=artifacts.name, retention=2,
+                         chunk_context=chunk_context)
     source = replay_dir.resolve().as_uri()
     started = time.perf_counter()
 
@@ -140,7 +144,8 @@ def run_replay(
                 result["chunks_added_replay"] += summary.chunks["added"]
                 if position % check_every == 0 or position == len(step_numbers):
                     check_started = time.perf_counter()
-                    check = {"step": step, **check_against_fresh_build(registry, config.index, docs, embedder, memo)}
+                    check = {"step": step, **check_against_fresh_build(registry, config.index, docs, embedder, memo,
+                                                                         chunk_context)}
                     check_seconds += time.perf_counter() - check_started
                     result["checks"].append(check)
                     if on_step:

@@ -314,7 +314,8 @@ def plan_run(
         summary.recovered = recover_unfinished(registry, store, config.index)
 
     known = registry.document_states(config.index)
-    state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens, prefixes_of(embedder).passage)
+    state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens, prefixes_of(embedder).passage,
+                                            config.chunk_context)
     with _stage(state, "discover"):
         if isinstance(source, SourceScan):
             scan = source
@@ -378,7 +379,8 @@ def stage_run(
         with _stage(state, "chunk"):
             counter = embedder.token_counter()
             for doc in documents:
-                doc_chunks = chunk_document(doc, counter, embedder.max_tokens, prefixes_of(embedder).passage)
+                doc_chunks = chunk_document(doc, counter, embedder.max_tokens, prefixes_of(embedder).passage,
+                                            config.chunk_context)
                 chunks.extend(doc_chunks)
                 state.chunk_counts[doc.doc_id] = len(doc_chunks)
 

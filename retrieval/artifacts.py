@@ -69,7 +69,7 @@ def sha256_file(path: Path) -> str:
 
 def indexed_text(context: str | None, text: str) -> str:
     """A chunk's text as embedded, BM25-indexed and reranked: prefixed with its context (its
-    document's title) unless it begins with it."""
+    document's title and the chunk's heading path) unless it begins with it."""
     if not context or text.startswith(context):
         return text
     return f"{context}\n\n{text}"

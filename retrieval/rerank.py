@@ -9,7 +9,7 @@
   its weakest members (Bruch et al., "An Analysis of Fusion Functions for Hybrid Retrieval", 2023,
   found the same: theoretical-minimum normalization is the robust choice for convex combination).
 - :class:`CrossEncoderReranker`: any sentence-transformers CrossEncoder, by name or local path. It
-  scores the text that was embedded: the chunk's context (its document's title) and its text.
+  scores the text that was embedded: the chunk's context (its document's title and heading path) and its text.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class CrossEncoderReranker:
         keys = list(keys)
         if not keys:
             return {}
-        # the text that was embedded and BM25-indexed: the chunk's context (its document's title) first
+        # the text that was embedded and BM25-indexed: the chunk's context (title and heading path) first
         texts, contexts = version.columns["text"], version.columns["context"]
         pairs = [(query, indexed_text(contexts[version.row[k]], texts[version.row[k]])) for k in keys]
         scores = np.asarray(self._model.predict(pairs, batch_size=self.batch_size, show_progress_bar=False))

@@ -3,6 +3,7 @@ the scale benchmark's corpus and phases work end to end. Their figures are in do
 
 import json
 import random
+import re
 
 import pytest
 
@@ -133,3 +134,34 @@ def test_serve_benchmark_runs_its_phases_on_a_small_index(server_url, shared_dat
     load = out["load"]
     assert load["answered_200"] > 0 and load["unanswered"] == 0 and load["failed"] == {}
     assert load["mixed_versions"] == 0 and load["alias_swaps"] >= 1
+
+
+def test_stability_benchmark_counts_recut_chunks_around_an_edit():
+    from benchmarks.stability import Edit, inserted_span, measure, new_and_recut, render
+
+    before = "Alpha one.\n\nBeta two.\n\nGamma three.\n"
+    after = "Alpha one.\n\nNew text here.\n\nBeta two.\n\nGamma three.\n"
+    assert after[slice(*inserted_span(before, after))] == "New text here.\n\n"
+    split = lambda text: [p.strip() for p in text.split("\n\n") if p.strip()]  # noqa: E731 - one chunk a paragraph
+    assert new_and_recut(before, after, split(before), split(after)) == (1, 0)  # only inserted text is new
+    merged = lambda text: ["\n\n".join(split(text)[:2]), *split(text)[2:]]  # noqa: E731 - joins the first two
+    assert new_and_recut(before, after, merged(before), merged(after)) == (2, 2)  # both hold old text
+    corpus = [_paragraphs(4, 6), _paragraphs(5, 6)]
+    edits = [Edit("sentence_added", 0, render(corpus[0]), render(corpus[0][:2] + ["Wing."] + corpus[0][2:])),
+             Edit("paragraph_deleted", 1, render(corpus[1]), render(corpus[1][1:])),
+             Edit("paragraph_inserted", 1, render(corpus[1]), render(corpus[1] + corpus[0][:1]))]
+    result = measure(split, corpus, edits)
+    kinds = result["kinds"]
+    assert result["chunks"] == 12 and result["new_max"] == 1 and result["recut_max"] <= 1
+    assert kinds["paragraph_deleted"]["new"]["max"] == 0 and kinds["paragraph_inserted"]["new"]["max"] == 1
+
+
+def test_kept_retrieval_sets_are_what_the_peps_give(tmp_path, shared_data):
+    from benchmarks.evalsets import build
+    from pipeline.evaluation import load_beir
+
+    summary = build(shared_data, tmp_path)  # raises when the kept queries differ from the derived ones
+    headings = load_beir(tmp_path / "peps-headings")
+    assert summary["peps-headings"]["documents"] == len(headings[0]) and len(headings[1]) > 100
+    assert all(len(re.findall(r"[A-Za-z]+", q)) >= 3 for q in headings[1].values())  # a section title each
+    assert summary["peps-abstracts"]["queries"] == len(load_beir(tmp_path / "peps-abstracts")[1])

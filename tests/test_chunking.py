@@ -1,3 +1,4 @@
+import os
 import re
 from collections.abc import Sequence
 
@@ -5,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.chunking import chunk_document, document_sections, split_sections
+from pipeline.chunking import chunk_document, chunker_version, context_line, document_sections, split_sections
 from pipeline.embedding import SentenceTransformerEmbedder
 from pipeline.sources import make_document
 
@@ -288,3 +289,120 @@ def test_chunks_are_indexed_with_the_document_title():
     assert [(c.char_start, c.char_end) for c in chunk_document(plain, WORDS, 80)] == [(c.char_start, c.char_end) for c in chunks]
     long_title = make_document("a.txt", text, "uri", {"title": "t " * 11})
     assert all(c.context == "" for c in chunk_document(long_title, WORDS, 80))
+
+
+# -- heading context -------------------------------------------------------------------------
+
+NESTED = ("# Guide\n\n## Install\n\n" + "\n\n".join(f"Step {i} copies files and checks every checksum twice." for i in range(8))
+          + "\n\n### Offline\n\n" + "\n\n".join(f"Mirror {i} serves wheels without a network." for i in range(8)) + "\n")
+
+
+def test_chunks_are_indexed_with_title_and_heading_path_not_in_their_text():
+    titled = make_document("guide.md", NESTED, "uri", {"title": "Handbook"})
+    chunks = chunk_document(titled, WORDS, 64)
+    assert len({c.heading_path for c in chunks}) >= 2
+    for c in chunks:
+        opens = c.text.split("\n")[0].lstrip("# ") == c.heading_path[-1]  # a chunk opening with its heading
+        line = " > ".join(("Handbook", *(c.heading_path[:-1] if opens else c.heading_path)))
+        assert c.context == line
+        assert c.indexed_text == f"{line}\n\n{c.text}"  # what is embedded and BM25-indexed
+        assert c.text == titled.text[c.char_start:c.char_end] and not c.text.startswith(line)  # the source's own text
+        assert c.token_count <= 64 and WORDS.count([c.text])[0] <= 64  # the context does not eat the budget
+    assert any(c.heading_path == ("Guide", "Install", "Offline") for c in chunks)
+    # switching the context changes what is embedded, never where chunks fall
+    for mode, expected in (("title", lambda c: "Handbook"), ("none", lambda c: "")):
+        other = chunk_document(titled, WORDS, 64, context=mode)
+        assert [(c.char_start, c.char_end, c.heading_path) for c in other] == [
+            (c.char_start, c.char_end, c.heading_path) for c in chunks]
+        assert [c.context for c in other] == [expected(c) for c in other]
+        assert {c.chunk_hash for c in other}.isdisjoint(c.chunk_hash for c in chunks)
+    with pytest.raises(ValueError, match="chunk context 'all'"):
+        chunk_document(titled, WORDS, 64, context="all")
+
+
+def test_a_long_context_line_keeps_what_fits():
+    long_path = ("Alpha beta gamma delta epsilon zeta", "Eta theta iota kappa lambda mu", "Nu xi omicron")
+    assert context_line("Title here", long_path, WORDS, 160) == " > ".join(("Title here", *long_path))
+    assert context_line("Title here", long_path, WORDS, 48) == "Title here > Nu xi omicron"  # 6 words at most
+    assert context_line("Title here", long_path, WORDS, 24) == "Nu xi omicron"
+    assert context_line("A much longer document title", long_path, WORDS, 16) == ""
+    assert context_line("Guide", ("Guide", "Install"), WORDS, 160) == "Guide > Install"  # the title is not repeated
+    assert context_line("Guide", ("Install",), WORDS, 160, "title") == "Guide"
+
+
+def test_chunker_version_names_the_context_and_the_cuts():
+    assert chunker_version("m", 254) != chunker_version("m", 254, context="title")
+    assert "context=headings" in chunker_version("m", 254) and "sections-v3" in chunker_version("m", 254)
+
+
+# -- content-defined cuts in heading-less text -------------------------------------------------
+
+def _plain_text(paragraphs):
+    return "\n\n".join(" ".join(p) for p in paragraphs) + "\n"
+
+
+# sentences are distinct (a running number), as real sentences nearly always are
+numbered = st.lists(st.lists(word, min_size=1, max_size=8), min_size=1, max_size=5)
+plain = st.lists(numbered, min_size=2, max_size=30)
+
+
+def _numbered(raw, offset=0):
+    n = offset
+    out = []
+    for para in raw:
+        sentences = []
+        for ws in para:
+            n += 1
+            sentences.append(f"Item{n} " + " ".join(ws) + ".")
+        out.append(sentences)
+    return out
+
+
+def _edit(data, paragraphs):
+    kind = data.draw(st.sampled_from(["sentence_added", "paragraph_deleted", "paragraph_inserted"]), label="kind")
+    edited = [list(p) for p in paragraphs]
+    p = data.draw(st.integers(0, len(edited) - 1), label="paragraph")
+    if kind == "sentence_added":
+        edited[p].insert(data.draw(st.integers(0, len(edited[p])), label="at"), "Inserted sentence about gliders.")
+    elif kind == "paragraph_deleted":
+        del edited[p]
+    else:
+        new = _numbered(data.draw(numbered, label="new paragraph"), offset=10_000)
+        edited.insert(p, [s for para in new for s in para])
+    return edited
+
+
+def _words_between(text, start, end):
+    return len(text[start:end].split())
+
+
+@settings(max_examples=200, deadline=None)
+@given(plain, st.data(), st.integers(12, 48))
+def test_an_edit_recuts_only_its_neighbourhood(raw, data, max_tokens):
+    paragraphs = _numbered(raw)
+    before_text = _plain_text(paragraphs)
+    after_text = _plain_text(_edit(data, paragraphs))
+    before, after = doc(before_text, "a.txt"), doc(after_text, "a.txt")
+    old, new = chunk_document(before, WORDS, max_tokens), chunk_document(after, WORDS, max_tokens)
+    check_chunks(before, old, WORDS, max_tokens)
+    check_chunks(after, new, WORDS, max_tokens)
+    # the edited span of each text: what lies between their common prefix and common suffix
+    prefix = len(os.path.commonprefix([before_text, after_text]))
+    suffix = len(os.path.commonprefix([before_text[prefix:][::-1], after_text[prefix:][::-1]]))
+    edit_end_old, shift = len(before_text) - suffix, len(after_text) - len(before_text)
+    kept = {(c.char_start, c.char_end, c.text) for c in new}
+    reach = 3 * max_tokens  # in words (tokens): cuts depend on the text within a window, stretches are short
+    for c in old:
+        if _words_between(before_text, c.char_end, prefix) >= reach and c.char_end <= prefix:
+            assert (c.char_start, c.char_end, c.text) in kept  # before the edit: untouched
+        elif c.char_start >= edit_end_old and _words_between(before_text, edit_end_old, c.char_start) >= reach:
+            assert (c.char_start + shift, c.char_end + shift, c.text) in kept  # after it: moved, not re-cut
+
+
+@settings(max_examples=100, deadline=None)
+@given(plain, st.integers(12, 48))
+def test_content_defined_cuts_are_deterministic_and_exact(raw, max_tokens):
+    d = doc(_plain_text(_numbered(raw)), "a.txt")
+    chunks = chunk_document(d, WORDS, max_tokens)
+    check_chunks(d, chunks, WORDS, max_tokens)
+    assert chunk_document(d, WORDS, max_tokens) == chunks

@@ -38,8 +38,8 @@ def test_synthetic_replay_stays_exact(tmp_path, server_url, embedder):
     assert all(c["stale"] == 0 and c["missing"] == 0 for c in result["checks"])
     assert result["active_chunks_of_deleted_documents"] == 0
     assert result["documents_deleted"] == 1 and result["documents_upserted"] == 3
-    # one edited paragraph re-embeds one chunk of a.md, not the document
-    assert 0 < result["chunks_embedded_replay"] <= 4
+    # the edited paragraph re-embeds the chunks around it in a.md (not the document), plus d.md and the appendix
+    assert 0 < result["chunks_embedded_replay"] <= 5
     assert result["noop_stage_seconds"].get("chunk") is None
 
 
@@ -48,6 +48,6 @@ def test_peps_history_first_steps(tmp_path, server_url, embedder, shared_data):
     result = run_replay(shared_data / "peps-replay", RegistryConfig(database_url=server_url, home=tmp_path), embedder,
                         check_every=5, max_steps=10)
     assert result["base_documents"] == 720
-    assert result["base_chunks"] <= 20_000
+    assert result["base_chunks"] <= 24_000  # content-defined cuts in long sections: 23,494 (packed full: 19,546)
     assert result["stale"] == 0 and result["missing"] == 0
     assert result["active_chunks_of_deleted_documents"] == 0

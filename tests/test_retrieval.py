@@ -372,3 +372,28 @@ def test_versions_written_before_the_context_column_still_load(tmp_path, registr
     assert nxt.full_build
     rows = pq.read_table(registry_config.home / "artifacts" / "docs" / nxt.version / CHUNKS_FILE).to_pylist()
     assert {r["doc_id"]: r["context"] for r in rows} == {"flutter": "Wing flutter", "plain": "", "new": ""}
+
+
+BYPASS = ("# Engines\n\n## Turbofan bypass\n\n"
+          + "\n\n".join(" ".join(f"Paragraph {p} sentence {s} describes fan pressure ratio and core flow." for s in range(9))
+                        for p in range(4)) + "\n")
+
+
+@pytest.mark.parametrize("chunk_context", ["headings", "title"])
+def test_heading_context_is_indexed_but_not_part_of_the_hit(tmp_path, registry, registry_config, embedder, chunk_context):
+    src = _write_jsonl(tmp_path / "docs.jsonl", [{"doc_id": "engines.md", "text": BYPASS,
+                                                  "metadata": {"title": "Propulsion notes"}}])
+    publish(src, registry, embedder, chunk_context=chunk_context)
+    with open_retriever(registry_config, embedder, retrievers="bm25", reranker="none") as r:
+        hits = r.search("turbofan bypass", k=10)
+        every = r.search("fan pressure ratio core flow", k=10)
+    assert len(every) >= 2  # the section needs several chunks
+    deep = [h for h in every if "bypass" not in h.text.lower()]
+    assert deep, "a chunk of the section does not repeat its heading"
+    for hit in every:  # hits carry the source's own text and offsets, never the context line
+        assert BYPASS[hit.char_start:hit.char_end] == hit.text and not hit.text.startswith("Propulsion")
+    found = {h.chunk_id for h in hits}
+    if chunk_context == "headings":  # BM25 reads the heading path in front of every chunk of the section
+        assert {h.chunk_id for h in every} <= found
+    else:  # only the chunk holding the heading line has its words
+        assert found and not {h.chunk_id for h in deep} & found
