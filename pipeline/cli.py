@@ -192,9 +192,13 @@ def _cmd_versions(args: argparse.Namespace) -> int:
             stats: dict[str, dict[str, Any]] = {}
             for s in registry.version_stats(config.index):
                 stats.setdefault(s.version, {})[s.role] = s.to_dict()
-            rows = [_version_record(v, stats.get(v.version, {})) for v in registry.list_versions(config.index)]
+            feedback: dict[str, dict[str, Any]] = {}
+            for q in registry.quality_report(config.index):
+                feedback.setdefault(q.version, {})[f"{q.kind}/{q.source}"] = {"count": q.count, "mean": q.mean}
+            rows = [{**_version_record(v, stats.get(v.version, {})), "feedback": feedback.get(v.version, {})}
+                    for v in registry.list_versions(config.index)]
             _print_rows(rows, ["version", "status", "role", "chunks", "model_id", "full_build", "created_at",
-                               "served", "metrics", "reason"], args.json)
+                               "served", "feedback", "metrics", "reason"], args.json)
             return 0
         with registry.index_lock(config.index, config.lock_timeout):
             result = collect_garbage(registry, artifact_store(config, registry.home), config.index, config.retention)

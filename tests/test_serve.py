@@ -164,6 +164,12 @@ def test_feedback_is_recorded_with_the_version_that_served_and_reported_per_vers
     assert main(["quality", "report", "--index", "other", "--json", "--database-url", registry_config.database_url,
                  "--home", str(registry_config.home)]) == 0
     assert json.loads(capsys.readouterr().out) == []
+    assert main(["versions", "list", "--json", "--database-url", registry_config.database_url,
+                 "--home", str(registry_config.home)]) == 0
+    listed = {v["version"]: v["feedback"] for v in json.loads(capsys.readouterr().out)}
+    assert set(listed[a]) == {"relevance/user", "faithfulness/judge"}
+    assert listed[a]["relevance/user"] == {"count": 2, "mean": 0.5} and listed[a]["faithfulness/judge"]["count"] == 1
+    assert listed[b] == {"thumbs/user": {"count": 1, "mean": -1.0}}
 
 
 def test_a_damaged_new_version_leaves_the_old_one_served_and_readyz_and_metrics_say_so(versions, registry,
