@@ -88,14 +88,17 @@ def paragraphs(text: str, start: int, end: int, fmt: str) -> list[tuple[int, int
                     fence_open = not fence_open
             if fence_open:
                 continue
-        span = _trimmed(text, pos, m.start())
-        if span:
-            spans.append(span)
+        _keep(spans, text, pos, m.start())
         pos = m.end()
-    span = _trimmed(text, pos, end)
+    _keep(spans, text, pos, end)
+    return spans
+
+
+def _keep(spans: list[tuple[int, int]], text: str, start: int, end: int) -> None:
+    """Append the span of text[start:end] without its surrounding whitespace, unless that is empty."""
+    span = _trimmed(text, start, end)
     if span:
         spans.append(span)
-    return spans
 
 
 def _split_by(pattern: re.Pattern[str] | str, text: str, start: int, end: int) -> list[tuple[int, int]]:
@@ -105,20 +108,14 @@ def _split_by(pattern: re.Pattern[str] | str, text: str, start: int, end: int) -
     if isinstance(pattern, str):
         cut = text.find(pattern, start, end)
         while cut != -1:
-            span = _trimmed(text, pos, cut)
-            if span:
-                spans.append(span)
+            _keep(spans, text, pos, cut)
             pos = cut + 1
             cut = text.find(pattern, pos, end)
     else:
         for m in pattern.finditer(text, start, end):
-            span = _trimmed(text, pos, m.start())
-            if span:
-                spans.append(span)
+            _keep(spans, text, pos, m.start())
             pos = m.end()
-    span = _trimmed(text, pos, end)
-    if span:
-        spans.append(span)
+    _keep(spans, text, pos, end)
     return spans
 
 
