@@ -17,7 +17,7 @@ AIRFLOW_ENV := AIRFLOW_HOME=$(AIRFLOW_HOME_DIR) AIRFLOW__CORE__DAGS_FOLDER=$(CUR
 	AIRFLOW__CORE__LOAD_EXAMPLES=False RAGPIPE_INCLUDE='*.md,*.rst'
 RUN_CONF := {"source": "$(CURDIR)", "index": "docs"}
 
-.PHONY: install run test test-fast bench-replay bench schema clean
+.PHONY: install run test test-fast bench-replay bench schema clean cluster cluster-install cluster-run cluster-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,34 @@ $(AIRFLOW_HOME_DIR)/airflow.db: | install
 	mkdir -p $(AIRFLOW_HOME_DIR)
 	$(AIRFLOW_ENV) $(VENV)/bin/airflow db migrate > $(AIRFLOW_HOME_DIR)/migrate.log 2>&1 \
 		|| (tail -n 40 $(AIRFLOW_HOME_DIR)/migrate.log; exit 1)
+
+# A local Airflow 3 cluster (no Docker): api-server, scheduler, dag-processor, triggerer, two Celery
+# workers with working directories of their own, Redis (CLUSTER_REDIS, a database of its own) as the
+# broker, PostgreSQL (CLUSTER_POSTGRES) for Airflow's metadata and the registry, moto's S3 server as
+# the artifact store. Pid files and logs under CLUSTER_DIR; see cluster/ and the README.
+CLUSTER_DIR      ?= $(CURDIR)/.cluster
+CLUSTER_POSTGRES ?= postgresql://postgres@127.0.0.1:5432/postgres
+CLUSTER_REDIS    ?= redis://127.0.0.1:6379/13
+CLUSTER := PYTHONPATH=$(CURDIR) $(PY) -m cluster --root $(CLUSTER_DIR) --repo $(CURDIR) \
+	--postgres $(CLUSTER_POSTGRES) --redis $(CLUSTER_REDIS)
+
+# the [cluster] extra (the Celery provider, the Redis client) when the environment lacks it; a
+# virtual environment that exists is used as it is (not reinstalled because pyproject.toml is newer)
+cluster-install:
+	@test -x $(PY) || $(MAKE) install
+	@$(PY) -c "import airflow.providers.celery, redis, psutil" 2>/dev/null || \
+		$(PIP) -e '.[cluster]' 2>&1 | grep -v "is ignored" || true
+
+cluster: cluster-install
+	$(CLUSTER) up
+
+# rag_index over this repository's docs (uploaded to the cluster's S3 server) through the Airflow
+# REST API; the last line is JSON: {"dag_run_id", "state", "workers", "artifacts"}
+cluster-run:
+	$(CLUSTER) run
+
+cluster-down:
+	$(CLUSTER) down
 
 # the checkout first on the path, for the tests and the subprocesses they start (benchmarks/ is not
 # part of the installed package)

@@ -39,6 +39,12 @@ DEFAULT_ARGS = {
 }
 
 
+def _schedule(variable: str, default: str) -> str | None:
+    """A DAG's schedule from the environment (parse time); ``none`` for none (triggered runs only)."""
+    value = os.environ.get(variable) or default
+    return None if value.strip().lower() == "none" else value
+
+
 def published_asset(index: str) -> Asset:
     """The asset a publish of ``index`` updates (attached to the ``PUBLISHED`` alias at run time)."""
     return Asset(name=f"ragpipe_index_{index}", uri=f"ragpipe://{index}")
@@ -121,7 +127,7 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 # -- the DAGs ---------------------------------------------------------------------------------
 
 
-def _indexing_dag(dag_id: str, schedule: str, *, full: bool, doc: str) -> Any:
+def _indexing_dag(dag_id: str, schedule: str | None, *, full: bool, doc: str) -> Any:
     params = {
         "source": Param("", type="string", description="directory, .jsonl file or object-store URI (s3://bucket/"
                                                          "prefix/, gs://, file://); empty: Variable "
@@ -214,7 +220,7 @@ def _indexing_dag(dag_id: str, schedule: str, *, full: bool, doc: str) -> Any:
 
 rag_index = _indexing_dag(
     "rag_index",
-    os.environ.get("RAGPIPE_SCHEDULE", "@hourly"),
+    _schedule("RAGPIPE_SCHEDULE", "@hourly"),
     full=False,
     doc="Incremental indexing: re-chunk only changed documents, embed only chunk texts never embedded "
         "with the model, build a new version from the live one, validate it and publish it behind the alias.",
@@ -222,7 +228,7 @@ rag_index = _indexing_dag(
 
 rag_index_rebuild = _indexing_dag(
     "rag_index_rebuild",
-    os.environ.get("RAGPIPE_REBUILD_SCHEDULE", "@weekly"),
+    _schedule("RAGPIPE_REBUILD_SCHEDULE", "@weekly"),
     full=True,
     doc="Zero-downtime full rebuild: a new version from the registry alone, validated, then published "
         "with an atomic alias swap. With the `model` param it builds a shadow version for a model "

@@ -289,11 +289,21 @@ def scratch_database(database_url: str | None, home: Path, keep: bool = False) -
     """
     server_url = resolve_database_url(database_url, home)
     name = f"ragpipe_scratch_{os.getpid()}_{int(time.time() * 1000)}"
-    with connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        yield conninfo.make_conninfo(server_url, dbname=name)
+        yield create_database(server_url, name)
     finally:
         if not keep:
-            with connect(server_url, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            drop_database(server_url, name)
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create the empty database ``name`` on the server ``server_url`` reaches; return its URL."""
+    with connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return conninfo.make_conninfo(server_url, dbname=name)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop the database ``name`` (closing its connections) when it exists."""
+    with connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -353,11 +353,24 @@ class ArtifactStore:
         return f"{self.uri}/{index}/{RUNS_DIR}/{run_id}/{name}"
 
     def write_run_table(self, index: str, run_id: int, name: str, table: pa.Table) -> str:
-        """Write a Parquet file into the run's workspace; return its URI."""
+        """Write a Parquet file into the run's workspace; return its URI.
+
+        Complete or absent: an object store shows an object only once its upload completed; a
+        directory gets a temporary name first, renamed when the file is whole.
+        """
         uri = self.run_file_uri(index, run_id, name)
         filesystem, path = _filesystem(uri)
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, path, filesystem=filesystem, compression="snappy")
+        if not self.is_local:
+            pq.write_table(table, path, filesystem=filesystem, compression="snappy")
+            return uri
+        tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            pq.write_table(table, tmp, filesystem=filesystem, compression="snappy")
+            filesystem.move(tmp, path)
+        finally:
+            if filesystem.get_file_info(tmp).type != _missing():
+                filesystem.delete_file(tmp)
         return uri
 
     @staticmethod
@@ -388,6 +401,12 @@ def _new_directory(parent: Path, version: str) -> Path:
     path = parent / f".{version}.{uuid.uuid4().hex[:12]}"
     path.mkdir()
     return path
+
+
+def _missing() -> Any:
+    from pyarrow import fs
+
+    return fs.FileType.NotFound
 
 
 def _filesystem(uri: str) -> tuple[Any, str]:
