@@ -13,7 +13,7 @@ BENCHMARKS = {
     "checksums": "benchmarks.checksums", "agent_cache": "benchmarks.agent_cache",
     "segments": "benchmarks.segments",
     "serve": "benchmarks.serve",
-    "stability": "benchmarks.stability", "evalsets": "benchmarks.evalsets",
+    "stability": "benchmarks.stability", "evalsets": "benchmarks.evalsets", "cluster": "benchmarks.cluster",
 }
 
 

@@ -125,7 +125,7 @@ def _redis(settings: ClusterSettings) -> Any:
 
 
 def up(root: Path, repo: Path, *, postgres_url: str, redis_url: str, workers: int = 2,
-       python: str = sys.executable, say: Say = _say) -> ClusterSettings:
+       python: str = sys.executable, overrides: dict[str, str] | None = None, say: Say = _say) -> ClusterSettings:
     """Start a cluster under ``root``; a cluster left there before is stopped first.
 
     Raises:
@@ -136,7 +136,7 @@ def up(root: Path, repo: Path, *, postgres_url: str, redis_url: str, workers: in
         down(root, say=say)
     started = time.monotonic()
     settings = ClusterSettings.new(root, repo, python, postgres_url=postgres_url, redis_url=redis_url,
-                                   workers=workers)
+                                   workers=workers, overrides=overrides)
     settings.save()
     try:
         _prepare(settings, say)

@@ -100,10 +100,11 @@ class ClusterSettings:
     admin_password: str = field(default="", repr=False)
     aws_access_key: str = field(default="", repr=False)
     aws_secret_key: str = field(default="", repr=False)
+    overrides: dict[str, str] = field(default_factory=dict)  # set in every process's environment, last
 
     @classmethod
     def new(cls, root: Path, repo: Path, python: str, *, postgres_url: str, redis_url: str,
-            workers: int = len(WORKER_NAMES)) -> "ClusterSettings":
+            workers: int = len(WORKER_NAMES), overrides: dict[str, str] | None = None) -> "ClusterSettings":
         """Fresh settings: free loopback ports, new secrets, database names of this cluster's own."""
         cluster_id = secrets.token_hex(6)
         host, port, db = parse_redis_url(redis_url)
@@ -116,6 +117,7 @@ class ClusterSettings:
             workers=tuple(f"worker-{i + 1}" for i in range(workers)),
             jwt_secret=secrets.token_urlsafe(32), admin_password=secrets.token_urlsafe(12),
             aws_access_key="AKIA" + secrets.token_hex(8).upper(), aws_secret_key=secrets.token_urlsafe(30),
+            overrides=dict(overrides or {}),
         )
 
     # -- where things are ------------------------------------------------------------------------
@@ -204,7 +206,7 @@ class ClusterSettings:
         if name in self.workers:
             port = self.worker_log_ports[self.workers.index(name)]
             env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(port)
-        return env
+        return {**env, **self.overrides}
 
     # -- saved form ------------------------------------------------------------------------------
 

@@ -101,6 +101,14 @@ def test_task_graph_and_schedule(parsed):
         assert dag["outlets"] == {"publish": ["AssetAlias:ragpipe_index_published"]}
 
 
+def test_schedule_none_leaves_the_dags_to_triggered_runs(tmp_path):
+    env = airflow_env(tmp_path, RAGPIPE_SCHEDULE="none", RAGPIPE_REBUILD_SCHEDULE="None")
+    out = subprocess.run([sys.executable, "-c", PARSE, str(REPO / "dags")], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    dags = json.loads(out.stdout.strip().splitlines()[-1])["dags"]
+    assert {d: dags[d]["schedule"] for d in dags} == {"rag_index": "None", "rag_index_rebuild": "None"}
+
+
 def _dags_test(home: Path, env: dict[str, str], dag_id: str, conf: dict) -> subprocess.CompletedProcess:
     done = subprocess.run([str(AIRFLOW), "dags", "test", dag_id, "-c", json.dumps(conf)], env=env,
                           capture_output=True, text=True, timeout=600)
