@@ -39,6 +39,10 @@ DEFAULT_ARGS = {
 }
 
 
+# the pool the embedding tasks take slots of (parse time): size it to the workers' embedding capacity
+EMBED_POOL = os.environ.get("RAGPIPE_EMBED_POOL") or "default_pool"
+
+
 def _schedule(variable: str, default: str) -> str | None:
     """A DAG's schedule from the environment (parse time); ``none`` for none (triggered runs only)."""
     value = os.environ.get(variable) or default
@@ -176,7 +180,7 @@ def _indexing_dag(dag_id: str, schedule: str | None, *, full: bool, doc: str) ->
         def work_lists(staged: dict[str, Any]) -> list[dict[str, Any]]:
             return [{"run_id": staged["run_id"], "batch_uri": uri} for uri in staged["batches"]]
 
-        @task(max_active_tis_per_dagrun=8)
+        @task(max_active_tis_per_dagrun=8, pool=EMBED_POOL)
         def embed(work: dict[str, Any]) -> dict[str, Any]:
             from pipeline import steps
 

@@ -39,6 +39,7 @@ graph = {d.dag_id: {"tasks": {t.task_id: sorted(t.downstream_task_ids) for t in 
                     "retries": {t.task_id: t.retries for t in d.tasks},
                     "trigger_rules": {t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in d.tasks},
                     "mapped": sorted(t.task_id for t in d.tasks if getattr(t, "is_mapped", False)),
+                    "pools": {t.task_id: t.pool for t in d.tasks},
                     "outlets": {t.task_id: [type(o).__name__ + ":" + o.name for o in t.outlets] for t in d.tasks if t.outlets}}
          for d in bag.dags.values()}
 print(json.dumps({"errors": {k: str(v) for k, v in bag.import_errors.items()}, "heavy": heavy, "dags": graph}))
@@ -96,17 +97,20 @@ def test_task_graph_and_schedule(parsed):
         assert dag["schedule"] == schedule and dag["catchup"] is False and dag["max_active_runs"] == 1
         assert dag["params"] == params
         assert dag["mapped"] == ["embed"]  # embedding fans out over work lists
+        assert set(dag["pools"].values()) == {"default_pool"}
         assert dag["trigger_rules"]["build"] == "none_failed"  # also when every text was cached
         assert all(r == 3 for r in dag["retries"].values())
         assert dag["outlets"] == {"publish": ["AssetAlias:ragpipe_index_published"]}
 
 
-def test_schedule_none_leaves_the_dags_to_triggered_runs(tmp_path):
-    env = airflow_env(tmp_path, RAGPIPE_SCHEDULE="none", RAGPIPE_REBUILD_SCHEDULE="None")
+def test_schedule_none_and_the_embedding_pool_are_read_at_parse_time(tmp_path):
+    env = airflow_env(tmp_path, RAGPIPE_SCHEDULE="none", RAGPIPE_REBUILD_SCHEDULE="None",
+                      RAGPIPE_EMBED_POOL="embedding")
     out = subprocess.run([sys.executable, "-c", PARSE, str(REPO / "dags")], env=env, capture_output=True,
                          text=True, timeout=300, check=True)
     dags = json.loads(out.stdout.strip().splitlines()[-1])["dags"]
     assert {d: dags[d]["schedule"] for d in dags} == {"rag_index": "None", "rag_index_rebuild": "None"}
+    assert {d: dags[d]["pools"]["embed"] for d in dags} == {"rag_index": "embedding", "rag_index_rebuild": "embedding"}
 
 
 def _dags_test(home: Path, env: dict[str, str], dag_id: str, conf: dict) -> subprocess.CompletedProcess:
