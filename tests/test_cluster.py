@@ -129,9 +129,29 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     settings = control.up(root, REPO, postgres_url=POSTGRES, redis_url=TEST_REDIS, overrides=FAST)
     yield settings
-    control.down(root)
+    try:
+        assert_no_credentials_anywhere(settings)
+    finally:
+        control.down(root)
     assert not processes.tagged(settings), "cluster-down left processes behind"
     assert not root.exists()
+
+
+def assert_no_credentials_anywhere(settings: ClusterSettings) -> None:
+    """The object store's secret key is in no log, task log or working file of any process, in no
+    XCom and in no registry row (only the cluster's own settings file holds it)."""
+    secret = settings.aws_secret_key.encode()
+    for path in settings.root.rglob("*"):
+        if path.is_file() and path != settings.settings_file and secret in path.read_bytes():
+            raise AssertionError(f"the secret key is in {path}")
+    airflow_db = settings.registry_url.rsplit("/", 1)[0] + f"/{settings.airflow_db}"
+    with psycopg.connect(airflow_db) as conn:
+        assert conn.execute("SELECT count(*) FROM xcom").fetchone()[0] > 0
+        assert conn.execute("SELECT count(*) FROM xcom WHERE value::text LIKE %s",
+                            (f"%{settings.aws_secret_key}%",)).fetchone()[0] == 0
+    with psycopg.connect(settings.registry_url) as conn:
+        rows = conn.execute("SELECT counts::text || coalesce(state::text, '') || coalesce(error, '') FROM runs").fetchall()
+        assert rows and not any(settings.aws_secret_key in r[0] for r in rows)
 
 
 def upload(settings: ClusterSettings, prefix: str, files: dict[str, str]) -> str:
