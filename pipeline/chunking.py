@@ -64,8 +64,8 @@ __all__ = [
 ]
 
 CHUNKER_ALGORITHM = "sections-v3"  # v3: content-defined cuts inside sections longer than one chunk
-CONTEXT_MODES = ("headings", "title", "none")  # what a chunk is indexed with besides its text
-DEFAULT_CONTEXT = "headings"
+CONTEXT_MODES = ("headings", "section", "title", "none")  # what a chunk is indexed with besides its text
+DEFAULT_CONTEXT = "section"  # the fewest characters embedded for most of the gain: see docs/benchmarks.md
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,12 @@ def _context_candidates(title: str, heading_path: tuple[str, ...], mode: str) ->
     """The context lines a chunk may carry, the fullest first (see the module docstring)."""
     if mode == "none":
         return [""]
-    path = [" ".join(h.split())[:MAX_CONTEXT_CHARS] for h in heading_path] if mode == "headings" else []
+    path = [" ".join(h.split())[:MAX_CONTEXT_CHARS] for h in heading_path] if mode in ("headings", "section") else []
     path = [h for h in path if h]
     if path and path[0] == title:  # an extractor's title is often the first heading too
         path = path[1:]
+    if mode == "section":
+        path = path[-1:]
     head = [title] if title else []
     candidates = [head + path, head + path[-1:], path, path[-1:], head]
     lines = [CONTEXT_SEPARATOR.join(c) for c in candidates]
@@ -151,8 +153,8 @@ def chunk_document(doc: SourceDocument, counter: TokenCounter, max_tokens: int, 
         max_tokens: the most tokens a chunk may hold (the model's sequence length less special tokens).
         passage_prefix: what the model sees before each chunk (an e5 model's ``passage: ``): part of
             the chunk hash, which covers what is embedded.
-        context: what each chunk is indexed with besides its text: ``"headings"`` (title and heading
-            path), ``"title"`` or ``"none"``.
+        context: what each chunk is indexed with besides its text: ``"section"`` (title and the
+            innermost heading), ``"headings"`` (title and the whole heading path), ``"title"`` or ``"none"``.
 
     Returns:
         Chunks in document order with ordinals 0..n-1; empty when the document has no text.

@@ -49,9 +49,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="texts per embedding batch (env RAGPIPE_BATCH_SIZE)")
     parser.add_argument("--query-prefix", help="text before every query ('none': none; env RAGPIPE_QUERY_PREFIX)")
     parser.add_argument("--passage-prefix", help="text before every passage ('none': none; env RAGPIPE_PASSAGE_PREFIX)")
-    parser.add_argument("--chunk-context", choices=["headings", "title", "none"],
+    parser.add_argument("--chunk-context", choices=["headings", "section", "title", "none"],
                         help="what chunks are indexed with besides their text (env RAGPIPE_CHUNK_CONTEXT; "
-                             "default headings: title > section > subsection)")
+                             "default section: title > innermost heading; headings: title > section > subsection)")
 
 
 def add_db(commands: Commands) -> None:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from pipeline.chunking import CONTEXT_MODES
+from pipeline.chunking import CONTEXT_MODES, DEFAULT_CONTEXT
 from pipeline.embedding import DEFAULT_MODEL
 from pipeline.errors import ConfigError
 from pipeline.formats.isolation import DEFAULT_MAX_UNZIPPED_BYTES, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
@@ -32,7 +32,8 @@ class IndexConfig:
             takes the model's default (e5, bge, the model's own ``prompts``), ``"none"`` means none.
         device: 'auto' (CUDA when present), 'cpu', 'cuda', ...
         chunk_context: what each chunk is embedded and BM25-indexed with besides its text:
-            'headings' (its document's title and its heading path), 'title' or 'none'.
+            'section' (its document's title and its innermost heading), 'headings' (the title and
+            the whole heading path), 'title' or 'none'.
         batch_size: texts per embedding call; each batch is cached as soon as it is embedded.
         include: glob patterns of files to index (directory and object-store sources).
         exclude: glob patterns of files and directories to leave out.
@@ -64,7 +65,7 @@ class IndexConfig:
     query_prefix: str | None = None
     passage_prefix: str | None = None
     device: str = "auto"
-    chunk_context: str = "headings"
+    chunk_context: str = DEFAULT_CONTEXT
     batch_size: int = 64
     include: tuple[str, ...] = DEFAULT_INCLUDE
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE

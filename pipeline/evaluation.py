@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.chunking import DEFAULT_CONTEXT
 from pipeline.config import IndexConfig
 from pipeline.embedding import Embedder
 from pipeline.errors import ConfigError
@@ -101,7 +102,7 @@ def documents_in_order(hits: Sequence[Any]) -> list[str]:
 
 def evaluate(
     dataset: Path, registry_config: RegistryConfig, embedder: Embedder, modes: Sequence[str],
-    limit_queries: int | None = None, retrieval: dict[str, Any] | None = None, chunk_context: str = "headings",
+    limit_queries: int | None = None, retrieval: dict[str, Any] | None = None, chunk_context: str = DEFAULT_CONTEXT,
 ) -> dict[str, Any]:
     """Index ``dataset`` once (chunks indexed with ``chunk_context``), then score every mode on its queries."""
     from retrieval import Retriever

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.chunking import chunk_document
+from pipeline.chunking import DEFAULT_CONTEXT, chunk_document
 from pipeline.config import IndexConfig
 from pipeline.embedding import Embedder, prefixes_of
 from pipeline.errors import ConfigError
@@ -59,7 +59,7 @@ def load_replay(replay_dir: Path) -> tuple[Documents, dict[int, list[dict[str, A
 
 def check_against_fresh_build(registry: Registry, index: str, docs: Documents, embedder: Embedder,
                               memo: dict[tuple[str, str, str], set[str]] | None = None,
-                              chunk_context: str = "headings") -> dict[str, int]:
+                              chunk_context: str = DEFAULT_CONTEXT) -> dict[str, int]:
     """Compare the registry's active chunks with a full chunking of ``docs``.
 
     ``memo`` keeps each document's fresh chunk ids by (doc_id, text, metadata) between checks of one
@@ -94,7 +94,7 @@ def run_replay(
     max_steps: int | None = None,
     keep_database: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
-    chunk_context: str = "headings",
+    chunk_context: str = DEFAULT_CONTEXT,
 ) -> dict[str, Any]:
     """Replay ``replay_dir`` and return the counts ``ragpipe replay --json`` prints."""
     if check_every < 1:

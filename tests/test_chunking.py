@@ -299,11 +299,15 @@ NESTED = ("# Guide\n\n## Install\n\n" + "\n\n".join(f"Step {i} copies files and 
 
 def test_chunks_are_indexed_with_title_and_heading_path_not_in_their_text():
     titled = make_document("guide.md", NESTED, "uri", {"title": "Handbook"})
-    chunks = chunk_document(titled, WORDS, 64)
+    chunks = chunk_document(titled, WORDS, 64, context="headings")
     assert len({c.heading_path for c in chunks}) >= 2
-    for c in chunks:
+    default = chunk_document(titled, WORDS, 64)  # "section": the title and the innermost heading
+    assert [(c.char_start, c.char_end) for c in default] == [(c.char_start, c.char_end) for c in chunks]
+    for c, d in zip(chunks, default):
         opens = c.text.split("\n")[0].lstrip("# ") == c.heading_path[-1]  # a chunk opening with its heading
-        line = " > ".join(("Handbook", *(c.heading_path[:-1] if opens else c.heading_path)))
+        own = c.heading_path[:-1] if opens else c.heading_path
+        line = " > ".join(("Handbook", *own))
+        assert d.context == " > ".join(("Handbook", *own[-1:]))
         assert c.context == line
         assert c.indexed_text == f"{line}\n\n{c.text}"  # what is embedded and BM25-indexed
         assert c.text == titled.text[c.char_start:c.char_end] and not c.text.startswith(line)  # the source's own text
@@ -322,17 +326,20 @@ def test_chunks_are_indexed_with_title_and_heading_path_not_in_their_text():
 
 def test_a_long_context_line_keeps_what_fits():
     long_path = ("Alpha beta gamma delta epsilon zeta", "Eta theta iota kappa lambda mu", "Nu xi omicron")
-    assert context_line("Title here", long_path, WORDS, 160) == " > ".join(("Title here", *long_path))
-    assert context_line("Title here", long_path, WORDS, 48) == "Title here > Nu xi omicron"  # 6 words at most
-    assert context_line("Title here", long_path, WORDS, 24) == "Nu xi omicron"
-    assert context_line("A much longer document title", long_path, WORDS, 16) == ""
-    assert context_line("Guide", ("Guide", "Install"), WORDS, 160) == "Guide > Install"  # the title is not repeated
+    assert context_line("Title here", long_path, WORDS, 160, "headings") == " > ".join(("Title here", *long_path))
+    assert context_line("Title here", long_path, WORDS, 48, "headings") == "Title here > Nu xi omicron"  # 6 words
+    assert context_line("Title here", long_path, WORDS, 24, "headings") == "Nu xi omicron"
+    assert context_line("A much longer document title", long_path, WORDS, 16, "headings") == ""
+    assert context_line("Title here", long_path, WORDS, 160) == "Title here > Nu xi omicron"  # section: innermost
+    assert context_line("A much longer document title", long_path, WORDS, 24) == "Nu xi omicron"
+    for mode in ("headings", "section"):  # the title is not repeated
+        assert context_line("Guide", ("Guide", "Install"), WORDS, 160, mode) == "Guide > Install"
     assert context_line("Guide", ("Install",), WORDS, 160, "title") == "Guide"
 
 
 def test_chunker_version_names_the_context_and_the_cuts():
     assert chunker_version("m", 254) != chunker_version("m", 254, context="title")
-    assert "context=headings" in chunker_version("m", 254) and "sections-v3" in chunker_version("m", 254)
+    assert "context=section" in chunker_version("m", 254) and "sections-v3" in chunker_version("m", 254)
 
 
 # -- content-defined cuts in heading-less text -------------------------------------------------

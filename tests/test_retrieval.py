@@ -379,7 +379,7 @@ BYPASS = ("# Engines\n\n## Turbofan bypass\n\n"
                         for p in range(4)) + "\n")
 
 
-@pytest.mark.parametrize("chunk_context", ["headings", "title"])
+@pytest.mark.parametrize("chunk_context", ["headings", "section", "title"])
 def test_heading_context_is_indexed_but_not_part_of_the_hit(tmp_path, registry, registry_config, embedder, chunk_context):
     src = _write_jsonl(tmp_path / "docs.jsonl", [{"doc_id": "engines.md", "text": BYPASS,
                                                   "metadata": {"title": "Propulsion notes"}}])
@@ -393,7 +393,7 @@ def test_heading_context_is_indexed_but_not_part_of_the_hit(tmp_path, registry, 
     for hit in every:  # hits carry the source's own text and offsets, never the context line
         assert BYPASS[hit.char_start:hit.char_end] == hit.text and not hit.text.startswith("Propulsion")
     found = {h.chunk_id for h in hits}
-    if chunk_context == "headings":  # BM25 reads the heading path in front of every chunk of the section
+    if chunk_context != "title":  # BM25 reads the heading path in front of every chunk of the section
         assert {h.chunk_id for h in every} <= found
     else:  # only the chunk holding the heading line has its words
         assert found and not {h.chunk_id for h in deep} & found
