@@ -113,9 +113,12 @@ class SegmentWriter:
 
     def abort(self) -> None:
         """Discard the unfinished segment."""
-        for appender in [self._keys, self._vectors, self._lengths, *self._postings]:
-            appender._fh.close()
-        self._sink.close()
+        for close in [*(a._fh.close for a in [self._keys, self._vectors, self._lengths, *self._postings]),
+                      self._sink.close]:
+            try:
+                close()  # flushing what is buffered fails again on a full disk: the first error is the one raised
+            except OSError:
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def term_ids(self, terms: Sequence[str]) -> np.ndarray:
