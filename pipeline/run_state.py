@@ -75,12 +75,24 @@ class RunOptions:
     """Per-run choices (flags of ``ragpipe index``), as opposed to the index's configuration.
 
     Attributes:
-        full: rebuild the version from the registry instead of from the head version's files.
+        full: rebuild the version from the registry instead of from the head version's segments.
         shadow: attach the version to the alias as its shadow instead of publishing it.
+        partial: the source lists only some documents (an upsert): the index's other documents
+            stay as they are, instead of being deleted as gone from a snapshot.
+        delete: doc_ids to delete (with ``partial``: ``ragpipe delete``).
     """
 
     full: bool = False
     shadow: bool = False
+    partial: bool = False
+    delete: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"full": self.full, "shadow": self.shadow, "partial": self.partial, "delete": list(self.delete)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunOptions":
+        return cls(**{**data, "delete": tuple(data.get("delete", ()))})
 
 
 def version_name(index: str, now: datetime | None = None) -> str:
@@ -134,14 +146,13 @@ class RunState:
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items()
                if k not in ("summary", "options")}
-        options = {"full": self.options.full, "shadow": self.options.shadow}
-        return {**out, "summary": self.summary.to_dict(), "options": options}
+        return {**out, "summary": self.summary.to_dict(), "options": self.options.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunState":
         data = dict(data)
         summary = RunSummary(**data.pop("summary"))
-        return cls(summary=summary, options=RunOptions(**data.pop("options")), **data)
+        return cls(summary=summary, options=RunOptions.from_json(data.pop("options")), **data)
 
 
 def doc_record(doc: SourceDocument) -> dict[str, Any]:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from pipeline import faults
 from pipeline.build_stage import build_run, segment_params, touched_docs, validate_run
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
-from pipeline.diff import ChangeSet, document_chunker, plan_changes
+from pipeline.diff import ChangeSet, document_chunker, partial_scan, plan_changes
 from pipeline.embedding import Embedder, embed_in_batches, model_lock_matches, prefixes_of
 from pipeline.errors import ArtifactWriteError, UnsafeDeletion
 from pipeline.formats.isolation import ExtractLimits
@@ -177,17 +178,21 @@ def plan_run(ctx: RunContext, state: RunState, source: str | SourceScan,
                                      max_unzipped_bytes=config.max_unzipped_bytes),
                 memory=memory, credentials=credentials,
             )
+        if state.options.partial:  # computed under the lock: a snapshot run's documents are all known here
+            scan = partial_scan(scan, known, state.options.delete, config.index)
         state.listing = scan.listing.to_json() if scan.listing else None
         summary.skipped = [s.to_dict() for s in scan.skipped]
         for skip in summary.skipped:
             logger.warning("skipped %s: %s", skip["doc_id"], skip["reason"])
 
     with stage_timer(state, "diff"):
+        delete = set(state.options.delete)  # a doc_id named twice for deletion is reported, and deleted
         plan = plan_changes(known, scan.documents, state.chunker_version,
-                            unreadable=[s.doc_id for s in scan.skipped if not s.gone],
+                            unreadable=[s.doc_id for s in scan.skipped if not s.gone and s.doc_id not in delete],
                             unreadable_under=[s.under for s in scan.skipped if s.under is not None],
                             unread=scan.unread)
-        _refuse_wiping(plan, scan, known, config)
+        if not state.options.delete:  # doc_ids named for deletion are meant, even the last one
+            _refuse_wiping(plan, scan, known, config)
     summary.documents = {
         "seen": len(scan.documents) + len(scan.unread),
         "new": len(plan.new),
@@ -206,7 +211,7 @@ def plan_run(ctx: RunContext, state: RunState, source: str | SourceScan,
     head = registry.head_version(config.index)
     # the first run builds even when empty; a changed model lock (prefixes) rebuilds unchanged documents
     if (plan.is_empty and head is None) or (head and not model_lock_matches(head.manifest, embedder, head.version)):
-        state.options = RunOptions(full=True, shadow=state.options.shadow)
+        state.options = replace(state.options, full=True)
     if not state.changed:
         summary.chunks = {"added": 0, "removed": 0, "kept": 0, "active": registry.count_active_chunks(config.index)}
         summary.embedding = {"chunks_embedded": 0, "chunks_cached": 0, "chars_embedded": 0}
