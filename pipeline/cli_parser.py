@@ -182,6 +182,14 @@ def add_verify(commands: Commands) -> None:
     add_output_flags(verify)
 
 
+def add_compact(commands: Commands) -> None:
+    compact = commands.add_parser("compact", help="merge the live version's segments as the merge policy asks")
+    compact.add_argument("--index", help=INDEX_HELP)
+    compact.add_argument("--artifacts", help=ARTIFACTS_HELP)
+    compact.add_argument("--lock-timeout", type=float, help="seconds to wait for a run at the swap (default 600)")
+    add_output_flags(compact)
+
+
 def add_replay(commands: Commands) -> None:
     replay = commands.add_parser("replay", help="replay a recorded edit history and check every step")
     replay.add_argument("replay_dir", type=Path, help="directory with base.jsonl and changes.jsonl")
@@ -232,6 +240,6 @@ def add_quality(commands: Commands) -> None:
 
 # the order of ``ragpipe --help``
 COMMAND_GROUPS: list[Callable[[Commands], None]] = [
-    add_db, add_index, add_upsert, add_alias, add_versions, add_runs, add_search, add_eval, add_verify, add_replay, add_gc,
+    add_db, add_index, add_upsert, add_alias, add_versions, add_runs, add_search, add_eval, add_verify, add_compact, add_replay, add_gc,
     add_serve, add_quality, add_dags_folder,
 ]

@@ -291,3 +291,18 @@ def _step(registry: Registry, state: RunState, *, final: bool) -> Iterator[None]
 
 __all__ = ["build", "default_embedder", "embed", "gc", "is_transient", "plan", "publish", "registry_config", "stage",
            "validate"]
+
+
+def compact(config: IndexConfig, *, registry_config: RegistryConfig | None = None) -> dict[str, Any]:
+    """Merge the head version's segments when the merge policy asks (after a publish); a merge that
+    lost the race to a newer publish is discarded (the next run's compact step merges again).
+
+    Returns:
+        {"index", "status", "version", "segments_before", "segments_after"}.
+    """
+    from pipeline.compaction import compact_index
+
+    with _registry(registry_config) as registry:
+        report = compact_index(registry, config)
+    return {"index": report.index, "status": report.status, "version": report.version,
+            "segments_before": report.segments_before, "segments_after": report.segments_after}

@@ -100,7 +100,7 @@ def check_segments(files: SegmentArtifacts, manifest: VersionManifest, registry_
     return more + key_problems(keys, registry_keys)
 
 
-def _segment_recall(segment: Segment, target: float) -> tuple[float, int]:
+def segment_recall(segment: Segment, target: float) -> tuple[float, int]:
     """Recall@10 of the segment's graph, as read back from its files, at its recorded breadth."""
     ef = segment.ef
     choice = choose_ef(segment.graph, segment.vectors, segment.keys, target, candidates=(ef,))
@@ -133,7 +133,7 @@ def validate_segmented(
         if gone:
             report.problems.append(f"segment {name}: {len(gone)} documents that are gone still have chunks "
                                    f"(e.g. {sorted(gone)[0]!r})")
-        recall, ef = _segment_recall(segment, thresholds.min_recall)
+        recall, ef = segment_recall(segment, thresholds.min_recall)
         recalls.append(recall)
         efs[name] = ef
         if recall < thresholds.min_recall:

@@ -141,6 +141,11 @@ class SegmentArtifacts:
             logger.info("removed %d segments of index %s no retained version lists", len(removed), self.index)
         return removed
 
+    def remove_segments(self, names: Iterable[str]) -> None:
+        """Delete segments no version lists (a discarded merge's)."""
+        for name in names:
+            self._remove(f"{SEGMENTS_DIR}/{self.local.segment_path(name).name}", directory=True)
+
     def _remove(self, relative: str, *, directory: bool) -> None:
         local = self.local.root / relative
         if directory:
