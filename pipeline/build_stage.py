@@ -80,7 +80,8 @@ def build_run(ctx: RunContext, state: RunState) -> str:
             record = {**model_record(ctx.embedder), **({"encoder": encoder.to_dict()} if encoder else {})}
             build = SegmentBuild(index=ctx.index, version=summary.version, run_id=summary.run_id, params=params,
                                  chunker_version=state.chunker_version, parent=parent, model_record=record,
-                                 recall_target=config.min_recall, max_segment_rows=config.segment_rows)
+                                 recall_target=config.min_recall, max_segment_rows=config.segment_rows,
+                                 embed_queries=query_embedding(ctx.embedder))
             manifest = build_segmented(
                 ctx.segments, build, _rows(ctx, state), doc_fields,
                 lambda hashes: registry.fetch_embeddings(ctx.embedder.model_id, hashes), removed=removed,

@@ -124,8 +124,9 @@ def compact_index(registry: Registry, config: IndexConfig, *, policy: TieredPoli
         merged = merge_segments(pool, inputs, params, recall_target=config.min_recall)
         faults.checkpoint("merge_written")
         refs = replace_merged(current, inputs, merged, pool)
-        refs = tuple(replace(r, ef=merged.ef_search, recall=merged.recall_at_ef) if r.name == merged.name else r
-                     for r in refs)
+        # a merged graph is larger than each input: it needs at least the breadth they needed
+        ef = max([merged.ef_search or 0, *(ref.ef or 0 for ref in inputs)]) or None
+        refs = tuple(replace(r, ef=ef, recall=merged.recall_at_ef) if r.name == merged.name else r for r in refs)
         current = replace(current, segments=refs)
         merged_names.append(merged.name)
         report.merges.append({"inputs": list(merge.segments), "reason": merge.reason, "output": merged.name,

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from pipeline import faults
 from pipeline.segments.storage import SegmentArtifacts
+from pipeline.segments.tuning import SERVING_EF_FLOOR
 from pipeline.segments.writer import SegmentParams, SegmentWriter
 from registry.rows import ChunkRow, DocumentFields
 from retrieval.artifacts import CHUNK_SCHEMA, METRIC, PAGE_COLUMNS
@@ -43,6 +44,9 @@ class SegmentBuild:
         parent: the parent's manifest for an incremental build; None for a full one.
         model_record: the model lock's rest (prefixes, fingerprint, endpoint, stored encoder).
         recall_target: the HNSW recall@10 each new segment's recorded search breadth must reach.
+        embed_queries: embeds queries as the model does; the search breadth is then measured with
+            queries made of a few words of a sample of the segment's chunks (short queries lie
+            between chunks, where a graph needs more breadth than for the chunks' own vectors).
     """
 
     index: str
@@ -54,6 +58,7 @@ class SegmentBuild:
     model_record: dict[str, Any] = field(default_factory=dict)
     recall_target: float = 0.95
     max_segment_rows: int = MAX_SEGMENT_ROWS
+    embed_queries: Callable[[list[str]], np.ndarray] | None = None
 
     def manifest(self, segments: Sequence[SegmentRef]) -> VersionManifest:
         p = self.params
@@ -94,11 +99,54 @@ def segment_ref(manifest: SegmentManifest) -> SegmentRef:
     return SegmentRef(manifest.name, manifest.rows, ef=manifest.ef_search, recall=manifest.recall_at_ef)
 
 
+QUERY_SAMPLE = 200  # chunks per segment whose first words make the queries the breadth is measured with
+QUERY_WORDS = 6
+
+
+class QuerySample:
+    """A uniform sample (reservoir) of a segment's chunk texts, cut to their first words, and the
+    queries made of them: half a few words of one chunk, half one word of each of five chunks (a
+    query far from every chunk, the harder case for a graph: what a query about something the
+    index barely holds looks like)."""
+
+    def __init__(self, size: int = QUERY_SAMPLE, seed: int = 0) -> None:
+        self.size, self.seen, self.texts = size, 0, []  # type: ignore[var-annotated]
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def queries(self) -> list[str]:
+        words = [t.split() for t in self.texts]
+        n = len(words)
+        return [" ".join(w[:QUERY_WORDS]) if i % 2 == 0 else
+                " ".join(words[(i + j) % n][(i + j) % len(words[(i + j) % n])] for j in range(5) if words[(i + j) % n])
+                for i, w in enumerate(words)]
+
+    def add(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            query = " ".join(text.split()[:4 * QUERY_WORDS])
+            if len(self.texts) < self.size:
+                self.texts.append(query)
+            else:
+                at = int(self._rng.integers(0, self.seen + 1))
+                if at < self.size:
+                    self.texts[at] = query
+            self.seen += 1
+
+
+def _finish(writer: SegmentWriter, build: SegmentBuild, sample: QuerySample) -> SegmentRef:
+    queries = None
+    if build.embed_queries is not None and sample.texts and writer.rows > 10:
+        queries = np.asarray(build.embed_queries(sample.queries), dtype=np.float32)
+    return segment_ref(writer.finish(recall_target=build.recall_target, recall_queries=queries,
+                                     ef_floor=SERVING_EF_FLOOR))
+
+
 def write_segments(files: SegmentArtifacts, build: SegmentBuild,
                    batches: Iterable[tuple[pa.Table, np.ndarray]], expected_rows: int = 0) -> list[SegmentRef]:
     """Stream (chunk table, vectors) batches into new segments of at most ``build.max_segment_rows``."""
     refs: list[SegmentRef] = []
     writer: SegmentWriter | None = None
+    sample = QuerySample()
     try:
         for table, vectors in batches:
             at = 0
@@ -106,15 +154,18 @@ def write_segments(files: SegmentArtifacts, build: SegmentBuild,
                 if writer is None:
                     expected = min(max(expected_rows - sum(r.rows for r in refs), table.num_rows), build.max_segment_rows)
                     writer = SegmentWriter(files.local, build.params, expected_rows=expected)
+                    sample = QuerySample(seed=len(refs))
                 take = min(table.num_rows - at, build.max_segment_rows - writer.rows)
-                writer.add(table.slice(at, take), vectors[at:at + take])
+                part = table.slice(at, take)
+                writer.add(part, vectors[at:at + take])
+                sample.add(part.column("text").to_pylist())
                 at += take
                 if writer.rows >= build.max_segment_rows:
-                    refs.append(segment_ref(writer.finish(recall_target=build.recall_target)))
+                    refs.append(_finish(writer, build, sample))
                     faults.checkpoint("segment_written")
                     writer = None
         if writer is not None and writer.rows:
-            refs.append(segment_ref(writer.finish(recall_target=build.recall_target)))
+            refs.append(_finish(writer, build, sample))
             faults.checkpoint("segment_written")
         elif writer is not None:
             writer.abort()
