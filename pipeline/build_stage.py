@@ -19,7 +19,7 @@ from pipeline.embedding import Embedder, model_record, query_embedding
 from pipeline.errors import ArtifactWriteError, EmbeddingError, VersionRejected
 from pipeline.run_state import RunContext, RunState, stage_timer
 from pipeline.segments.build import BATCH_ROWS, SegmentBuild, batched, build_segmented
-from pipeline.segments.gate import validate_segmented
+from pipeline.segments.gate import KeyDelta, validate_segmented
 from pipeline.segments.writer import SegmentParams
 from pipeline.validation import Thresholds
 from registry import ChunkRow, DocumentFields
@@ -42,10 +42,18 @@ def _rows(ctx: RunContext, state: RunState) -> Iterator[list[ChunkRow]]:
     assert state.seq is not None
     if state.summary.full_build:
         yield from ctx.registry.iter_member_rows(ctx.index, state.seq, BATCH_ROWS)
-    else:
+    elif state.to_write:
+        yield from batched(written_rows(ctx, state), BATCH_ROWS)
+
+
+def written_rows(ctx: RunContext, state: RunState) -> list[ChunkRow]:
+    """The version's rows of the documents the run wrote (read once per process: embed, then build)."""
+    assert state.seq is not None
+    key = ("written_rows", state.seq)
+    if key not in ctx.memo:
         docs = sorted(d["doc_id"] for d in state.to_write)
-        if docs:
-            yield from batched(ctx.registry.member_rows(ctx.index, state.seq, docs), BATCH_ROWS)
+        ctx.memo[key] = ctx.registry.member_rows(ctx.index, state.seq, docs) if docs else []
+    return ctx.memo[key]  # type: ignore[no-any-return]
 
 
 def _dim(ctx: RunContext, state: RunState, parent_dim: int | None) -> int:
@@ -147,8 +155,15 @@ def validate_run(ctx: RunContext, state: RunState) -> dict[str, Any]:
         live_doc_ids |= {d["doc_id"] for d in state.to_write}
         manifest = ctx.segments.read_version(summary.version)
         assert manifest is not None, "a run builds segmented versions"
+        if summary.full_build or manifest.parent is None:
+            keys: Any = registry.member_keys(ctx.index, state.seq)
+        else:  # the parent passed the full check: what this version changed is checked against it
+            added, removed = registry.version_changes(ctx.index, state.seq)
+            parent = ctx.segments.read_version(manifest.parent)
+            assert parent is not None
+            keys = KeyDelta(added, removed, parent.chunks + len(added) - len(removed))
         report = validate_segmented(
-            ctx.segments, manifest, state.new_segments, registry.member_keys(ctx.index, state.seq),
+            ctx.segments, manifest, state.new_segments, keys,
             model_id=embedder.model_id, live_doc_ids=live_doc_ids,
             thresholds=Thresholds(min_recall=config.min_recall, ef_search=config.hnsw_ef_search,
                                   golden_k=config.golden_k, golden_min_recall=config.golden_min_recall,

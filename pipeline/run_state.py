@@ -178,6 +178,7 @@ class RunContext:
     embedder: Embedder  # None in steps that embed nothing and read no model (publish, gc)
     config: IndexConfig
     store: ArtifactStore
+    memo: dict[Any, Any] = field(default_factory=dict)  # what one stage read and a later one reuses
 
     @classmethod
     def of(cls, registry: Registry, embedder: Embedder | None, config: IndexConfig) -> "RunContext":

@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from pipeline import faults
-from pipeline.build_stage import build_run, segment_params, touched_docs, validate_run
+from pipeline.build_stage import build_run, segment_params, touched_docs, validate_run, written_rows
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
 from pipeline.diff import ChangeSet, document_chunker, partial_scan, plan_changes
@@ -273,6 +273,14 @@ def needed_rows(registry: Registry, index: str, state: RunState) -> tuple[list[C
     return rows, [by_key[k] for k in added]
 
 
+def _added_rows(ctx: RunContext, state: RunState) -> list[ChunkRow]:
+    """The rows an incremental version adds (from the written documents' rows, read once)."""
+    assert state.seq is not None
+    added, _removed = ctx.registry.version_changes(ctx.index, state.seq)
+    by_key = {r.chunk_key: r for r in written_rows(ctx, state)}
+    return [by_key[k] for k in added]
+
+
 def missing_texts(registry: Registry, model_id: str, rows: list[ChunkRow]) -> tuple[list[tuple[str, str]], int]:
     """((chunk hash, indexed text) of the rows the embedding cache lacks for ``model_id``, distinct texts)."""
     text_by_hash: dict[str, str] = {}
@@ -308,7 +316,7 @@ def embed_run(ctx: RunContext, state: RunState, progress: bool) -> None:
         if state.summary.full_build:
             pages: Any = registry.iter_member_rows(ctx.index, state.seq)
         else:
-            pages = [needed_rows(registry, ctx.index, state)[1]]
+            pages = [_added_rows(ctx, state)]
         embedded = distinct = chars = 0
         for page in pages:
             items, seen = missing_texts(registry, embedder.model_id, page)
@@ -356,7 +364,8 @@ def record_listing(ctx: RunContext, state: RunState) -> None:
 
 def gc_run(ctx: RunContext, state: RunState) -> dict[str, Any]:
     with stage_timer(state, "gc"):
-        state.summary.gc = collect_garbage(ctx.registry, ctx.store, ctx.index, ctx.config.retention)
+        state.summary.gc = collect_garbage(ctx.registry, ctx.store, ctx.index, ctx.config.retention,
+                                           sweep_rows=False)
     state.step = "done"
     return state.summary.gc
 

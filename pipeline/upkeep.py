@@ -85,10 +85,12 @@ def retained_manifests(registry: Registry, files: SegmentArtifacts) -> list[Vers
     return out
 
 
-def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retention: int) -> dict[str, Any]:
+def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retention: int, *,
+                    sweep_rows: bool = True) -> dict[str, Any]:
     """Remove the versions :func:`plan_gc` picks (registry rows first, then files), the registry rows
     no retained version contains, and the segments no remaining version lists (call under the index
-    lock). While a version is being built (an orchestrated run between its steps) no segment goes:
+    lock; ``sweep_rows`` False: delete registry rows only when a version was removed now, as runs
+    do; the rows of rejected versions then wait for ``ragpipe gc``). While a version is being built (an orchestrated run between its steps) no segment goes:
     the ones it wrote are listed by no manifest yet.
 
     A version is marked removed before its files are deleted, in a transaction that serializes with
@@ -101,7 +103,9 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
     for version in sorted(gone):
         if store.exists(index, version):  # also files a killed gc or rejection left behind
             store.remove(index, version)
-    rows = registry.gc_rows(index, plan.oldest_kept_seq) if plan.oldest_kept_seq is not None else 0
+    rows = 0
+    if plan.oldest_kept_seq is not None and (removed or sweep_rows):  # a run sweeps rows when versions went
+        rows = registry.gc_rows(index, plan.oldest_kept_seq)
     segments: list[str] = []
     if not any(v.status == "building" for v in versions):
         files = SegmentArtifacts(store, index)

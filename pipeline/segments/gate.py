@@ -13,6 +13,7 @@ the breadth the build measured and recorded; the golden set and the query encode
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,34 @@ def live_keys(files: SegmentArtifacts, manifest: VersionManifest) -> tuple[np.nd
     return np.unique(merged), problems
 
 
+@dataclass(frozen=True)
+class KeyDelta:
+    """What the registry says a version changed relative to its parent: the keys it added and
+    removed, and so how many chunks the version holds (the parent's plus added minus removed).
+    Checked instead of every key when the parent passed its checks: the segments' live keys must
+    hold every added key, none of the removed ones, and that many keys (deletion sets only grow and
+    a new segment holds registry rows only, so a wrong set would show in one of the three;
+    ``ragpipe verify`` compares every key)."""
+
+    added: Sequence[int]
+    removed: Sequence[int]
+    members: int
+
+
+def delta_problems(version_keys: np.ndarray, delta: KeyDelta) -> list[str]:
+    problems = []
+    if len(version_keys) != delta.members:
+        problems.append(f"segments and registry differ: the segments hold {len(version_keys)} live chunks, the "
+                        f"registry's changes make {delta.members}")
+    missing = np.setdiff1d(np.asarray(delta.added, dtype=np.int64), version_keys)
+    if len(missing):
+        problems.append(f"{len(missing)} chunks the version adds are not live in its segments (e.g. {int(missing[0])})")
+    stale = np.intersect1d(np.asarray(delta.removed, dtype=np.int64), version_keys)
+    if len(stale):
+        problems.append(f"{len(stale)} chunks the version removes are still live in its segments (e.g. {int(stale[0])})")
+    return problems
+
+
 def key_problems(version_keys: np.ndarray, registry_keys: Collection[int]) -> list[str]:
     registry = np.unique(np.fromiter(registry_keys, dtype=np.int64, count=len(registry_keys)))
     if np.array_equal(version_keys, registry):
@@ -65,9 +94,12 @@ def key_problems(version_keys: np.ndarray, registry_keys: Collection[int]) -> li
             f"registry"]
 
 
-def check_segments(files: SegmentArtifacts, manifest: VersionManifest, registry_keys: Collection[int], *,
+def check_segments(files: SegmentArtifacts, manifest: VersionManifest, registry_keys: Collection[int] | KeyDelta, *,
                    model_id: str, checksums: bool = True, new: Sequence[str] = ()) -> list[str]:
     """Structural problems of a segmented version, each naming the segment it concerns.
+
+    ``registry_keys``: the registry's keys for the version, or (an incremental version whose
+    parent passed this check) what the registry says it changed.
 
     ``checksums`` hashes every file of every segment (``ragpipe verify``); otherwise sizes are
     checked for the ``new`` segments (just written, their checksums just computed) and presence
@@ -97,6 +129,8 @@ def check_segments(files: SegmentArtifacts, manifest: VersionManifest, registry_
         return [str(exc)]
     if len(keys) != manifest.chunks:
         more.append(f"manifest counts {manifest.chunks} live chunks, the segments hold {len(keys)}")
+    if isinstance(registry_keys, KeyDelta):
+        return more + delta_problems(keys, registry_keys)
     return more + key_problems(keys, registry_keys)
 
 
@@ -108,7 +142,7 @@ def segment_recall(segment: Segment, target: float) -> tuple[float, int]:
 
 
 def validate_segmented(
-    files: SegmentArtifacts, manifest: VersionManifest, new: Sequence[str], registry_keys: Collection[int], *,
+    files: SegmentArtifacts, manifest: VersionManifest, new: Sequence[str], registry_keys: Collection[int] | KeyDelta, *,
     model_id: str, live_doc_ids: Collection[str], thresholds: Thresholds, golden_set: Path | None = None,
     embed: Callable[[list[str]], np.ndarray] | None = None, embed_queries: Callable[[list[str]], np.ndarray] | None = None,
     live_metrics: dict[str, Any] | None = None,
