@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,13 @@ class _Rows:
             if row >= 0 and (part.live is None or part.live[row]):
                 return offset + row
         raise KeyError(key)
+
+    def __iter__(self) -> Iterator[int]:
+        """The live chunk keys, ascending."""
+        return iter(self._version.segmented.live_keys().tolist())
+
+    def __len__(self) -> int:
+        return self._version.size
 
     def __contains__(self, key: int) -> bool:
         try:

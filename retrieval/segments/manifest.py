@@ -124,6 +124,7 @@ class VersionManifest:
         """The manifest as JSON-ready data (what the registry records of the version, too)."""
         data = asdict(self)
         data["counts"] = {"chunks": self.chunks, "deleted": self.deleted, "segments": len(self.segments)}
+        del data["model_record"]  # written once, inside ``model``
         data["model"] = self.model
         return data
 
@@ -143,7 +144,13 @@ class VersionManifest:
                 listed twice or with impossible counts, or counts that disagree with the segments.
         """
         data = decode_json_object(text, where)
+        model = data.get("model")
+        if isinstance(model, dict) and "model_record" not in data:
+            data = {**data, "model_record": {k: v for k, v in model.items() if k not in ("id", "dim")}}
         values = check_fields(cls, data, where)
+        if isinstance(model, dict) and (model.get("id"), model.get("dim")) != (values["model_id"], values["dim"]):
+            raise VersionCorrupt(f"{where}: model {model.get('id')!r} of dimension {model.get('dim')!r} disagrees "
+                                 f"with model_id {values['model_id']!r}, dim {values['dim']!r}")
         if values["format"] != VERSION_FORMAT:
             raise VersionCorrupt(f"{where}: format {values['format']} is not {VERSION_FORMAT} (segments)")
         refs = []
