@@ -1,9 +1,9 @@
 """Checksum benchmark: what verifying a version's SHA-256 checksums adds to loading it for serving.
 
 Builds a version of N one-chunk documents of real sentences (the deterministic embedder, as the
-query benchmark does), then times, alternating R rounds: loading it without checksum verification,
-loading it with verification (hashing in background threads while the files are read), and hashing
-its files alone, one after another and in parallel. ``--synthetic-gb`` also hashes that many bytes
+query benchmark does), one segment, then times, alternating R rounds: opening the segment without
+checksum verification, opening it with verification (its files hashed in parallel threads first),
+and hashing its files alone, one after another and in parallel. ``--synthetic-gb`` also hashes that many bytes
 of random data spread over files of the version's proportions, for sizes too large to build here.
 The files are in the page cache after the first round (a freshly downloaded or just-built version
 is too); the figures are medians.
@@ -29,8 +29,10 @@ from pipeline.runner import artifact_store, run_index
 from pipeline.sources import scan_records
 from registry import Registry, RegistryConfig
 from registry.db import scratch_database
-from retrieval.artifacts import file_problems, read_manifest, sha256_file
-from retrieval.loaded import LoadedVersion, VersionInfo
+from retrieval.artifacts import file_problems, sha256_file
+from pipeline.segments.storage import SegmentArtifacts
+from retrieval.segments.files import read_segment_manifest
+from retrieval.segments.segment import Segment
 
 
 def _median_seconds(runs: list[float]) -> float:
@@ -55,16 +57,17 @@ def measure_files(directory: Path, files: dict[str, Any], rounds: int) -> dict[s
             "sha256_parallel_seconds": round(par, 3), "sha256_parallel_gb_per_s": round(total / par / 1e9, 2)}
 
 
-def measure_version(directory: Path, info: VersionInfo, rounds: int) -> dict[str, Any]:
-    files = read_manifest(directory, info.version)["files"]
-    LoadedVersion(info, directory, verify=False)  # warm the page cache
+def measure_version(directory: Path, rounds: int) -> dict[str, Any]:
+    """Opening one segment (``directory``) for serving without and with its checksums verified."""
+    files = read_segment_manifest(directory).file_table()
+    Segment(directory, verify=False)  # warm the page cache
     plain, verified = [], []
     for _ in range(rounds):
         started = time.perf_counter()
-        LoadedVersion(info, directory, verify=False)
+        Segment(directory, verify=False)
         plain.append(time.perf_counter() - started)
         started = time.perf_counter()
-        LoadedVersion(info, directory)
+        Segment(directory)
         verified.append(time.perf_counter() - started)
     out = measure_files(directory, files, rounds)
     out.update({"load_without_checksums_seconds": _median_seconds(plain),
@@ -99,12 +102,13 @@ def run(shared: Path, size: int, registry_config: RegistryConfig, rounds: int, s
         with Registry.open(RegistryConfig(database_url=url, home=Path(tmp))) as registry:
             summary = run_index(scan_records(((d, t, {}) for d, t in docs.items()), "bench"), registry, embedder,
                                 config)
-            directory = artifact_store(config, registry.home).local_path("bench", summary.version)
-        assert summary.version is not None
-        info = VersionInfo(alias="bench", index="bench", version=summary.version, artifact_uri=str(directory),
-                           model_id=embedder.model_id, updated_at=None)
+            files = SegmentArtifacts(artifact_store(config, registry.home), "bench")
+            assert summary.version is not None
+            manifest = files.read_version(summary.version)
+            assert manifest is not None and len(manifest.segments) == 1
+            directory = files.segment_path(manifest.segments[0].name)
         out["chunks"] = size
-        out["version"] = measure_version(directory, info, rounds)
+        out["version"] = measure_version(directory, rounds)
         if synthetic_gb:
             synthetic = Path(tmp) / "synthetic"
             synthetic.mkdir()

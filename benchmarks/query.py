@@ -73,8 +73,28 @@ class _FallbackCounter(logging.Handler):
         return count
 
 
-def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 100,
-            backends: tuple[str, ...] = ("onnx",)) -> dict[str, Any]:
+def version_recall(loaded: Any, queries: np.ndarray, ef: int | None, k: int = 10) -> float:
+    """Recall@k of a loaded version's vector search at ``ef`` (None: each segment's recorded breadth)
+    against exact search over its live vectors, tie-aware as validation counts."""
+    if not hasattr(loaded, "segmented"):  # a whole-copy version: one graph, one matrix
+        return recall_against_exact(loaded.hnsw, loaded.matrix, queries, ef or 100, k)
+    version = loaded.segmented
+    keys = version.live_keys()
+    exact = np.zeros((len(queries), 0), dtype=np.float32)
+    for start in range(0, len(keys), 65536):  # in blocks: bounded memory at any size
+        scores = queries @ version.vectors_of(keys[start:start + 65536]).T
+        exact = -np.partition(-np.concatenate([exact, scores], axis=1), min(k, exact.shape[1] + scores.shape[1]) - 1,
+                              axis=1)[:, :k]
+    kth = exact.min(axis=1)
+    hits = 0
+    for query, threshold in zip(queries, kth):
+        _, distances = version.knn(query, k, ef)
+        hits += int(((1.0 - distances) >= threshold - 1e-5).sum())
+    return hits / (len(queries) * k)
+
+
+def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int | None = 100,
+            backends: tuple[str, ...] = ("onnx",), also_hold: str | None = None) -> dict[str, Any]:
     """Query latency and throughput of the version ``index`` serves, with and without the reranker.
 
     Queries are the Cranfield queries, encoded by the real model and relabelled with the version's
@@ -128,11 +148,19 @@ def measure(shared: Path, url: str, home: str | Path, index: str, *, ef: int = 1
                     # what serving takes (version loaded, encoder, all queries run), before the recall
                     # check below reads the whole vector matrix and holds an exact score matrix
                     out["serving_rss_mb"] = _rss_mb()
-                    own = DeterministicEmbedder().embed(queries)  # the version's own vector space
                     loaded = retriever._current
+                    if also_hold is not None:  # the previous version too, as a retriever holds it after a swap
+                        held = retriever._load(retriever._info(also_hold))
+                        for q in queries:
+                            retriever._search_on(held, q, None, 10, None)
+                        out["serving_rss_mb_two_versions"] = _rss_mb()
+                        out["segments_loaded_two_versions"] = len(retriever.segments.loaded)
+                    own = DeterministicEmbedder().embed(queries)  # the version's own vector space
                     out["hnsw_recall_at_10"] = {
-                        str(e): round(recall_against_exact(loaded.hnsw, loaded.matrix, own, e), 4)
-                        for e in sorted({50, 100, 200, ef})}
+                        str(e): round(version_recall(loaded, own, e), 4) for e in sorted({50, 100, 200, ef or 100})}
+                    if hasattr(loaded, "segmented"):
+                        out["hnsw_recall_at_10"]["recorded"] = round(version_recall(loaded, own, None), 4)
+                        out["ef_recorded"] = {ref.name: ref.ef for ref in loaded.version_manifest.segments}
     return out
 
 

@@ -11,10 +11,15 @@ their prose chunks and each replica is embedded on its own. Then, each phase in 
 - ``change``: 1% of the documents re-perturbed, one incremental run; the figure that counts is the
   run's time excluding embedding (the deterministic embedder is nearly free, a real model is not);
 - ``query``: the query path at that size (see :func:`benchmarks.query.measure`), plus HNSW
-  recall@10 against exact search at the served ef.
+  recall@10 against exact search at the served ef, and serving memory with one version loaded and
+  with the two adjacent ones (the build's and the change's) held at once;
+- ``upsert``: single-document upserts, each timed from the call until a retriever following the
+  alias serves the document;
+- ``compact``: the merge policy applied to the segments the upserts left.
 
 Reported per size: chunks, documents, seconds and peak RSS of each phase, the version's artifact
-bytes, the registry database's bytes, query p50/p95 and throughput.
+bytes and what the 1% change added to them, the registry database's bytes, query p50/p95 and
+throughput, upsert-to-searchable p50/p95, compaction seconds and segment counts.
 """
 
 from __future__ import annotations
@@ -139,13 +144,58 @@ def phase_run(root: str, url: str, home: str, artifacts: str, min_recall: float)
             "documents": summary.documents, "embedding": summary.embedding, "registry_bytes": int(size)}
 
 
-def phase_query(url: str, home: str, shared: str, ef: int) -> dict[str, Any]:
+def phase_query(url: str, home: str, shared: str, ef: int, previous: str | None = None) -> dict[str, Any]:
     from benchmarks.query import measure
 
-    return measure(Path(shared), url, home, "scale", ef=ef)
+    return measure(Path(shared), url, home, "scale", ef=ef or None, also_hold=previous)
 
 
-PHASES = {"run": phase_run, "query": phase_query}
+def phase_upsert(url: str, home: str, artifacts: str, min_recall: float, count: int) -> dict[str, Any]:
+    """``count`` single-document upserts, each timed from the call until a following retriever serves it."""
+    import io
+    import statistics
+
+    from pipeline.deterministic import DeterministicEmbedder
+    from pipeline.upsert import upsert_documents
+    from registry import Registry, RegistryConfig
+    from retrieval import Retriever
+
+    embedder = DeterministicEmbedder()
+    config = _config(artifacts, min_recall)
+    seconds = []
+    with Registry.open(RegistryConfig(database_url=url, home=Path(home))) as registry, \
+            Retriever.open("scale", url, home=home, encoder=embedder, poll_interval=0.1, result_cache_size=0) as r:
+        for i in range(count):
+            doc_id = f"upsert/{i:03d}"
+            word = "zq" + "".join(chr(97 + (i // 26 ** j) % 26) for j in range(4))  # a term no other chunk holds
+            line = json.dumps({"doc_id": doc_id, "text": f"Upserted page {i}: the {word} carried gas cells."})
+            started = time.perf_counter()
+            upsert_documents(io.BytesIO((line + "\n").encode()), registry, embedder, config)
+            query = f"{word} upserted page {i}"
+            while not any(h.doc_id == doc_id for h in r.search(query, k=10)):
+                if time.perf_counter() - started > 60:
+                    raise RuntimeError(f"{doc_id} not served within 60 s: the retriever serves {r.version}, the "
+                                       f"alias names {registry.list_aliases()[0].version}; refused: {r.refused}; "
+                                       f"hits {[h.doc_id for h in r.search(query, k=10)]}")
+                time.sleep(0.01)
+            seconds.append(time.perf_counter() - started)
+    ordered = sorted(seconds)
+    return {"count": count, "searchable_seconds_p50": round(statistics.median(ordered), 3),
+            "searchable_seconds_p95": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 3),
+            "searchable_seconds_max": round(ordered[-1], 3)}
+
+
+def phase_compact(url: str, home: str, artifacts: str, min_recall: float) -> dict[str, Any]:
+    from pipeline.compaction import compact_index
+    from registry import Registry, RegistryConfig
+
+    with Registry.open(RegistryConfig(database_url=url, home=Path(home))) as registry:
+        report = compact_index(registry, _config(artifacts, min_recall))
+    return {"seconds": report.seconds, "segments_before": report.segments_before,
+            "segments_after": report.segments_after, "status": report.status, "merges": len(report.merges)}
+
+
+PHASES = {"run": phase_run, "query": phase_query, "upsert": phase_upsert, "compact": phase_compact}
 
 
 def in_child(phase: str, **kwargs: Any) -> dict[str, Any]:
@@ -166,8 +216,22 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def version_files(index_dir: Path, version: str) -> dict[str, int]:
+    """Bytes of every file a version reads, by path under the index's directory: its manifest and,
+    for a segmented version, its segments and deletion sets."""
+    manifest_path = index_dir / version / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    out = {str(p.relative_to(index_dir)): p.stat().st_size for p in (index_dir / version).rglob("*") if p.is_file()}
+    for ref in manifest.get("segments", []):
+        for p in (index_dir / "segments" / ref["name"]).iterdir():
+            out[f"segments/{ref['name']}/{p.name}"] = p.stat().st_size
+        if ref.get("deletions"):
+            out[f"deletions/{ref['deletions']}"] = (index_dir / "deletions" / ref["deletions"]).stat().st_size
+    return out
+
+
 def run(shared: Path, sizes: list[int], fraction: float, min_recall: float, ef: int,
-        keep: Path | None) -> dict[str, Any]:
+        keep: Path | None, upserts: int = 20) -> dict[str, Any]:
     from registry import RegistryConfig
     from registry.db import scratch_database
 
@@ -198,11 +262,23 @@ def run(shared: Path, sizes: list[int], fraction: float, min_recall: float, ef: 
             if "error" in entry["build"]:
                 continue
             entry["chunks"] = entry["build"]["chunks"]["active"]
-            entry["artifact_bytes"] = directory_bytes(artifacts / "scale" / entry["build"]["version"])
+            index_dir = artifacts / "scale"
+            built = version_files(index_dir, entry["build"]["version"])
+            entry["artifact_bytes"] = sum(built.values())
             entry["noop"] = in_child("run", **common)
             entry["changed_documents"] = change_corpus(root, items, chosen, vocab, fraction)
             entry["change"] = in_child("run", **common)
-            entry["query"] = in_child("query", url=url, home=tmp, shared=str(shared), ef=ef)
+            if "error" in entry["change"]:
+                continue
+            changed = version_files(index_dir, entry["change"]["version"])
+            # what the 1% change version added to the artifact store: the files its parent did not have
+            entry["change"]["artifact_bytes_added"] = sum(n for path, n in changed.items() if path not in built)
+            entry["change"]["artifact_bytes"] = sum(changed.values())
+            entry["query"] = in_child("query", url=url, home=tmp, shared=str(shared), ef=ef,
+                                      previous=entry["build"]["version"])
+            entry["upsert"] = in_child("upsert", url=url, home=tmp, artifacts=str(artifacts), min_recall=min_recall,
+                                       count=upserts)
+            entry["compact"] = in_child("compact", url=url, home=tmp, artifacts=str(artifacts), min_recall=min_recall)
     return out
 
 
@@ -210,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks scale", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000", help="target chunk counts, comma-separated")
     parser.add_argument("--changed", type=float, default=0.01, help="fraction of documents changed")
-    parser.add_argument("--ef", type=int, default=100, help="HNSW search breadth served and measured")
+    parser.add_argument("--ef", type=int, default=0,
+                        help="HNSW search breadth served and measured (0: the breadth each segment recorded)")
+    parser.add_argument("--upserts", type=int, default=20, help="single-document upserts timed until searchable")
     parser.add_argument("--min-recall", type=float, default=0.8, help="validation gate for the synthetic vectors")
     parser.add_argument("--workdir", type=Path, default=None, help="where corpora and versions are written")
     parser.add_argument("--shared-data", type=Path, default=None)
@@ -224,5 +302,5 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     print(json.dumps(run(shared_data_dir(args.shared_data), sizes, args.changed, args.min_recall, args.ef,
-                         args.workdir), indent=2))
+                         args.workdir, args.upserts), indent=2))
     return 0

@@ -2,7 +2,7 @@
 
 Both wire the steps of ``pipeline.steps``; every task body is one call into it:
 
-    discover_and_diff ─► changed? ─► chunk ─► embed (mapped over work lists) ─► build ─► validate ─► publish ─► gc
+    discover_and_diff ─► changed? ─► chunk ─► embed (mapped over work lists) ─► build ─► validate ─► publish ─► gc ─► compact
 
 Parsing this file imports only the Airflow SDK: configuration (``RAGPIPE_*`` variables, the
 ``ragpipe_registry`` Airflow Connection, the ``ragpipe_source`` Airflow Variable) is read inside
@@ -213,11 +213,18 @@ def _indexing_dag(dag_id: str, schedule: str | None, *, full: bool, doc: str) ->
 
             return _call(steps.gc, published["run_id"], _config(), registry_config=_registry_config())
 
+        @task
+        def compact(collected: dict[str, Any]) -> dict[str, Any]:
+            """Merge segments when the merge policy asks (a new version with the same chunks)."""
+            from pipeline import steps
+
+            return _call(steps.compact, _config(), registry_config=_registry_config())
+
         planned = discover_and_diff()
         staged = chunk(planned)
         changed(planned) >> staged
         embedded = embed.expand(work=work_lists(staged))
-        gc(publish(validate(build(staged, embedded))))
+        compact(gc(publish(validate(build(staged, embedded)))))
 
     return indexing()
 

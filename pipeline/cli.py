@@ -111,6 +111,23 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upsert(args: argparse.Namespace) -> int:
+    from pipeline.upsert import delete_documents, upsert_documents
+    from registry import Registry
+
+    config = _index_config(args)
+    embedder = _model_embedder(config)
+    with Registry.open(_registry_config(args)) as registry:
+        if args.command == "upsert":
+            outcome = upsert_documents(args.batch, registry, embedder, config, progress=not args.json)
+        else:
+            outcome = delete_documents(args.doc_ids, registry, embedder, config)
+    print(json.dumps(outcome.to_dict(), indent=2) if args.json else format_summary(outcome.summary))
+    for item in outcome.rejected:
+        print(f"ragpipe: rejected {item['doc_id']}: {item['reason']}", file=sys.stderr)
+    return EXIT_TERMINAL if outcome.rejected else 0
+
+
 def _print_rows(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
     print(json.dumps(rows, indent=2, default=str) if as_json else format_table(rows, columns))
 
@@ -236,6 +253,21 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_TERMINAL
 
 
+def _cmd_compact(args: argparse.Namespace) -> int:
+    from pipeline.compaction import compact_index
+    from registry import Registry
+
+    with Registry.open(_registry_config(args)) as registry:
+        report = compact_index(registry, _index_config(args))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"index {report.index}: {report.status}" + (f" {report.version}" if report.version else "")
+              + f", {report.segments_before} -> {report.segments_after} segments"
+              + (f" ({report.reason})" if report.reason else ""))
+    return EXIT_TRANSIENT if report.status == "discarded" else 0
+
+
 def _retrieval_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in {"reranker": getattr(args, "reranker", None),
                               "fusion": getattr(args, "fusion", None)}.items() if v is not None}
@@ -325,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "replay": _cmd_replay, "alias": _cmd_alias,
-                "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "search": _cmd_search,
+    handlers = {"db": _cmd_db_upgrade, "index": _cmd_index, "upsert": _cmd_upsert, "delete": _cmd_upsert, "replay": _cmd_replay, "alias": _cmd_alias,
+                "versions": _cmd_versions, "runs": _cmd_runs, "verify": _cmd_verify, "compact": _cmd_compact, "search": _cmd_search,
                 "eval": _cmd_eval, "gc": _cmd_gc, "serve": _cmd_serve, "quality": _cmd_quality,
                 "dags-folder": _cmd_dags_folder}
     from pipeline.errors import PipelineError

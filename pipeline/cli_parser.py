@@ -84,6 +84,26 @@ def add_index(commands: Commands) -> None:
     add_registry_flags(index)
 
 
+def add_upsert(commands: Commands) -> None:
+    upsert = commands.add_parser("upsert", help="add or replace the documents of a JSONL batch, publish at once")
+    upsert.add_argument("batch", help="a .jsonl file of {doc_id, text, metadata} lines, or - for standard input")
+    upsert.add_argument("--index", help=INDEX_HELP)
+    upsert.add_argument("--max-document-bytes", type=int, help="reject larger documents (default 10 MiB)")
+    upsert.add_argument("--lock-timeout", type=float, help="seconds to wait for a run holding the index (default 600)")
+    upsert.add_argument("--artifacts", help=ARTIFACTS_HELP)
+    upsert.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    add_model_flags(upsert)
+    add_registry_flags(upsert)
+    delete = commands.add_parser("delete", help="delete documents by doc_id, publish at once")
+    delete.add_argument("doc_ids", nargs="+", metavar="DOC_ID")
+    delete.add_argument("--index", help=INDEX_HELP)
+    delete.add_argument("--lock-timeout", type=float, help="seconds to wait for a run holding the index (default 600)")
+    delete.add_argument("--artifacts", help=ARTIFACTS_HELP)
+    delete.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    add_model_flags(delete)
+    add_registry_flags(delete)
+
+
 def add_alias(commands: Commands) -> None:
     alias = commands.add_parser("alias", help="aliases: list, swap, rollback, canary, promote, abort")
     alias_sub = alias.add_subparsers(dest="alias_command", required=True)
@@ -162,6 +182,14 @@ def add_verify(commands: Commands) -> None:
     add_output_flags(verify)
 
 
+def add_compact(commands: Commands) -> None:
+    compact = commands.add_parser("compact", help="merge the live version's segments as the merge policy asks")
+    compact.add_argument("--index", help=INDEX_HELP)
+    compact.add_argument("--artifacts", help=ARTIFACTS_HELP)
+    compact.add_argument("--lock-timeout", type=float, help="seconds to wait for a run at the swap (default 600)")
+    add_output_flags(compact)
+
+
 def add_replay(commands: Commands) -> None:
     replay = commands.add_parser("replay", help="replay a recorded edit history and check every step")
     replay.add_argument("replay_dir", type=Path, help="directory with base.jsonl and changes.jsonl")
@@ -212,6 +240,6 @@ def add_quality(commands: Commands) -> None:
 
 # the order of ``ragpipe --help``
 COMMAND_GROUPS: list[Callable[[Commands], None]] = [
-    add_db, add_index, add_alias, add_versions, add_runs, add_search, add_eval, add_verify, add_replay, add_gc,
+    add_db, add_index, add_upsert, add_alias, add_versions, add_runs, add_search, add_eval, add_verify, add_compact, add_replay, add_gc,
     add_serve, add_quality, add_dags_folder,
 ]

@@ -58,6 +58,8 @@ class IndexConfig:
             each step renews it. A run whose lease ran out may be taken over.
         embedding_cache_ttl: seconds an embedding cache entry that no retained version uses (of
             any index, with the entry's model) is kept before ``ragpipe gc`` deletes it.
+        segment_rows: the most chunks a segment a full build writes holds (later segments are the
+            runs' additions; compaction merges them).
     """
 
     index: str = "docs"
@@ -89,6 +91,7 @@ class IndexConfig:
     embed_task_size: int = 2048
     run_lease: float = 3600.0
     embedding_cache_ttl: float = 30 * 86400.0
+    segment_rows: int = 250_000
 
     def __post_init__(self) -> None:
         if not _INDEX_NAME.fullmatch(self.index):
@@ -114,6 +117,8 @@ class IndexConfig:
                               "max_unzipped_bytes positive")
         if self.lock_timeout < 0:
             raise ConfigError(f"lock_timeout must not be negative, got {self.lock_timeout}")
+        if self.segment_rows < 1:
+            raise ConfigError(f"segment_rows must be positive, got {self.segment_rows}")
         if self.embedding_cache_ttl < 0:
             raise ConfigError(f"embedding_cache_ttl must not be negative, got {self.embedding_cache_ttl}")
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.chunking import chunk_context
 from pipeline.codechunks import code_chunker_version
 from pipeline.hashing import sha256_hex
-from pipeline.sources import SourceDocument
+from pipeline.sources import SkippedDocument, SourceDocument, SourceScan
 from registry.store import DocumentState
 
 
@@ -116,3 +116,25 @@ def plan_changes(
         doc_id for doc_id, state in known.items() if state.status == "active" and doc_id not in seen and doc_id not in held
     )
     return ChangeSet(tuple(new), tuple(changed), tuple(metadata_only), tuple(unchanged), tuple(deleted), tuple(kept))
+
+
+def partial_scan(scan: SourceScan, known: Mapping[str, DocumentState], delete: Iterable[str], index: str) -> SourceScan:
+    """A scan of only some documents (an upsert batch, a list of doc_ids to delete) as the diff takes it:
+    the index's other active documents are listed as unread (they stay as they are), the doc_ids to
+    delete are left out (so the diff deletes them), and each doc_id to delete that the index does not
+    hold, is listed twice or is also upserted is skipped with its reason."""
+    skipped = list(scan.skipped)
+    upserted = {d.doc_id for d in scan.documents}
+    doomed: set[str] = set()
+    for doc_id in delete:
+        state = known.get(doc_id)
+        if doc_id in doomed:
+            skipped.append(SkippedDocument(doc_id, "listed twice for deletion"))
+        elif doc_id in upserted:
+            skipped.append(SkippedDocument(doc_id, "both upserted and deleted in one batch; upserted"))
+        elif state is None or state.status != "active":
+            skipped.append(SkippedDocument(doc_id, f"not a document of index {index!r}; nothing to delete"))
+        else:
+            doomed.add(doc_id)
+    unread = sorted(d for d, s in known.items() if s.status == "active" and d not in upserted and d not in doomed)
+    return replace(scan, skipped=skipped, unread=unread)

@@ -35,6 +35,7 @@ from pipeline.embedding import Embedder
 from pipeline.errors import ConfigError
 from pipeline.formats import Layout
 from pipeline.runner import (
+    RunContext,
     RunOptions,
     RunState,
     artifact_store,
@@ -114,7 +115,7 @@ def plan(
                           lease_s=config.run_lease)
         with _step(registry, state, final=False):
             store.remove_run_files(config.index)  # workspaces of earlier runs, all finished or taken over
-            scan = plan_run(registry, model, config, state, source, source_credentials)
+            scan = plan_run(RunContext(registry, model, config, store), state, source, source_credentials)
             uri = None
             if state.changed:
                 wanted = set(state.to_chunk)
@@ -154,7 +155,7 @@ def stage(
                     raise ConfigError(
                         f"document {doc.doc_id!r}: the run's workspace text does not match its planned hash")
                 docs.append(doc)
-            stage_run(registry, model, config, state, docs)
+            stage_run(RunContext(registry, model, config, store), state, docs)
             _rows, needed = needed_rows(registry, config.index, state)
             items, distinct = missing_texts(registry, model.model_id, needed)
             size = config.embed_task_size
@@ -206,7 +207,7 @@ def build(
                     "chunks_cached": state.cached_before + sum(int(e["chunks_cached"]) for e in embedded),
                     "chars_embedded": sum(int(e["chars_embedded"]) for e in embedded),
                 }
-            build_run(registry, model, config, state)
+            build_run(RunContext.of(registry, model, config), state)
         version = registry.get_version(state.summary.version) if state.summary.version else None
         return {"run_id": run_id, "version": state.summary.version,
                 "artifact_uri": version.artifact_uri if version else None, "full_build": state.summary.full_build}
@@ -220,7 +221,7 @@ def validate(
     model = embedder(config)
     with _continue(run_id, config, registry_config) as (registry, state):
         if state.step == "built":
-            validate_run(registry, model, config, state)
+            validate_run(RunContext.of(registry, model, config), state)
         return {"run_id": run_id, "version": state.summary.version, "metrics": state.summary.metrics}
 
 
@@ -235,7 +236,7 @@ def publish(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig
         if state.step == "validated" and head is not None and head.version == state.summary.version:
             state.step = "published"  # an earlier attempt committed, then died before saying so
         elif state.step == "validated":
-            publish_run(registry, config, state)
+            publish_run(RunContext.of(registry, None, config), state)
         version = registry.get_version(state.summary.version) if state.summary.version else None
         alias = state.summary.alias or {}
         return {"run_id": run_id, "index": config.index, "version": state.summary.version,
@@ -254,7 +255,7 @@ def gc(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig | No
             return {"run_id": run_id, "already_finished": True}
     with _continue(run_id, config, registry_config, final=True) as (registry, state):
         if state.step == "published":
-            gc_run(registry, config, state)
+            gc_run(RunContext.of(registry, None, config), state)
             artifact_store(config, registry.home).remove_run_files(config.index, run_id)
         return {"run_id": run_id, **state.summary.gc}
 
@@ -290,3 +291,18 @@ def _step(registry: Registry, state: RunState, *, final: bool) -> Iterator[None]
 
 __all__ = ["build", "default_embedder", "embed", "gc", "is_transient", "plan", "publish", "registry_config", "stage",
            "validate"]
+
+
+def compact(config: IndexConfig, *, registry_config: RegistryConfig | None = None) -> dict[str, Any]:
+    """Merge the head version's segments when the merge policy asks (after a publish); a merge that
+    lost the race to a newer publish is discarded (the next run's compact step merges again).
+
+    Returns:
+        {"index", "status", "version", "segments_before", "segments_after"}.
+    """
+    from pipeline.compaction import compact_index
+
+    with _registry(registry_config) as registry:
+        report = compact_index(registry, config)
+    return {"index": report.index, "status": report.status, "version": report.version,
+            "segments_before": report.segments_before, "segments_after": report.segments_after}

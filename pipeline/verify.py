@@ -8,10 +8,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.segments.gate import check_segments
+from pipeline.segments.storage import SegmentArtifacts
 from pipeline.validation import check_structure
 from registry import Registry
 from retrieval.artifacts import CHUNKS_FILE, ArtifactStore, read_manifest
 from retrieval.errors import VersionCorrupt
+from retrieval.segments.manifest import VersionManifest
+from retrieval.segments.search import SegmentPool
 
 
 @dataclass
@@ -53,6 +57,7 @@ def verify_index(registry: Registry, store: ArtifactStore, index: str, alias: st
             report.violations.append(f"{name}: alias {alias!r} names a version that is {row and row.status}")
     head = registry.head_version(index)
     active = registry.active_chunk_ids(index)
+    files = SegmentArtifacts(store, index)
     for v in versions:
         if v.status not in ("published", "retired", "validated"):
             continue
@@ -64,8 +69,12 @@ def verify_index(registry: Registry, store: ArtifactStore, index: str, alias: st
         keys = registry.member_keys(index, v.version_seq)
         is_head = head is not None and name == head.version
         try:
-            problems = _version_problems(store.local_path(index, name), name, keys, v.model_id,
-                                         active if is_head else None)
+            segmented = files.read_version(name)
+            if segmented is not None:
+                problems = _segmented_problems(files, segmented, keys, v.model_id, active if is_head else None)
+            else:
+                problems = _version_problems(store.local_path(index, name), name, keys, v.model_id,
+                                             active if is_head else None)
         except Exception as exc:  # whatever a damaged file makes a reader raise is a finding, not a crash
             problems = [f"cannot check its files: {type(exc).__name__}: {exc}"]
         report.violations.extend(f"{name}: {p}" for p in problems)
@@ -90,4 +99,23 @@ def _version_problems(directory: Path, version: str, keys: set[int], model_id: s
                 f"head version's chunks differ from the registry's active rows "
                 f"({len(ids - active)} only in the version, {len(active - ids)} only active)"
             )
+    return problems
+
+
+def _segmented_problems(files: SegmentArtifacts, manifest: VersionManifest, keys: set[int], model_id: str,
+                        active: set[str] | None) -> list[str]:
+    """The problems of a segmented version: every segment's checksums, its deletion set against its
+    keys, the live keys against the registry's; for the head, the live chunk ids against the active rows."""
+    problems = check_segments(files, manifest, keys, model_id=model_id, checksums=True)
+    if active is not None and not problems:
+        pool = SegmentPool(files.local, verify=False)
+        ids: set[str] = set()
+        for ref in manifest.segments:
+            segment = pool.get(ref.name)
+            chunk_ids = segment.chunks.column("chunk_id").to_pylist()
+            deleted = set(files.local.read_deletions(ref).tolist())
+            ids |= {c for c, k in zip(chunk_ids, segment.keys.tolist()) if k not in deleted}
+        if ids != active:
+            problems.append(f"head version's chunks differ from the registry's active rows "
+                            f"({len(ids - active)} only in the version, {len(active - ids)} only active)")
     return problems

@@ -238,6 +238,21 @@ WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL O
   AND status <> 'discarded' AND (%(all_docs)s OR doc_id = ANY(%(doc_ids)s::text[]))
 ORDER BY chunk_key;
 
+-- name: member_rows_page
+-- One page of a version's chunk rows in key order, after the key the previous page ended with.
+SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text,
+       context, page_start, page_end, page_label_start, page_label_end
+FROM chunks
+WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
+  AND status <> 'discarded' AND chunk_key > %(after)s
+ORDER BY chunk_key
+LIMIT %(limit)s;
+
+-- name: member_count
+SELECT count(*) FROM chunks
+WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
+  AND status <> 'discarded';
+
 -- name: document_fields
 SELECT doc_id, source_uri, metadata, valid_from FROM documents
 WHERE index_name = %(index)s AND status = 'active';

@@ -224,6 +224,7 @@ class QualityRow:
 QUERY_ROWS: dict[str, type] = {
     "list_runs": RunListing,
     "get_run": RunRow,
+    "member_rows_page": ChunkRow,
     "member_rows": ChunkRow,
     "active_chunks": ChunkRow,
     "document_fields": DocumentFields,

@@ -9,7 +9,7 @@ moves the alias and notifies listeners — all in one transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -128,6 +128,22 @@ class VersionStore:
         """Chunk rows of a version (all, or only those of ``doc_ids``), by chunk_key."""
         return fetch_all(self.conn, "member_rows", ChunkRow,
                          {"index": index, "seq": seq, "all_docs": doc_ids is None, "doc_ids": list(doc_ids or [])})
+
+    def iter_member_rows(self, index: str, seq: int, page: int = 4096) -> Iterator[list[ChunkRow]]:
+        """A version's chunk rows by chunk_key, ``page`` rows at a time (never all of them at once)."""
+        after = 0
+        while True:
+            rows = fetch_all(self.conn, "member_rows_page", ChunkRow,
+                             {"index": index, "seq": seq, "after": after, "limit": page})
+            if rows:
+                yield rows
+            if len(rows) < page:
+                return
+            after = rows[-1].chunk_key
+
+    def member_count(self, index: str, seq: int) -> int:
+        row = self.conn.execute(q("member_count"), {"index": index, "seq": seq}).fetchone()
+        return int(row[0]) if row else 0
 
     def document_fields(self, index: str) -> dict[str, DocumentFields]:
         """The fields of the index's active documents, by doc_id."""

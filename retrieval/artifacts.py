@@ -85,6 +85,30 @@ def download_directory(artifact_uri: str, cache_dir: Path) -> Path:
     return cache_dir / artifact_uri.replace("://", "/").replace(":", "_")
 
 
+def download_tree(uri: str, target: Path, marker: str = MANIFEST) -> Path:
+    """A local copy of the remote directory ``uri`` at ``target``, downloaded once: into a partial
+    directory renamed when complete, so that a copy holding ``marker`` is always whole.
+
+    Raises:
+        OSError: the files cannot be listed or read.
+    """
+    if (target / marker).is_file():
+        return target
+    from pyarrow import fs
+
+    filesystem, base = fs.FileSystem.from_uri(uri)
+    partial = target.with_name(f".{target.name}{DOWNLOAD_SUFFIX}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        fs.copy_files(base, str(partial), source_filesystem=filesystem)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 # -- reading a version: what its manifest promises, checked ------------------------------------------
 
 _MANIFEST_SECTIONS = {"model": dict, "metric": str, "bm25": dict, "counts": dict, "files": dict}
@@ -261,6 +285,16 @@ class ArtifactStore:
     def is_local(self) -> bool:
         return self._local_root is not None
 
+    def index_uri(self, index: str) -> str:
+        """Where the index's files live (its versions' directories, segments and deletion sets)."""
+        if self._local_root is not None:
+            return str((self._local_root / index).resolve())
+        return f"{self.uri}/{index}"
+
+    def index_directory(self, index: str) -> Path:
+        """The local directory of the index's files: the store itself, or its cached copy."""
+        return (self._local_root if self._local_root is not None else self.cache_dir) / index
+
     def version_uri(self, index: str, version: str) -> str:
         if self._local_root is not None:
             return str((self._local_root / index / version).resolve())
@@ -303,18 +337,7 @@ class ArtifactStore:
         """A local directory holding the version's files (downloaded first when remote)."""
         if self._local_root is not None:
             return self._local_root / index / version
-        target = self.cache_dir / index / version
-        if not (target / MANIFEST).is_file():
-            from pyarrow import fs
-
-            filesystem, base = fs.FileSystem.from_uri(self.version_uri(index, version))
-            partial = target.with_name(f".{version}{DOWNLOAD_SUFFIX}")
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            fs.copy_files(base, str(partial), source_filesystem=filesystem)
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)
-        return target
+        return download_tree(self.version_uri(index, version), self.cache_dir / index / version)
 
     def exists(self, index: str, version: str) -> bool:
         if self._local_root is not None:

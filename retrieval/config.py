@@ -16,7 +16,8 @@ class RetrievalConfig:
     Attributes:
         retrievers: ``hybrid`` (BM25 and HNSW), ``bm25`` or ``vector`` alone.
         candidates: how many candidates each of BM25 and HNSW returns (N).
-        ef: HNSW search breadth; a search for n > ef neighbours searches at breadth n (hnswlib: max(ef, k)).
+        ef: HNSW search breadth; None (default) serves the breadth validation measured for each segment
+            (whole-copy versions: 100); a search for n > ef neighbours searches at breadth n (max(ef, k)).
         fusion: ``rrf`` (reciprocal rank fusion) or ``weighted`` (min-max normalized scores).
         rrf_k: the k of reciprocal rank fusion.
         vector_weight: weight of the vector list in weighted fusion (BM25 gets the rest).
@@ -40,7 +41,7 @@ class RetrievalConfig:
 
     retrievers: str = "hybrid"
     candidates: int = 50
-    ef: int = 100
+    ef: int | None = None
     fusion: str = "rrf"
     rrf_k: int = 60
     vector_weight: float = 0.7

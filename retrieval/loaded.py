@@ -8,7 +8,7 @@ a :class:`VersionCorrupt` naming the file, never served.
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 from retrieval.artifacts import (
     CHUNK_SCHEMA,
     CHUNKS_FILE,
-    DOWNLOAD_SUFFIX,
     MANIFEST,
     MATRIX_FILE,
     VECTORS_FILE,
     download_directory,
+    download_tree,
     file_problems,
     is_remote,
     read_manifest,
@@ -37,6 +37,9 @@ from retrieval.bm25 import ANALYZER_VERSION, POSTINGS_FILE, VOCAB_FILE, Analyzer
 from retrieval.errors import VersionCorrupt, VersionUnavailable
 from retrieval.onnx import EncoderRef
 from retrieval.vector import EfGate
+
+logger = logging.getLogger("retrieval.retriever")  # the name the fall-back messages were always logged under
+DEFAULT_EF = 100  # the search breadth of whole-copy versions, which record none
 
 
 @dataclass(frozen=True)
@@ -58,21 +61,10 @@ def local_directory(artifact_uri: str, cache_dir: Path) -> Path:
         if not (path / MANIFEST).is_file():
             raise VersionUnavailable(f"version files missing at {artifact_uri}")
         return path
-    from pyarrow import fs
-
-    target = download_directory(artifact_uri, cache_dir)
-    if not (target / MANIFEST).is_file():
-        filesystem, base = fs.FileSystem.from_uri(artifact_uri)
-        partial = target.with_name(target.name + DOWNLOAD_SUFFIX)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        try:
-            fs.copy_files(base, str(partial), source_filesystem=filesystem)
-        except OSError as exc:
-            raise VersionUnavailable(f"cannot download version files from {artifact_uri}: {exc}") from exc
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-    return target
+    try:
+        return download_tree(artifact_uri, download_directory(artifact_uri, cache_dir))
+    except OSError as exc:
+        raise VersionUnavailable(f"cannot download version files from {artifact_uri}: {exc}") from exc
 
 
 class Column:
@@ -192,10 +184,23 @@ class LoadedVersion:
             self._metadata_cache[row] = cached
         return cached
 
-    def knn_query(self, vectors: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-        """HNSW labels and distances of the ``k`` nearest chunks at breadth ``max(ef, k)``, safe beside
-        other threads (the graph's ef is shared: set it only through here)."""
-        return self._ef.knn_query(self.hnsw, vectors, k, ef)
+    def knn_query(self, vectors: np.ndarray, k: int, ef: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW labels and distances of the ``k`` nearest chunks at breadth ``max(ef, k)`` (None:
+        ``DEFAULT_EF``), safe beside other threads (the graph's ef is shared: set it only through here)."""
+        return self._ef.knn_query(self.hnsw, vectors, k, DEFAULT_EF if ef is None else ef)
+
+    def vector_search(self, vector: np.ndarray, n: int, ef: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW top-n; exact search over the full-precision matrix when n covers the whole version or
+        the graph cannot return n neighbours (hnswlib raises then)."""
+        if n < self.size:
+            try:
+                found = self.knn_query(vector, n, ef)
+                return found[0][0], found[1][0]
+            except RuntimeError:
+                logger.info("HNSW returned fewer than %d neighbours; searching exactly", n)
+        scores = np.asarray(self.matrix, dtype=np.float32) @ np.asarray(vector, dtype=np.float32)
+        order = np.argsort(-scores, kind="stable")[:n]
+        return self.keys[order], (1.0 - scores[order]).astype(np.float32)
 
     def vectors(self, keys: list[int]) -> np.ndarray:
         """Full-precision vectors of chunks (the version's vector matrix, memory-mapped)."""

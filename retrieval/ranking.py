@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,10 +16,8 @@ from retrieval.artifacts import PAGE_COLUMNS
 from retrieval.config import Hits, RetrievalConfig
 from retrieval.fusion import reciprocal_rank_fusion, weighted_fusion
 from retrieval.hit import Hit, StageScore
-from retrieval.loaded import LoadedVersion
+from retrieval.loaded import LoadedVersion  # or retrieval.segmented.SegmentedLoaded: the same interface
 from retrieval.rerank import Reranker
-
-logger = logging.getLogger("retrieval.retriever")  # the name the fall-back messages were always logged under
 
 
 class Ranker:
@@ -59,7 +56,7 @@ class Ranker:
             labels, distances = knn
         else:
             with telemetry.span("retrieval.vector_search", {"retrieval.candidates": n}):
-                labels, distances = _vector_search(version, vector, n, self.config.ef)
+                labels, distances = version.vector_search(vector, n, self.config.ef)
         vec_keys = [int(x) for x in labels]
         vec_scores = {key: 1.0 - float(d) for key, d in zip(vec_keys, distances)}
         with telemetry.span("retrieval.bm25_search", {"retrieval.candidates": n}):
@@ -135,20 +132,6 @@ class Ranker:
             bm25=bm25, vector=vector, fused=fused, rerank=rerank, metadata=version.metadata(row),
             **{name: c[name][row] for name in PAGE_COLUMNS},
         )
-
-
-def _vector_search(version: LoadedVersion, vector: np.ndarray, n: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-    """HNSW top-n; exact search over the full-precision matrix when n covers the whole version or
-    the graph cannot return n neighbours (hnswlib raises then)."""
-    if n < version.size:
-        try:
-            found = version.knn_query(vector, n, ef)
-            return found[0][0], found[1][0]
-        except RuntimeError:
-            logger.info("HNSW returned fewer than %d neighbours; searching exactly", n)
-    scores = np.asarray(version.matrix, dtype=np.float32) @ np.asarray(vector, dtype=np.float32)
-    order = np.argsort(-scores, kind="stable")[:n]
-    return version.keys[order], (1.0 - scores[order]).astype(np.float32)
 
 
 def normalized_filters(filters: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ from retrieval.caches import CacheCounters, LRUCache, SemanticCache
 from retrieval.config import ENV_FIELDS, Hits, RetrievalConfig
 from retrieval.errors import AliasNotFound, ModelMismatch, VersionCorrupt, VersionUnavailable
 from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
+from retrieval.segmented import SegmentedLoaded, SegmentPools, manifest_format
 from retrieval.encoding import QueryEncoding
 from retrieval.measuring import RolloutMeasuring
 from retrieval.ranking import Ranker, normalized_filters
@@ -74,6 +75,7 @@ class Retriever(QueryEncoding, RolloutMeasuring):
         self.mirror = MirrorStats(config.mirror_window)
         self.stats = StatsRecorder()
         self.loads = 0  # versions read from their files so far (moves onto warm versions read none)
+        self.segments = SegmentPools()  # each segment opened once, shared by the versions held
         self._closed = threading.Event()
         try:
             row = self._alias_row()
@@ -150,9 +152,21 @@ class Retriever(QueryEncoding, RolloutMeasuring):
                 )
         started = time.perf_counter()
         self.loads += 1
-        loaded = LoadedVersion(info, local_directory(info.artifact_uri, self._cache_dir))
+        loaded = self._open_version(info)
         logger.info("loaded version %s (%d chunks) in %.2f s", info.version, loaded.size, time.perf_counter() - started)
         return loaded
+
+    def _open_version(self, info: VersionInfo) -> LoadedVersion:
+        """A version read from its files: segmented (format 3) over the shared segments, or a
+        whole copy (formats 1 and 2)."""
+        directory = local_directory(info.artifact_uri, self._cache_dir)
+        if manifest_format(directory) == 3:
+            return SegmentedLoaded(info, directory, self.segments)  # type: ignore[return-value]
+        return LoadedVersion(info, directory)
+
+    def _held(self) -> list[Any]:
+        rollout = self._rollout
+        return [self._current, self._shadow, rollout.version if rollout else None, *self._warm.versions()]
 
     def _follow(self) -> None:
         """Switch to newly published versions on the registry's notifications, and re-check after
@@ -194,6 +208,7 @@ class Retriever(QueryEncoding, RolloutMeasuring):
             if self._semantic is not None:
                 self._semantic.retain_versions(self.serving_versions())
             self._refresh_shadow()
+            self.segments.retain(v for v in self._held() if v is not None)  # segments no held version lists
             return switched
 
     def _served(self, name: str) -> LoadedVersion | None:
@@ -270,7 +285,7 @@ class Retriever(QueryEncoding, RolloutMeasuring):
             elif self._shadow is None or self._shadow.info.version != shadow.version:
                 try:
                     self.loads += 1
-                    self._shadow = LoadedVersion(shadow, local_directory(shadow.artifact_uri, self._cache_dir))
+                    self._shadow = self._open_version(shadow)
                 except VersionCorrupt as exc:
                     self._refused[shadow.version] = str(exc)
                     raise
@@ -351,7 +366,7 @@ class Retriever(QueryEncoding, RolloutMeasuring):
         stages["vector"] = time.perf_counter() - started
         started = time.perf_counter()
         hits = []
-        ef = self.config.ef
+        ef = self.config.ef or 0  # None (each segment's measured breadth): reuse only at the batch's depth
         for i, q in enumerate(queries):
             # hnswlib searches at breadth max(ef, depth): a shallower query searching at the same breadth
             # gets the first of the batch's neighbours; one searching narrower searches alone

@@ -136,6 +136,11 @@ class WarmVersions:
         with self._lock:
             return sorted(self._versions)
 
+    def versions(self) -> list[Any]:
+        """The warm versions themselves."""
+        with self._lock:
+            return [loaded for loaded, _ in self._versions.values()]
+
 
 class MirrorStats:
     """What mirroring queries to the shadow version has shown so far: bounded memory, thread-safe.

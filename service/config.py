@@ -48,7 +48,7 @@ class ServeConfig:
         tokens_file: a file of bearer tokens, one a line (besides ``RAGPIPE_SERVE_TOKENS``).
         cors_origins: origins allowed cross-origin; empty turns CORS off.
         poll_interval: how often a retriever re-checks its alias besides notifications.
-        ef: HNSW search breadth of every retriever.
+        ef: HNSW search breadth of every retriever (0: the breadth validation measured per segment).
     """
 
     indexes: tuple[str, ...] = ()
@@ -67,7 +67,7 @@ class ServeConfig:
     tokens_file: str | None = None
     cors_origins: tuple[str, ...] = ()
     poll_interval: float = 5.0
-    ef: int = 100
+    ef: int = 0  # 0: the breadth each version recorded
     limits: Limits = field(default_factory=Limits)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 

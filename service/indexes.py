@@ -106,7 +106,7 @@ class ServedIndexes:
     def _open(self, alias: str) -> None:
         try:
             retriever = Retriever.open(alias, self.config.registry.database_url, home=self.config.registry.home,
-                                       encoder=self._encoder, ef=self.config.ef,
+                                       encoder=self._encoder, ef=self.config.ef or None,
                                        poll_interval=self.config.poll_interval)
         except (AliasNotFound, RetrievalError, OSError) as exc:
             logger.error("cannot serve alias %s: %s", alias, exc)

@@ -74,10 +74,12 @@ def test_alias_versions_and_verify_commands(tmp_path, database_url, embedder):
     assert second.version in versions.stdout and "live,head" in versions.stdout
 
     assert ragpipe(["verify"], database_url, home).returncode == 0
-    (home / "artifacts" / "docs" / first.version / "vectors.hnsw").write_bytes(b"garbage")
+    segment = json.loads((home / "artifacts" / "docs" / first.version / "manifest.json").read_text())["segments"][0]
+    (home / "artifacts" / "docs" / "segments" / segment["name"] / "graph.hnsw").write_bytes(b"garbage")
     broken = ragpipe(["verify"], database_url, home)
     assert broken.returncode == 1
-    assert f"!!  {first.version}: file vectors.hnsw does not match its manifest checksum" in broken.stdout
+    assert (f"!!  {first.version}: segment {segment['name']}: file graph.hnsw does not match its manifest checksum"
+            in broken.stdout)
 
 
 def test_replay_with_the_deterministic_embedder(tmp_path, database_url):

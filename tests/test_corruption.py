@@ -14,9 +14,11 @@ from conftest import REPO, write_tree
 from pipeline.config import IndexConfig
 from pipeline.runner import RunOptions, artifact_store, run_index
 from retrieval import Retriever
-from retrieval.artifacts import CHUNKS_FILE, MANIFEST, MATRIX_FILE, VECTORS_FILE, sha256_file
-from retrieval.bm25 import POSTINGS_FILE, VOCAB_FILE
+from retrieval.artifacts import MANIFEST, sha256_file
 from retrieval.errors import VersionCorrupt
+from retrieval.segments.files import (CHUNKS_FILE, GRAPH_FILE, POSTING_ROWS_FILE, SEGMENT_MANIFEST, TERMS_FILE,
+                                      VECTORS_FILE)
+from version_files import segment_dir
 
 pytestmark = pytest.mark.db
 
@@ -34,6 +36,11 @@ def publish(src, registry, embedder, **options):
 
 def version_dir(registry, version):
     return artifact_store(IndexConfig(), registry.home).local_path("docs", version)
+
+
+def segment_of(registry, version):
+    """The directory of the version's one segment (each revision here rewrites every report)."""
+    return segment_dir(registry, IndexConfig(), version)
 
 
 def flip_middle(path, count=16):
@@ -59,12 +66,12 @@ def open_retriever(registry_config, embedder, **kw):
 
 @pytest.fixture
 def live(tmp_path, registry, embedder):
-    """A published version of 40 one-chunk reports: (name, directory)."""
+    """A published version of 40 one-chunk reports: (name, the directory of its segment)."""
     version = publish(reports(tmp_path / "src"), registry, embedder)
-    return version, version_dir(registry, version)
+    return version, segment_of(registry, version)
 
 
-@pytest.mark.parametrize("name", [MATRIX_FILE, VECTORS_FILE, CHUNKS_FILE, POSTINGS_FILE, VOCAB_FILE])
+@pytest.mark.parametrize("name", [VECTORS_FILE, GRAPH_FILE, CHUNKS_FILE, POSTING_ROWS_FILE, TERMS_FILE])
 def test_flipped_bytes_are_refused_naming_the_file(live, registry_config, embedder, name):
     version, directory = live
     flip_middle(directory / name)
@@ -75,27 +82,27 @@ def test_flipped_bytes_are_refused_naming_the_file(live, registry_config, embedd
 
 
 @pytest.mark.parametrize(("damage", "name", "says"), [
-    (truncate, VECTORS_FILE, "bytes"), (truncate, MATRIX_FILE, "bytes"), (truncate, POSTINGS_FILE, "bytes"),
-    (os.remove, CHUNKS_FILE, "missing"), (garble, MANIFEST, "JSON"),
+    (truncate, GRAPH_FILE, "bytes"), (truncate, VECTORS_FILE, "bytes"), (truncate, POSTING_ROWS_FILE, "bytes"),
+    (os.remove, CHUNKS_FILE, "missing"), (garble, SEGMENT_MANIFEST, "JSON"), (garble, MANIFEST, "JSON"),
 ])
-def test_truncated_missing_or_unparsable_files_are_refused_naming_the_file(live, registry_config, embedder, damage,
-                                                                            name, says):
+def test_truncated_missing_or_unparsable_files_are_refused_naming_the_file(live, registry, registry_config, embedder,
+                                                                            damage, name, says):
     version, directory = live
-    damage(directory / name)
+    damage((version_dir(registry, version) if name == MANIFEST else directory) / name)
     with pytest.raises(VersionCorrupt) as refused:
         open_retriever(registry_config, embedder)
     message = str(refused.value)
     assert version in message and name in message and says in message, message
 
 
-@pytest.mark.parametrize("name", [MATRIX_FILE, VECTORS_FILE, CHUNKS_FILE])
+@pytest.mark.parametrize("name", [VECTORS_FILE, GRAPH_FILE, CHUNKS_FILE])
 def test_an_unreadable_file_its_manifest_vouches_for_is_refused_naming_it(live, registry_config, embedder, name):
-    """Checksums pass (the manifest was rewritten to match), the file is garbage: still a clear refusal."""
+    """Checksums pass (the segment manifest was rewritten to match), the file is garbage: still a clear refusal."""
     version, directory = live
     (directory / name).write_bytes(b"not a file of this kind" * 64)
-    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest = json.loads((directory / SEGMENT_MANIFEST).read_text())
     manifest["files"][name] = {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-    (directory / MANIFEST).write_text(json.dumps(manifest))
+    (directory / SEGMENT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(VersionCorrupt) as refused:
         open_retriever(registry_config, embedder)
     message = str(refused.value)
@@ -113,7 +120,7 @@ def test_a_following_retriever_keeps_its_version_when_the_next_is_corrupt(tmp_pa
     src = reports(tmp_path / "src")
     a = publish(src, registry, embedder)
     b = publish(reports(src, revision=1), registry, embedder)
-    flip_middle(version_dir(registry, b) / MATRIX_FILE)
+    flip_middle(segment_of(registry, b) / VECTORS_FILE)
     registry.swap_alias("docs", a)
     caplog.set_level(logging.WARNING, logger="retrieval.retriever")
     with open_retriever(registry_config, embedder, follow=True, poll_interval=0.2, result_cache_size=0) as r:
@@ -125,7 +132,7 @@ def test_a_following_retriever_keeps_its_version_when_the_next_is_corrupt(tmp_pa
         time.sleep(1.0)  # five more polls: the refused version is not loaded (and hashed) again
         refusals = [rec for rec in caplog.records if b in rec.getMessage()]
         assert len(refusals) == 1, [rec.getMessage() for rec in caplog.records]
-        assert MATRIX_FILE in refusals[0].getMessage() and a in refusals[0].getMessage()
+        assert VECTORS_FILE in refusals[0].getMessage() and a in refusals[0].getMessage()
         assert r.version == a
         hits = r.search("nozzle at Mach", k=3)
         assert hits and {h.index_version for h in hits} == {a}
@@ -147,10 +154,10 @@ def cli(args, registry_config):
 
 @pytest.mark.slow
 def test_search_on_a_corrupt_version_exits_1_naming_the_file(live, registry_config):
-    flip_middle(live[1] / VECTORS_FILE)
+    flip_middle(live[1] / GRAPH_FILE)
     result = cli(["search", "nozzle"], registry_config)
     assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr and VECTORS_FILE in result.stderr and live[0] in result.stderr
+    assert "Traceback" not in result.stderr and GRAPH_FILE in result.stderr and live[0] in result.stderr
 
 
 @pytest.mark.slow
@@ -161,11 +168,11 @@ def test_verify_reports_every_problem_of_every_version(tmp_path, registry, regis
     third = publish(reports(src, revision=2), registry, embedder)
     fourth = publish(reports(src, revision=3), registry, embedder)  # live and head
     garble(version_dir(registry, first) / MANIFEST)
-    truncate(version_dir(registry, second) / VECTORS_FILE)
-    flip_middle(version_dir(registry, second) / VOCAB_FILE)
+    truncate(segment_of(registry, second) / GRAPH_FILE)
+    flip_middle(segment_of(registry, second) / TERMS_FILE)
     (version_dir(registry, third) / MANIFEST).write_text("[]")
-    os.remove(version_dir(registry, fourth) / CHUNKS_FILE)
-    flip_middle(version_dir(registry, fourth) / MATRIX_FILE)
+    os.remove(segment_of(registry, fourth) / CHUNKS_FILE)
+    flip_middle(segment_of(registry, fourth) / VECTORS_FILE)
 
     result = cli(["verify", "--json"], registry_config)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -178,11 +185,11 @@ def test_verify_reports_every_problem_of_every_version(tmp_path, registry, regis
         return any(v.startswith(version) and all(w in v for w in words) for v in violations)
 
     assert found(first, MANIFEST, "JSON"), violations
-    assert found(second, VECTORS_FILE, "bytes"), violations
-    assert found(second, VOCAB_FILE, "checksum"), violations
+    assert found(second, "segment seg-", GRAPH_FILE, "bytes"), violations
+    assert found(second, "segment seg-", TERMS_FILE, "checksum"), violations
     assert found(third, MANIFEST, "object"), violations
-    assert found(fourth, CHUNKS_FILE, "missing"), violations
-    assert found(fourth, MATRIX_FILE, "checksum"), violations
+    assert found(fourth, "segment seg-", CHUNKS_FILE, "missing"), violations
+    assert found(fourth, "segment seg-", VECTORS_FILE, "checksum"), violations
 
     human = cli(["verify"], registry_config)
     assert human.returncode == 1 and "Traceback" not in human.stderr, human.stderr

@@ -327,7 +327,10 @@ def test_pages_reach_the_hits_and_older_versions_still_load(tmp_path, registry, 
     assert all((h.page_start, h.page_end) == (row[h.chunk_id].page_start, row[h.chunk_id].page_end)
                for h in pdf_hits)
 
-    # a version written before pages existed: its chunk table lacks the columns, which read as None
+    # a version written before pages existed (a whole copy): its chunk table lacks the columns, which read as None
+    from whole_copy import rewrite_as_whole_copy
+
+    rewrite_as_whole_copy(registry, registry.home / "artifacts", "docs", summary.version, embedder.model_id)
     directory = artifact_store(IndexConfig(), registry.home).local_path("docs", summary.version)
     table = pq.read_table(directory / CHUNKS_FILE)
     pq.write_table(table.drop_columns(["page_start", "page_end", "page_label_start", "page_label_end"]),

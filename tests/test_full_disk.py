@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_tree
-from pipeline.building import BuildPlan, build_version
+from pipeline.segments.build import chunk_table
+from pipeline.segments.writer import SegmentParams, SegmentWriter
 from registry import Registry, RegistryConfig
 from registry.rows import ChunkRow, DocumentFields
-from retrieval.artifacts import CHUNKS_FILE, MANIFEST, MATRIX_FILE, VECTORS_FILE
-from retrieval.bm25 import POSTINGS_FILE, VOCAB_FILE
+from retrieval.segments.manifest import SegmentStore
 
 PAGE = 4096
-WRITE_ORDER = [CHUNKS_FILE, MATRIX_FILE, POSTINGS_FILE, VOCAB_FILE, VECTORS_FILE, MANIFEST]
 
 
 @pytest.fixture
@@ -50,29 +49,36 @@ def tmpfs():
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def synthetic_plan(n=600, dim=384):
-    """A full build of ``n`` chunks in four-chunk documents, with random unit vectors."""
+def synthetic_batch(n=600, dim=384):
+    """``n`` chunks in four-chunk documents with random unit vectors, as a segment writer takes them."""
     rng = np.random.default_rng(7)
     words = ["wing", "nozzle", "shock", "boundary", "layer", "rotor", "flap", "inlet", "vortex", "stall"]
-    rows, vectors = [], {}
+    rows = []
     for i in range(n):
         text = " ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + f" report {i}"
         rows.append(ChunkRow(chunk_key=i + 1, chunk_id=f"chunk-{i}", doc_id=f"doc{i // 4}.txt",
                              chunk_hash=f"hash-{i}", ordinal=i % 4, heading_path=["Report"], char_start=0,
                              char_end=len(text), token_count=14, text=text, context="", page_start=None,
                              page_end=None, page_label_start=None, page_label_end=None))
-        vector = rng.standard_normal(dim).astype(np.float32)
-        vectors[f"hash-{i}"] = vector / np.linalg.norm(vector)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     doc_fields = {r.doc_id: DocumentFields(r.doc_id, f"file:///src/{r.doc_id}", {}, None) for r in rows}
-    return BuildPlan(index="docs", version="docs_full", parent_version=None, parent_dir=None, run_id=1,
-                     model_id="test-model", dim=dim, chunker_version="test", rows=rows, doc_fields=doc_fields,
-                     vectors=vectors)
+    return chunk_table(rows, doc_fields), vectors
 
 
-def _build_in_child(out, plan, report):
+def write_segment(root, batch):
+    table, vectors = batch
+    store = SegmentStore(root)
+    with SegmentWriter(store, SegmentParams(model_id="test-model", dim=vectors.shape[1]), expected_rows=len(vectors)) as w:
+        for at in range(0, table.num_rows, 100):
+            w.add(table.slice(at, 100), vectors[at:at + 100])
+        return store.segment_path(w.finish(recall_target=0.9).name)
+
+
+def _build_in_child(out, batch, report):
     outcome = {"error": None}
     try:
-        build_version(out, plan)
+        write_segment(out, batch)
     except BaseException as exc:  # reported to the parent, which judges it
         outcome = {"error": type(exc).__name__, "errno": getattr(exc, "errno", None),
                    "filename": getattr(exc, "filename", None), "message": str(exc)}
@@ -81,10 +87,10 @@ def _build_in_child(out, plan, report):
     os._exit(0)
 
 
-def build_in_child(out, plan, report):
-    """Build in a forked process (a SIGBUS there must not take the test run with it); its exit code
-    and what it raised."""
-    child = multiprocessing.get_context("fork").Process(target=_build_in_child, args=(out, plan, report))
+def build_in_child(out, batch, report):
+    """Write a segment in a forked process (a SIGBUS there must not take the test run with it); its
+    exit code and what it raised."""
+    child = multiprocessing.get_context("fork").Process(target=_build_in_child, args=(out, batch, report))
     child.start()
     child.join(120)
     return child.exitcode, json.loads(report.read_text()) if report.exists() else None
@@ -94,24 +100,21 @@ def pages(nbytes):
     return -(-nbytes // PAGE)
 
 
-@pytest.mark.parametrize("target", WRITE_ORDER)
-def test_running_out_of_space_in_each_file_raises_enospc(tmp_path, tmpfs, target):
-    plan = synthetic_plan()
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    build_version(reference, plan)
-    sizes = {name: (reference / name).stat().st_size for name in WRITE_ORDER}
-    assert sizes[MATRIX_FILE] > 2 * PAGE and sizes[VECTORS_FILE] > 2 * PAGE
-    before = WRITE_ORDER[: WRITE_ORDER.index(target)]
-    # room for every file written before the target and half of the target itself
-    room = sum(pages(sizes[name]) for name in before) + pages(sizes[target]) // 2
-    out = tmpfs(tmp_path / "disk", f"{room * PAGE // 1024}k")
-    exit_code, outcome = build_in_child(out, plan, tmp_path / "outcome.json")
-    assert exit_code != -signal.SIGBUS, f"SIGBUS while writing {target}"
+@pytest.mark.parametrize("share", [0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
+def test_running_out_of_space_while_writing_a_segment_raises_enospc(tmp_path, tmpfs, share):
+    batch = synthetic_batch()
+    reference = write_segment(tmp_path / "reference", batch)
+    files = sorted(reference.iterdir())
+    assert sum(1 for p in files if p.stat().st_size > 2 * PAGE) >= 3
+    room = max(1, int(sum(pages(p.stat().st_size) for p in files) * share))
+    out = tmpfs(tmp_path / "disk", f"{(room + 2) * PAGE // 1024}k")
+    exit_code, outcome = build_in_child(out, batch, tmp_path / "outcome.json")
+    assert exit_code != -signal.SIGBUS, f"SIGBUS at {share:.0%} of the room a segment needs"
     assert exit_code == 0 and outcome is not None, exit_code
-    assert outcome["error"] is not None, f"the build wrote {target} onto a full disk without an error"
+    assert outcome["error"] is not None, f"the segment was written onto a full disk without an error ({share:.0%})"
     assert outcome["error"] == "WriteFailed" and outcome["errno"] == errno.ENOSPC, outcome
-    assert outcome["filename"] == str(out / target), outcome  # the error names the file it could not write
+    assert outcome["filename"].startswith(str(out / "segments")), outcome  # the error names the file
+    assert not [p for p in (out / "segments").iterdir()], "a partial segment was left behind"
 
 
 TOPICS = ["wing", "nozzle", "shock", "boundary layer", "heat shield", "propeller", "rotor", "flap", "inlet", "vortex"]
@@ -162,7 +165,10 @@ def test_full_disk_fails_the_run_with_exit_75_and_the_next_run_finishes(tmp_path
         attempted = (run.counts or {}).get("version")
         statuses = {v.version: v.status for v in reg.list_versions("docs")}
     assert attempted and statuses[attempted] == "rejected", statuses  # not left 'building'
-    assert sorted(p.name for p in (artifacts / "docs").iterdir()) == [live]  # no partial files hold the space
+    assert sorted(p.name for p in (artifacts / "docs").iterdir()) == sorted([live, "segments"])
+    live_segments = json.loads((artifacts / "docs" / live / "manifest.json").read_text())["segments"]
+    # no partial files hold the space: only the live version's segments remain
+    assert sorted(p.name for p in (artifacts / "docs" / "segments").iterdir()) == sorted(s["name"] for s in live_segments)
     embedded = cached_embeddings(database_url)
     assert len(embedded) == 210  # every text the failed run embedded is cached
 

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.deterministic import DeterministicEmbedder
 from conftest import run_threads, write_tree
+from version_files import chunk_rows
 from pipeline.config import IndexConfig
 from pipeline.runner import RunOptions, run_index
 from retrieval import Retriever
@@ -248,7 +249,7 @@ class _ShortGraph:
     def set_ef(self, ef):
         self.inner.set_ef(ef)
 
-    def knn_query(self, vectors, k):
+    def knn_query(self, vectors, k, filter=None):
         raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M is too small")
 
 
@@ -256,7 +257,8 @@ def test_search_many_searches_exactly_when_the_graph_returns_too_few(corpus, reg
     queries = ["chunks are marked deleted", "rolled back instantly", "heat shields", "lift from pressure"]
     with open_retriever(registry_config, embedder, candidates=2, result_cache_size=0) as r:
         expected = [[(h.chunk_id, round(h.score, 5)) for h in r.search(q, k=2)] for q in queries]
-        r._current.hnsw = _ShortGraph(r._current.hnsw)
+        for part in r._current.segmented.parts:
+            part.segment.graph = _ShortGraph(part.segment.graph)
         got = [[(h.chunk_id, round(h.score, 5)) for h in hits] for hits in r.search_many(queries, k=2)]
         single = [[(h.chunk_id, round(h.score, 5)) for h in r.search(q, k=2)] for q in queries]
     assert got == single  # the batch falls back query by query, as a single search does
@@ -349,8 +351,11 @@ def test_versions_written_before_the_context_column_still_load(tmp_path, registr
 
     from retrieval.artifacts import CHUNKS_FILE, MANIFEST, sha256_file
 
+    from whole_copy import rewrite_as_whole_copy
+
     src = _write_jsonl(tmp_path / "docs.jsonl", TITLED)
     old = publish(src, registry, embedder).version
+    rewrite_as_whole_copy(registry, registry_config.home / "artifacts", "docs", old, embedder.model_id)
     directory = registry_config.home / "artifacts" / "docs" / old
     # rewrite the version as the first manifest format wrote it: no context column
     chunks = pq.read_table(directory / CHUNKS_FILE)
@@ -370,7 +375,7 @@ def test_versions_written_before_the_context_column_still_load(tmp_path, registr
     _write_jsonl(src, TITLED + [{"doc_id": "new", "text": "Swept wings delay drag rise."}])
     nxt = publish(src, registry, embedder)
     assert nxt.full_build
-    rows = pq.read_table(registry_config.home / "artifacts" / "docs" / nxt.version / CHUNKS_FILE).to_pylist()
+    rows = chunk_rows(registry, IndexConfig(), nxt.version)
     assert {r["doc_id"]: r["context"] for r in rows} == {"flutter": "Wing flutter", "plain": "", "new": ""}
 
 

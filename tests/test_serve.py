@@ -14,12 +14,14 @@ import pytest
 
 from conftest import run_threads
 from serving import call, running
-from test_corruption import flip_middle, publish, reports, version_dir
+from test_corruption import flip_middle, publish, reports
+from version_files import segment_dir
 
 pytestmark = pytest.mark.db
 
 service_app = pytest.importorskip("service.app", reason="needs ragpipe[serve]")
 from retrieval import Retriever  # noqa: E402
+from pipeline.config import IndexConfig  # noqa: E402
 from retrieval.artifacts import MATRIX_FILE  # noqa: E402
 from service.config import Limits, ServeConfig  # noqa: E402
 
@@ -175,7 +177,7 @@ def test_feedback_is_recorded_with_the_version_that_served_and_reported_per_vers
 def test_a_damaged_new_version_leaves_the_old_one_served_and_readyz_and_metrics_say_so(versions, registry,
                                                                                       registry_config, embedder):
     a, b, _ = versions
-    flip_middle(version_dir(registry, b) / MATRIX_FILE)  # damaged before the registry publishes it to the alias
+    flip_middle(segment_dir(registry, IndexConfig(), b, -1) / MATRIX_FILE)  # damaged before the alias serves it
     with running(app_for(registry_config, embedder)) as base:
         registry.swap_alias("docs", b)
         deadline = time.monotonic() + 20

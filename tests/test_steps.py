@@ -3,7 +3,6 @@ in-process runner, retry-safe steps, the lease between steps, takeover, terminal
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_tree
@@ -13,7 +12,7 @@ from pipeline.errors import VersionRejected
 from pipeline.runner import RunOptions, artifact_store, run_index
 from pipeline.verify import verify_index
 from registry import IndexLocked, Registry, RunNotRunning
-from retrieval.artifacts import CHUNKS_FILE
+from version_files import chunk_rows
 
 pytestmark = pytest.mark.db
 
@@ -51,8 +50,7 @@ def whole_run(source, registry_config, embedder, owner="airflow:test", cfg=None,
 
 
 def chunk_table(registry, version):
-    path = artifact_store(IndexConfig(), registry.home).local_path("docs", version) / CHUNKS_FILE
-    return sorted((r["chunk_id"], r["text"]) for r in pq.read_table(path).to_pylist())
+    return sorted((r["chunk_id"], r["text"]) for r in chunk_rows(registry, IndexConfig(), version))
 
 
 def test_steps_give_what_the_in_process_runner_gives(source, registry_config, embedder, tmp_path,

@@ -7,6 +7,7 @@ import stat
 import pytest
 
 from conftest import write_tree
+from version_files import segment_dir
 from pipeline.config import IndexConfig
 from pipeline.runner import artifact_store, run_index
 
@@ -23,6 +24,8 @@ def test_version_files_follow_the_umask(tmp_path, registry, embedder, umask, dir
         os.umask(previous)
     directory = artifact_store(IndexConfig(), registry.home).local_path("docs", summary.version)
     assert stat.S_IMODE(directory.stat().st_mode) == directory_mode
-    files = sorted(directory.iterdir())
-    assert {p.name for p in files} >= {"manifest.json", "chunks.parquet", "vectors.hnsw", "vectors.npy"}
+    segment = segment_dir(registry, IndexConfig(), summary.version)
+    assert stat.S_IMODE(segment.stat().st_mode) == directory_mode
+    files = sorted(directory.iterdir()) + sorted(segment.iterdir())
+    assert {p.name for p in files} >= {"manifest.json", "segment.json", "chunks.arrow", "graph.hnsw", "vectors.npy"}
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(file_mode) for p in files}

@@ -4,19 +4,17 @@ verify, gc, shadow versions, staged visibility, remote artifact stores, concurre
 import json
 import threading
 
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.deterministic import DeterministicEmbedder
 from conftest import write_tree
 from retrieval.artifacts import ArtifactStore
-from retrieval.artifacts import CHUNKS_FILE
+from version_files import chunk_rows, manifest_of, opened, segment_dir
 from pipeline.config import IndexConfig
 from pipeline.errors import VersionRejected
 from pipeline.runner import RunOptions, artifact_store, run_index
 from pipeline.verify import verify_index
 from registry import AliasError, IndexLocked, Registry
-from retrieval.bm25 import BM25Tables
 
 pytestmark = pytest.mark.db
 
@@ -42,29 +40,27 @@ def version_dir(registry, config, version):
 
 
 def table(registry, config, version):
-    rows = pq.read_table(version_dir(registry, config, version) / CHUNKS_FILE).to_pylist()
+    rows = chunk_rows(registry, config, version)
     return {r["chunk_id"]: {k: v for k, v in r.items() if k != "chunk_key"} for r in rows}
 
 
+QUERIES = ["drag polar", "ablative heat shields", "flutter page", "Paragraph seven wind tunnel", "vortex"]
+
+
 def bm25_by_chunk(registry, config, version):
-    directory = version_dir(registry, config, version)
-    t = BM25Tables.read(directory)
-    ids = dict(zip(pq.read_table(directory / CHUNKS_FILE).column("chunk_key").to_pylist(),
-                   pq.read_table(directory / CHUNKS_FILE).column("chunk_id").to_pylist()))
-    out = {}
-    for row in t.postings.to_pylist():
-        out[ids[row["chunk_key"]]] = sorted((t.terms[i], tf) for i, tf in zip(row["term_ids"], row["tfs"]))
-    df = {term: int(n) for term, n in zip(t.terms, t.df) if n}
-    return out, df
+    """Every chunk's BM25 score for a few queries, by chunk id (collection statistics included)."""
+    v = opened(registry, config, version)
+    keys = v.live_keys()
+    ids = [v.chunk(int(k))["chunk_id"] for k in keys]
+    scores = {q: v.bm25_scores(q, keys).round(9).tolist() for q in QUERIES}
+    return {chunk_id: tuple(scores[q][i] for q in QUERIES) for i, chunk_id in enumerate(ids)}, round(v.avgdl, 9)
 
 
 def vectors_by_chunk(registry, config, version):
-    import numpy as np
-
-    directory = version_dir(registry, config, version)
-    ids = pq.read_table(directory / CHUNKS_FILE).column("chunk_id").to_pylist()
-    matrix = np.load(directory / "vectors.npy")
-    return {chunk_id: tuple(matrix[i].round(6).tolist()) for i, chunk_id in enumerate(ids)}
+    v = opened(registry, config, version)
+    keys = v.live_keys()
+    matrix = v.vectors_of(keys)
+    return {v.chunk(int(k))["chunk_id"]: tuple(matrix[i].round(6).tolist()) for i, k in enumerate(keys)}
 
 
 def test_incremental_versions_equal_a_full_rebuild(tmp_path, registry, embedder):
@@ -84,9 +80,14 @@ def test_incremental_versions_equal_a_full_rebuild(tmp_path, registry, embedder)
     assert bm25_by_chunk(registry, config, third.version) == bm25_by_chunk(registry, config, full.version)
     assert vectors_by_chunk(registry, config, third.version) == vectors_by_chunk(registry, config, full.version)
     manifest = json.loads((version_dir(registry, config, third.version) / "manifest.json").read_text())
-    assert manifest["parent_version"] == second.version and manifest["model"]["id"] == embedder.model_id
-    assert set(manifest["files"]) == {"chunks.parquet", "vectors.npy", "vectors.hnsw", "bm25_postings.parquet",
-                                      "bm25_vocab.parquet"}
+    assert manifest["parent"] == second.version and manifest["model"]["id"] == embedder.model_id
+    assert manifest["format"] == 3 and not manifest["full_build"]
+    # the incremental version references its parent's segments and adds one of its own
+    m2, m3 = manifest_of(registry, config, second.version), manifest_of(registry, config, third.version)
+    assert set(m2.segment_names) & set(m3.segment_names)
+    assert len(set(m3.segment_names) - set(m2.segment_names)) == 1
+    assert any(ref.deleted for ref in m2.segments)  # c.txt's and a.md's old chunks, deleted where they were
+    assert all(ref.live for ref in m3.segments)  # a segment whose chunks all left is no longer listed
     assert verify_index(registry, artifact_store(config, registry.home), "docs", "docs").ok
 
 
@@ -126,15 +127,16 @@ def test_verify_names_altered_and_missing_files(tmp_path, registry, embedder):
     root = corpus(tmp_path / "src")
     summary, config = run(root, registry, embedder)
     store = artifact_store(config, registry.home)
-    directory = store.local_path("docs", summary.version)
-    with open(directory / "chunks.parquet", "r+b") as fh:
+    directory = segment_dir(registry, config, summary.version)
+    with open(directory / "chunks.arrow", "r+b") as fh:
         fh.seek(100)
         fh.write(b"\xff\xfe")
-    (directory / "bm25_vocab.parquet").unlink()
+    (directory / "terms.arrow").unlink()
     report = verify_index(registry, store, "docs", "docs")
     assert not report.ok
-    assert f"{summary.version}: file chunks.parquet does not match its manifest checksum" in report.violations
-    assert f"{summary.version}: file bm25_vocab.parquet is missing" in report.violations
+    where = f"{summary.version}: segment {directory.name}"
+    assert f"{where}: file chunks.arrow does not match its manifest checksum" in report.violations
+    assert f"{where}: file terms.arrow is missing" in report.violations
 
 
 def test_gc_keeps_live_head_and_retention(tmp_path, registry, embedder):

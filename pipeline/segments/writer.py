@@ -113,9 +113,12 @@ class SegmentWriter:
 
     def abort(self) -> None:
         """Discard the unfinished segment."""
-        for appender in [self._keys, self._vectors, self._lengths, *self._postings]:
-            appender._fh.close()
-        self._sink.close()
+        for close in [*(a._fh.close for a in [self._keys, self._vectors, self._lengths, *self._postings]),
+                      self._sink.close]:
+            try:
+                close()  # flushing what is buffered fails again on a full disk: the first error is the one raised
+            except OSError:
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def term_ids(self, terms: Sequence[str]) -> np.ndarray:
@@ -198,7 +201,8 @@ class SegmentWriter:
             dup = np.unique(keys)[np.bincount(np.searchsorted(np.unique(keys), keys)) > 1][0]
             raise SegmentInputError(f"chunk key {int(dup)} appears twice in one batch")
 
-    def finish(self, *, recall_target: float | None = None, recall_queries: np.ndarray | None = None) -> SegmentManifest:
+    def finish(self, *, recall_target: float | None = None, recall_queries: np.ndarray | None = None,
+               ef_floor: int = 0) -> SegmentManifest:
         """Complete the segment and give it its name; return its manifest.
 
         Args:
@@ -206,6 +210,7 @@ class SegmentWriter:
                 sample of the segment's vectors, and record it (None: not measured).
             recall_queries: query vectors to measure the recall with instead (see
                 :func:`pipeline.segments.tuning.choose_ef`).
+            ef_floor: the least breadth to record (candidates below it are not tried).
 
         Raises:
             SegmentInputError: a chunk key was written twice.
@@ -232,8 +237,11 @@ class SegmentWriter:
         if recall_target is not None and self.rows:
             from pipeline.segments.tuning import choose_ef
 
+            from pipeline.segments.tuning import EF_CANDIDATES
+
+            candidates = [c for c in EF_CANDIDATES if c >= ef_floor] or [max(EF_CANDIDATES)]
             choice = choose_ef(self._graph, np.load(self.tmp / f.VECTORS_FILE, mmap_mode="r"), keys, recall_target,
-                               queries=recall_queries)
+                               queries=recall_queries, candidates=candidates)
             ef, recall = choice.ef, choice.recall
         files = {name: FileInfo((self.tmp / name).stat().st_size, sha256_file(self.tmp / name)) for name in f.DATA_FILES}
         p = self.params

@@ -140,6 +140,8 @@ def _unstorable_value(path: str, value: Any, depth: int) -> str | None:
 
 
 def _unstorable_string(field_name: str, value: str) -> str | None:
+    if value.isascii() and "\x00" not in value:  # the common case, without the regex: isascii is a flag
+        return None
     m = _UNSTORABLE.search(value)
     if m is None:
         return None

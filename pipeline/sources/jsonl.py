@@ -20,9 +20,6 @@ def scan_jsonl(path: Path, max_bytes: int) -> SourceScan:
     Raises:
         SourceUnavailable: the file cannot be opened or is not a regular file.
     """
-    documents: list[SourceDocument] = []
-    skipped: list[SkippedDocument] = []
-    first_line: dict[str, int] = {}
     name = path.name
     try:
         # non-blocking: opening a FIFO would wait for a writer, and the run holds the index lock
@@ -33,30 +30,40 @@ def scan_jsonl(path: Path, max_bytes: int) -> SourceScan:
         if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
             raise SourceUnavailable(f"source {path} is not a regular file; nothing was changed")
         path = path.resolve()
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            where = f"{name}:{lineno}"
-            record = _parse_jsonl_line(raw, max_bytes)
-            if isinstance(record, str):
-                skipped.append(SkippedDocument(where, f"line {lineno}: {record}"))
-                continue
-            doc_id, text, metadata = record
-            if doc_id in first_line:
-                skipped.append(
-                    SkippedDocument(doc_id, f"line {lineno}: duplicate doc_id (first at line {first_line[doc_id]})")
-                )
-                continue
-            first_line[doc_id] = lineno
-            uri = metadata.get("source_uri") if isinstance(metadata.get("source_uri"), str) else None
-            result = make_document(doc_id, text, uri or f"{path.as_uri()}#{doc_id}", metadata)
-            if isinstance(result, SkippedDocument):
-                result = SkippedDocument(result.doc_id, f"line {lineno}: {result.reason}", result.gone)
-                skipped.append(result)
-            else:
-                documents.append(result)
+        return scan_jsonl_lines(fh, name, path.as_uri(), max_bytes)
+
+
+def scan_jsonl_lines(lines: Iterable[bytes], name: str, uri: str, max_bytes: int) -> SourceScan:
+    """Read JSONL records from ``lines`` (a file, or standard input); a bad line is skipped with its
+    line number and reason: malformed JSON, a missing field, a duplicate doc_id, a record over
+    ``max_bytes``. Documents without a ``metadata.source_uri`` get ``URI#DOC_ID``."""
+    documents: list[SourceDocument] = []
+    skipped: list[SkippedDocument] = []
+    first_line: dict[str, int] = {}
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{name}:{lineno}"
+        record = _parse_jsonl_line(raw, max_bytes)
+        if isinstance(record, str):
+            skipped.append(SkippedDocument(where, f"line {lineno}: {record}"))
+            continue
+        doc_id, text, metadata = record
+        if doc_id in first_line:
+            skipped.append(
+                SkippedDocument(doc_id, f"line {lineno}: duplicate doc_id (first at line {first_line[doc_id]})")
+            )
+            continue
+        first_line[doc_id] = lineno
+        source_uri = metadata.get("source_uri") if isinstance(metadata.get("source_uri"), str) else None
+        result = make_document(doc_id, text, source_uri or f"{uri}#{doc_id}", metadata)
+        if isinstance(result, SkippedDocument):
+            result = SkippedDocument(result.doc_id, f"line {lineno}: {result.reason}", result.gone)
+            skipped.append(result)
+        else:
+            documents.append(result)
     documents.sort(key=lambda d: d.doc_id)
-    return SourceScan(source=path.as_uri(), documents=documents, skipped=skipped)
+    return SourceScan(source=uri, documents=documents, skipped=skipped)
 
 
 def _parse_jsonl_line(raw: bytes, max_bytes: int) -> tuple[str, str, dict[str, Any]] | str:

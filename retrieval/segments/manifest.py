@@ -19,8 +19,9 @@ import json
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,9 @@ class SegmentRef:
     Attributes:
         deletions: the deletion set's file name under ``deletions/`` (None when nothing is deleted).
         deletions_sha256: the deletion file's SHA-256, checked when it is read.
+        ef: the HNSW search breadth validation measured for the segment (the smallest reaching the
+            recall target); None: the segment manifest's, else the default.
+        recall: the recall@10 against exact search measured at ``ef``.
     """
 
     name: str
@@ -47,6 +51,8 @@ class SegmentRef:
     deleted: int = 0
     deletions: str | None = None
     deletions_sha256: str | None = None
+    ef: int | None = None
+    recall: float | None = None
 
     @property
     def live(self) -> int:
@@ -56,7 +62,14 @@ class SegmentRef:
 @dataclass(frozen=True)
 class VersionManifest:
     """Everything that decides a version's results: its segments and their deletions, the model,
-    the metric, the BM25 and HNSW parameters; plus lineage (parent version, run)."""
+    the metric, the BM25 and HNSW parameters; plus lineage (parent version, run).
+
+    Attributes:
+        model_record: the rest of the model lock besides id and dimension (prefixes, the model
+            files' fingerprint, an HTTP endpoint, the stored query encoder); the JSON's ``model``
+            object holds it with ``id`` and ``dim``, as whole-copy manifests did.
+        full_build: whether the version was written without a parent's segments.
+    """
 
     index: str
     version: str
@@ -73,6 +86,8 @@ class VersionManifest:
     run_id: int | None = None
     created_at: str = ""
     chunker_version: str = ""
+    model_record: dict[str, Any] = field(default_factory=dict)
+    full_build: bool = False
     format: int = VERSION_FORMAT
 
     @property
@@ -96,10 +111,29 @@ class VersionManifest:
         return replace(self, version=version, segments=tuple(segments), parent=self.version, run_id=run_id,
                        created_at=created_at)
 
-    def to_json(self) -> str:
+    @property
+    def model(self) -> dict[str, Any]:
+        """The model lock as whole-copy manifests record it: ``id``, ``dim`` and the record."""
+        return {"id": self.model_id, "dim": self.dim, **self.model_record}
+
+    @property
+    def segment_names(self) -> list[str]:
+        return [ref.name for ref in self.segments]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON-ready data (what the registry records of the version, too)."""
         data = asdict(self)
         data["counts"] = {"chunks": self.chunks, "deleted": self.deleted, "segments": len(self.segments)}
-        return json.dumps(data, indent=2, sort_keys=True)
+        del data["model_record"]  # written once, inside ``model``
+        data["model"] = self.model
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "version manifest") -> "VersionManifest":
+        return cls.from_json(json.dumps(data), where)
 
     @classmethod
     def from_json(cls, text: str, where: str = "version manifest") -> "VersionManifest":
@@ -110,7 +144,13 @@ class VersionManifest:
                 listed twice or with impossible counts, or counts that disagree with the segments.
         """
         data = decode_json_object(text, where)
+        model = data.get("model")
+        if isinstance(model, dict) and "model_record" not in data:
+            data = {**data, "model_record": {k: v for k, v in model.items() if k not in ("id", "dim")}}
         values = check_fields(cls, data, where)
+        if isinstance(model, dict) and (model.get("id"), model.get("dim")) != (values["model_id"], values["dim"]):
+            raise VersionCorrupt(f"{where}: model {model.get('id')!r} of dimension {model.get('dim')!r} disagrees "
+                                 f"with model_id {values['model_id']!r}, dim {values['dim']!r}")
         if values["format"] != VERSION_FORMAT:
             raise VersionCorrupt(f"{where}: format {values['format']} is not {VERSION_FORMAT} (segments)")
         refs = []

@@ -163,13 +163,19 @@ class SegmentedVersion:
             scores[~part.live] = 0.0
         return scores
 
-    def bm25_top(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(chunk keys, scores) of the ``n`` best live chunks with a positive BM25 score, best first,
-        ties by ascending key."""
+    def bm25_all(self, query: str) -> list[np.ndarray]:
+        """The BM25 score of every row of every segment (0 for deleted rows), one array per segment."""
         terms = self._query_terms(query)
+        if not len(terms[0]):
+            return [np.zeros(p.segment.rows, dtype=np.float64) for p in self.parts]
+        return [self._part_scores(part, terms) for part in self.parts]
+
+    def bm25_top(self, query: str, n: int, all_scores: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk keys, scores) of the ``n`` best live chunks with a positive BM25 score, best first,
+        ties by ascending key (``all_scores``: what :meth:`bm25_all` returned for the query)."""
+        scores_of = all_scores if all_scores is not None else self.bm25_all(query)
         keys, scores = [], []
-        for part in self.parts if len(terms[0]) else []:
-            s = self._part_scores(part, terms)
+        for part, s in zip(self.parts, scores_of):
             rows = np.flatnonzero(s > 0)
             if len(rows) > n:  # the n best, and every chunk tied with the n-th: ties go by key across segments
                 nth = -np.partition(-s[rows], n - 1)[n - 1]
@@ -197,7 +203,8 @@ class SegmentedVersion:
         """(chunk keys, distances) of the ``k`` nearest live chunks, nearest first (ties by key).
 
         Args:
-            ef: search breadth in every segment; None: each segment's measured breadth.
+            ef: search breadth in every segment; None: each segment's measured breadth (the
+                version manifest's, else the segment manifest's).
             deletions: how a segment's deleted chunks are skipped: ``filter`` inside the graph search
                 (hnswlib's filter callable), or ``overfetch`` (ask for enough more neighbours, drop
                 the deleted ones, search again filtered if too few remain).
@@ -215,6 +222,7 @@ class SegmentedVersion:
     def _part_knn(self, part: _Part, vector: np.ndarray, k: int, ef: int | None,
                   deletions: str) -> tuple[np.ndarray, np.ndarray]:
         seg, live = part.segment, part.ref.live
+        ef = ef if ef is not None else part.ref.ef  # None still: the segment manifest's breadth
         k = min(k, live)
         if k == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)

@@ -83,7 +83,11 @@ class Segment:
     def _array(self, name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
         """The memory-mapped array in ``name``, as a plain ndarray view of the mapping (np.memmap's
         subclass hooks cost more than the lookups themselves)."""
-        array = np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
+        try:
+            array = np.load(self.directory / name, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise VersionCorrupt(f"segment {self.name} at {self.directory}: cannot read {name}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
         if array.dtype != np.dtype(dtype) or array.shape != shape:
             raise VersionCorrupt(f"segment {self.name}: {name} holds {array.dtype} {array.shape}, "
                                  f"expected {np.dtype(dtype)} {shape}")

@@ -1,4 +1,4 @@
-"""Build stage: write a version's files — HNSW vectors, BM25 statistics, the chunk table, the manifest.
+"""Whole-copy versions (manifest formats 1 and 2), as ragpipe wrote them before segments: for tests that old versions stay readable.
 
 An incremental build starts from its parent's files: the HNSW graph is loaded and changed in place
 (removed chunks tombstoned, new ones added into freed slots), the BM25 tables and the chunk table are
@@ -232,3 +232,22 @@ def _write_hnsw(path: Path, plan: BuildPlan, keys: Sequence[int], by_key: dict[i
     stored = index.get_current_count()
     info = {"max_elements": int(index.get_max_elements()), "stored": int(stored), "tombstones": int(stored - live)}
     return info, index
+
+
+def rewrite_as_whole_copy(registry: Any, artifacts: Path, index: str, version: str, model_id: str) -> dict[str, Any]:
+    """Replace the files of a published version by a whole copy of the same chunks (format 2), as
+    ragpipe wrote versions before segments; return its manifest (also recorded in the registry)."""
+    import shutil
+
+    row = registry.get_version(version)
+    rows = registry.member_rows(index, row.version_seq)
+    vectors = registry.fetch_embeddings(model_id, sorted({r.chunk_hash for r in rows}))
+    directory = artifacts / index / version
+    shutil.rmtree(directory)
+    directory.mkdir()
+    plan = BuildPlan(index=index, version=version, parent_version=None, parent_dir=None, run_id=row.run_id or 0,
+                     model_id=model_id, dim=len(next(iter(vectors.values()))), chunker_version="whole-copy",
+                     rows=rows, doc_fields=registry.document_fields(index), vectors=vectors)
+    manifest, _ = build_version(directory, plan)
+    registry.mark_version_built(version, row.artifact_uri, manifest)
+    return manifest

@@ -1,0 +1,162 @@
+"""Where an index's segments, deletion sets and segmented version manifests live in the artifact store.
+
+Layout: ``ROOT/INDEX/segments/seg-<hex>/``, ``ROOT/INDEX/deletions/<segment>.<hex>.npy`` and
+``ROOT/INDEX/VERSION/manifest.json`` (format 3), beside the whole-copy versions of formats 1 and 2.
+Segments are written into a local directory (the store itself, or for an object store its copy in
+the cache) and, for an object store, uploaded before the version manifest that lists them: the
+manifest, written last, is what makes a version exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, ArtifactStore, writing_file
+from retrieval.segments import files as f
+from retrieval.segments.files import SEGMENT_MANIFEST, SEGMENT_NAME
+from retrieval.segments.manifest import DELETIONS_DIR, SEGMENTS_DIR, SegmentStore, VersionManifest
+from retrieval.segmented import fetch_segments, manifest_format, read_version_manifest
+
+logger = logging.getLogger(__name__)
+
+
+class SegmentArtifacts:
+    """An index's segments in an artifact store: written locally, uploaded to object stores."""
+
+    def __init__(self, store: ArtifactStore, index: str) -> None:
+        self.store = store
+        self.index = index
+        self.local = SegmentStore(store.index_directory(index))
+
+    def segment_path(self, name: str) -> Path:
+        return self.local.segment_path(name)
+
+    def write_version(self, manifest: VersionManifest) -> str:
+        """Upload what the version lists that the store lacks, then write its manifest; return its URI."""
+        for ref in manifest.segments:
+            if not (self.local.segment_path(ref.name) / SEGMENT_MANIFEST).is_file():
+                raise ValueError(f"version {manifest.version} lists segment {ref.name}, which is not in "
+                                 f"{self.local.segments_dir}")
+        if not self.store.is_local:
+            self._upload(manifest)
+        with self.store.writing(self.index, manifest.version) as out:
+            with writing_file(out / MANIFEST) as path:
+                path.write_text(manifest.to_json(), encoding="utf-8")
+        return self.store.version_uri(self.index, manifest.version)
+
+    def read_version(self, version: str) -> VersionManifest | None:
+        """The segmented manifest of ``version``; None for a whole-copy version.
+
+        Raises:
+            VersionCorrupt: the manifest is damaged (named).
+        """
+        directory = self.store.local_path(self.index, version)
+        if manifest_format(directory) != 3:
+            return None
+        manifest = read_version_manifest(directory, version)
+        if not self.store.is_local:
+            fetch_segments(manifest, self.store.version_uri(self.index, version), self.local.root)
+        return manifest
+
+    def chunk_table(self, version: str) -> pa.Table:
+        """The version's live chunks (``CHUNK_SCHEMA``) by chunk key, whatever its format."""
+        manifest = self.read_version(version)
+        if manifest is None:
+            table = pq.read_table(self.store.local_path(self.index, version) / CHUNKS_FILE, schema=CHUNK_SCHEMA)
+        else:
+            parts = []
+            for ref in manifest.segments:
+                with pa.ipc.open_file(pa.memory_map(str(self.segment_path(ref.name) / f.CHUNKS_FILE), "r")) as reader:
+                    chunks = reader.read_all()
+                deleted = self.local.read_deletions(ref)
+                if len(deleted):
+                    chunks = chunks.filter(pc.invert(pc.is_in(chunks.column("chunk_key"), value_set=pa.array(deleted))))
+                parts.append(chunks)
+            table = pa.concat_tables(parts) if parts else CHUNK_SCHEMA.empty_table()
+        return table.sort_by("chunk_key")
+
+    def _upload(self, manifest: VersionManifest) -> None:
+        from pyarrow import fs
+
+        base = self.store.index_uri(self.index)
+        filesystem, root = fs.FileSystem.from_uri(base)
+        for ref in manifest.segments:
+            target = f"{root}/{SEGMENTS_DIR}/{ref.name}"
+            if filesystem.get_file_info(f"{target}/{SEGMENT_MANIFEST}").type != fs.FileType.File:
+                local = self.local.segment_path(ref.name)
+                filesystem.create_dir(target, recursive=True)
+                names = sorted(p.name for p in local.iterdir() if p.name != SEGMENT_MANIFEST) + [SEGMENT_MANIFEST]
+                for name in names:  # the segment manifest last: a segment without one is incomplete
+                    with writing_file(f"{base}/{SEGMENTS_DIR}/{ref.name}/{name}"):
+                        fs.copy_files(str(local / name), f"{target}/{name}", destination_filesystem=filesystem)
+            if ref.deletions is not None:
+                filesystem.create_dir(f"{root}/{DELETIONS_DIR}", recursive=True)
+                with writing_file(f"{base}/{DELETIONS_DIR}/{ref.deletions}"):
+                    fs.copy_files(str(self.local.deletions_dir / ref.deletions), f"{root}/{DELETIONS_DIR}/{ref.deletions}",
+                                  destination_filesystem=filesystem)
+
+    # -- garbage ------------------------------------------------------------------------------------
+
+    def stored_segments(self) -> set[str]:
+        names = set(self.local.segment_names())
+        if not self.store.is_local:
+            names |= {n for n in self._remote_names(SEGMENTS_DIR) if SEGMENT_NAME.match(n)}
+        return names
+
+    def _remote_names(self, folder: str) -> list[str]:
+        from pyarrow import fs
+
+        filesystem, root = fs.FileSystem.from_uri(self.store.index_uri(self.index))
+        try:
+            infos = filesystem.get_file_info(fs.FileSelector(f"{root}/{folder}", allow_not_found=True))
+        except OSError:
+            return []
+        return [info.base_name for info in infos]
+
+    def remove_unreferenced(self, manifests: Iterable[VersionManifest]) -> list[str]:
+        """Delete the segments and deletion sets none of ``manifests`` lists, and unfinished segment
+        writes (call under the index lock, with the manifests of every version that is kept)."""
+        manifests = list(manifests)
+        keep = self.local.live_segments(manifests)
+        deletions = {ref.deletions for m in manifests for ref in m.segments if ref.deletions}
+        removed = sorted(self.stored_segments() - keep)
+        for name in removed:
+            self._remove(f"{SEGMENTS_DIR}/{name}", directory=True)
+        if self.local.segments_dir.is_dir():
+            for partial in self.local.segments_dir.glob(".*"):  # a killed segment write
+                shutil.rmtree(partial, ignore_errors=True)
+        stored = {p.name for p in self.local.deletions_dir.glob("*.npy")} if self.local.deletions_dir.is_dir() else set()
+        if not self.store.is_local:
+            stored |= set(self._remote_names(DELETIONS_DIR))
+        for name in sorted(stored - deletions):
+            self._remove(f"{DELETIONS_DIR}/{name}", directory=False)
+        if removed:
+            logger.info("removed %d segments of index %s no retained version lists", len(removed), self.index)
+        return removed
+
+    def remove_segments(self, names: Iterable[str]) -> None:
+        """Delete segments no version lists (a discarded merge's)."""
+        for name in names:
+            self._remove(f"{SEGMENTS_DIR}/{self.local.segment_path(name).name}", directory=True)
+
+    def _remove(self, relative: str, *, directory: bool) -> None:
+        local = self.local.root / relative
+        if directory:
+            shutil.rmtree(local, ignore_errors=True)
+        else:
+            local.unlink(missing_ok=True)
+        if not self.store.is_local:
+            from pyarrow import fs
+
+            filesystem, root = fs.FileSystem.from_uri(self.store.index_uri(self.index))
+            try:
+                (filesystem.delete_dir if directory else filesystem.delete_file)(f"{root}/{relative}")
+            except (FileNotFoundError, OSError):
+                pass
