@@ -220,16 +220,9 @@ def validate_version(
     report.problems.extend(problems)
     if index is None or problems:
         return report
-    if query_encoder is not None and embed is not None:
-        try:
-            cosine = query_encoder_agreement(directory, embed, query_encoder())
-        except Exception as exc:  # a stored encoder that cannot load or run rejects the version
-            report.problems.append(f"the stored query encoder does not load: {exc}")
-            return report
-        report.metrics["query_encoder_min_cosine"] = round(cosine, 6)
-        if cosine < ENCODER_MIN_COSINE:
-            report.problems.append(f"the stored query encoder's vectors differ from the documents' "
-                                   f"(cosine {cosine:.6f} < {ENCODER_MIN_COSINE})")
+    if query_encoder is not None and embed is not None and not check_query_encoder(
+            report, lambda: query_encoder_agreement(directory, embed, query_encoder())):
+        return report
     recall = hnsw_recall(index, keys, np.load(directory / MATRIX_FILE, mmap_mode="r"), thresholds.ef_search)
     report.metrics["hnsw_recall_at_10"] = round(recall, 4)
     if recall < thresholds.min_recall:
@@ -247,3 +240,19 @@ def validate_version(
                 f"below the live version's {live:.3f}"
             )
     return report
+
+
+def check_query_encoder(report: "ValidationReport", agreement: Callable[[], float]) -> bool:
+    """Record how closely the stored query encoder agrees with the document embedder (the lowest
+    cosine over the sample ``agreement`` measures); False when the version must be rejected
+    because the encoder does not load or run."""
+    try:
+        cosine = agreement()
+    except Exception as exc:  # a stored encoder that cannot load or run rejects the version
+        report.problems.append(f"the stored query encoder does not load: {exc}")
+        return False
+    report.metrics["query_encoder_min_cosine"] = round(cosine, 6)
+    if cosine < ENCODER_MIN_COSINE:
+        report.problems.append(f"the stored query encoder's vectors differ from the documents' "
+                               f"(cosine {cosine:.6f} < {ENCODER_MIN_COSINE})")
+    return True

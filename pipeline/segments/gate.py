@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.segments.storage import SegmentArtifacts
 from pipeline.segments.tuning import choose_ef
-from pipeline.validation import ENCODER_MIN_COSINE, ENCODER_SAMPLE, Thresholds, ValidationReport
+from pipeline.validation import ENCODER_SAMPLE, Thresholds, ValidationReport, check_query_encoder
 from retrieval.artifacts import file_problems
 from retrieval.errors import VersionCorrupt
 from retrieval.segments import files as f
@@ -182,17 +182,11 @@ def validate_segmented(
     if report.problems:
         return report
     if query_encoder is not None and embed is not None and texts:
-        try:
-            queries = query_encoder()
-            a, b = embed(texts), queries(texts)
-            cosine = float((np.asarray(a, dtype=np.float32) * np.asarray(b, dtype=np.float32)).sum(axis=1).min())
-        except Exception as exc:  # a stored encoder that cannot load or run rejects the version
-            report.problems.append(f"the stored query encoder does not load: {exc}")
+        def agreement() -> float:
+            a, b = embed(texts), query_encoder()(texts)
+            return float((np.asarray(a, dtype=np.float32) * np.asarray(b, dtype=np.float32)).sum(axis=1).min())
+        if not check_query_encoder(report, agreement):
             return report
-        report.metrics["query_encoder_min_cosine"] = round(cosine, 6)
-        if cosine < ENCODER_MIN_COSINE:
-            report.problems.append(f"the stored query encoder's vectors differ from the documents' "
-                                   f"(cosine {cosine:.6f} < {ENCODER_MIN_COSINE})")
     if golden_set is not None and embed is not None:
         version = SegmentedVersion(manifest, pool)
         score = golden_recall(golden_set, version, embed_queries or embed, thresholds.golden_k)
