@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import faults
 from pipeline.embedding import Embedder, model_record, query_embedding
 from pipeline.errors import ArtifactWriteError, EmbeddingError, VersionRejected
@@ -25,6 +27,8 @@ from pipeline.validation import Thresholds
 from registry import ChunkRow, DocumentFields
 from retrieval.artifacts import METRIC, ArtifactStore, WriteFailed
 from retrieval.onnx import EncoderRef
+
+EMBEDDED = "embedded"  # RunContext.memo: the vectors an incremental run's embed stage made, by chunk hash
 
 
 def segment_params(ctx: RunContext, dim: int) -> SegmentParams:
@@ -92,7 +96,7 @@ def build_run(ctx: RunContext, state: RunState) -> str:
                                  embed_queries=query_embedding(ctx.embedder))
             manifest = build_segmented(
                 ctx.segments, build, _rows(ctx, state), doc_fields,
-                lambda hashes: registry.fetch_embeddings(ctx.embedder.model_id, hashes), removed=removed,
+                vector_lookup(ctx), removed=removed,
                 expected_rows=registry.member_count(ctx.index, state.seq) if summary.full_build else 0)
             uri = ctx.segments.write_version(manifest)
         except WriteFailed as exc:  # a failed read (of the parent's files, say) stays what it is
@@ -105,6 +109,21 @@ def build_run(ctx: RunContext, state: RunState) -> str:
         registry.mark_version_built(summary.version, uri, manifest.to_dict())
     state.step = "built"
     return uri
+
+
+def vector_lookup(ctx: RunContext) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """Vectors by chunk hash: those this process embedded for the run (``ctx.memo[EMBEDDED]``, kept
+    by the embed stage of an incremental run), the others read from the embedding cache."""
+    kept: dict[str, np.ndarray] = ctx.memo.get(EMBEDDED, {})
+
+    def lookup(hashes: list[str]) -> dict[str, np.ndarray]:
+        found = {h: kept[h] for h in hashes if h in kept}
+        rest = [h for h in hashes if h not in found]
+        if rest:
+            found.update(ctx.registry.fetch_embeddings(ctx.embedder.model_id, rest))
+        return found
+
+    return lookup
 
 
 def query_encoder(store: ArtifactStore, embedder: Embedder, cache_dir: Path) -> EncoderRef | None:
@@ -174,6 +193,7 @@ def validate_run(ctx: RunContext, state: RunState) -> dict[str, Any]:
             query_encoder=stored_encoder(ctx.store, summary.version, ctx.index, embedder.model_id, registry.home),
         )
         summary.metrics = report.metrics
+        state.version_chunks = manifest.chunks
         if not report.ok:
             reject(ctx, state, "; ".join(report.problems), report.metrics)
         registry.mark_version_validated(summary.version, report.metrics)

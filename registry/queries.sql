@@ -359,14 +359,23 @@ LISTEN ragpipe_alias;
 -- Is an idle connection still there? (registry.Registry checks before using one again.)
 SELECT 1;
 
+-- name: analyze_chunks
+-- Fresh planner statistics for the tables a bulk load grew (autovacuum may be off, or behind).
+ANALYZE chunks, documents;
+
 -- name: database_size
 SELECT pg_database_size(current_database());
 
--- name: gc_rows
--- Rows no retained version can contain any more.
+-- name: gc_retired_rows
+-- Rows no retained version can contain any more: retired at or before the oldest one kept
+-- (chunks_retired_seq finds them without reading the index's other rows).
 DELETE FROM chunks
-WHERE index_name = %(index)s
-  AND (status = 'discarded' OR (retired_seq IS NOT NULL AND retired_seq <= %(min_seq)s AND status <> 'active'));
+WHERE index_name = %(index)s AND retired_seq <= %(min_seq)s AND status <> 'active';
+
+-- name: gc_discarded_rows
+-- Rows of versions that were never published (chunks_discarded finds them).
+DELETE FROM chunks
+WHERE index_name = %(index)s AND status = 'discarded';
 
 -- ---------------------------------------------------------------------------------------------
 -- Gradual rollout: canaries and serving statistics (sql/007_canary.sql)

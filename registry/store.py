@@ -344,6 +344,11 @@ class Registry(VersionStore, RolloutStore, SourceObjectStore, FeedbackStore):
         row = self.conn.execute(q("count_active_chunks"), {"index": index}).fetchone()
         return int(row[0]) if row else 0
 
+    def refresh_statistics(self) -> None:
+        """Analyze the chunk and document tables, so that the planner knows their size after a bulk
+        load: without statistics it reads every row of an index for lookups of a few documents."""
+        self.conn.execute(q("analyze_chunks"))
+
     def database_bytes(self) -> int:
         """The registry database's size on disk (benchmarks report it)."""
         row = self.conn.execute(q("database_size")).fetchone()

@@ -301,5 +301,8 @@ class VersionStore:
 
     def gc_rows(self, index: str, min_seq: int) -> int:
         """Delete chunk rows that no retained version (all of seq >= min_seq) contains."""
-        cur = self.conn.execute(q("gc_rows"), {"index": index, "min_seq": min_seq})
-        return cur.rowcount
+        params = {"index": index, "min_seq": min_seq}
+        with self.conn.transaction():
+            retired = self.conn.execute(q("gc_retired_rows"), params).rowcount
+            discarded = self.conn.execute(q("gc_discarded_rows"), params).rowcount
+        return retired + discarded

@@ -337,6 +337,10 @@ CREATE INDEX chunks_active_doc ON public.chunks USING btree (index_name, doc_id)
 
 CREATE INDEX chunks_added_seq ON public.chunks USING btree (index_name, added_seq);
 
+-- Name: chunks_discarded; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX chunks_discarded ON public.chunks USING btree (index_name) WHERE (status = 'discarded'::text);
+
 -- Name: chunks_doc; Type: INDEX; Schema: public; Owner: -
 
 CREATE INDEX chunks_doc ON public.chunks USING btree (index_name, doc_id);
