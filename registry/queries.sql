@@ -244,9 +244,19 @@ SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_star
        context, page_start, page_end, page_label_start, page_label_end
 FROM chunks
 WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
-  AND status <> 'discarded' AND chunk_key > %(after)s
+  AND status <> 'discarded' AND chunk_key > %(after)s AND (%(until)s::bigint IS NULL OR chunk_key <= %(until)s)
 ORDER BY chunk_key
 LIMIT %(limit)s;
+
+-- name: member_key_bounds
+-- Every rows-th chunk key of a version in key order: where a full build's segments end.
+SELECT chunk_key FROM (
+    SELECT chunk_key, row_number() OVER (ORDER BY chunk_key) AS n FROM chunks
+    WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
+      AND status <> 'discarded'
+) members
+WHERE mod(n, %(rows)s) = 0
+ORDER BY chunk_key;
 
 -- name: member_count
 SELECT count(*) FROM chunks

@@ -129,17 +129,25 @@ class VersionStore:
         return fetch_all(self.conn, "member_rows", ChunkRow,
                          {"index": index, "seq": seq, "all_docs": doc_ids is None, "doc_ids": list(doc_ids or [])})
 
-    def iter_member_rows(self, index: str, seq: int, page: int = 4096) -> Iterator[list[ChunkRow]]:
-        """A version's chunk rows by chunk_key, ``page`` rows at a time (never all of them at once)."""
-        after = 0
+    def iter_member_rows(self, index: str, seq: int, page: int = 4096, *, after: int = 0,
+                         until: int | None = None) -> Iterator[list[ChunkRow]]:
+        """A version's chunk rows by chunk_key, ``page`` rows at a time (never all of them at once);
+        only keys above ``after`` and up to ``until`` (None: no bound)."""
         while True:
             rows = fetch_all(self.conn, "member_rows_page", ChunkRow,
-                             {"index": index, "seq": seq, "after": after, "limit": page})
+                             {"index": index, "seq": seq, "after": after, "until": until, "limit": page})
             if rows:
                 yield rows
             if len(rows) < page:
                 return
             after = rows[-1].chunk_key
+
+    def member_key_bounds(self, index: str, seq: int, rows: int) -> list[int]:
+        """Every ``rows``-th chunk key of the version, ascending (the last keys of consecutive runs of
+        ``rows`` members)."""
+        with self.conn.cursor() as cur:
+            cur.execute(q("member_key_bounds"), {"index": index, "seq": seq, "rows": rows})
+            return [int(r[0]) for r in cur]
 
     def member_count(self, index: str, seq: int) -> int:
         row = self.conn.execute(q("member_count"), {"index": index, "seq": seq}).fetchone()
