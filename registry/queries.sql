@@ -163,6 +163,20 @@ SELECT pg_try_advisory_lock(hashtextextended('ragpipe.index:' || %(index)s, 0));
 -- name: release_index_lock
 SELECT pg_advisory_unlock(hashtextextended('ragpipe.index:' || %(index)s, 0));
 
+-- name: hold_merge_claim
+-- A compaction writing segments no version lists yet (shared: several may merge at once).
+SELECT pg_advisory_lock_shared(hashtextextended('ragpipe.merging:' || %(index)s, 0));
+
+-- name: release_merge_claim
+SELECT pg_advisory_unlock_shared(hashtextextended('ragpipe.merging:' || %(index)s, 0));
+
+-- name: try_segment_sweep
+-- Segments no version lists may be removed only while no compaction holds its claim.
+SELECT pg_try_advisory_lock(hashtextextended('ragpipe.merging:' || %(index)s, 0));
+
+-- name: end_segment_sweep
+SELECT pg_advisory_unlock(hashtextextended('ragpipe.merging:' || %(index)s, 0));
+
 -- ---------------------------------------------------------------------------------------------
 -- Versions and aliases (sql/002_versions.sql)
 
