@@ -86,6 +86,22 @@ def listed_segments(registry):
             for m in [files.read_version(v.version)] if m for ref in m.segments}
 
 
+def kill_then_rerun(script, path, registry, registry_config, live, point):
+    """Run ``script`` on ``path`` killed at ``point``: the alias stays on ``live`` and verify is clean;
+    then run it again to the end. Returns the rerun's version and the embedding cache between the two."""
+    killed = process(["-c", script, str(path)], registry_config, kill_at=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert registry.list_aliases()[0].version == live  # readers still get the last complete version
+    report = clean(registry)
+    assert report.ok, report.violations
+    before = cached(registry)
+    rerun = process(["-c", script, str(path)], registry_config)
+    assert rerun.returncode == 0, rerun.stderr
+    version = rerun.stdout.strip().splitlines()[-1]
+    assert registry.list_aliases()[0].version == version != live
+    return version, before
+
+
 @pytest.mark.parametrize("point", ["staged", "embed_batch_stored@2", "segment_written", "hnsw_written", "validated",
                                    "publishing"])
 def test_a_killed_upsert_leaves_the_alias_and_the_next_one_converges(tmp_path, registry, registry_config, point):
@@ -93,17 +109,7 @@ def test_a_killed_upsert_leaves_the_alias_and_the_next_one_converges(tmp_path, r
     batch = tmp_path / "batch.jsonl"
     batch.write_text("".join(json.dumps({"doc_id": f"fresh/{i}", "text": f"Fresh page {i} on airship gas cells."})
                              + "\n" for i in range(5)))
-    killed = process(["-c", UPSERT, str(batch)], registry_config, kill_at=point)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert registry.list_aliases()[0].version == live  # readers still get the last complete version
-    report = clean(registry)
-    assert report.ok, report.violations
-    before = cached(registry)
-
-    rerun = process(["-c", UPSERT, str(batch)], registry_config)
-    assert rerun.returncode == 0, rerun.stderr
-    version = rerun.stdout.strip().splitlines()[-1]
-    assert registry.list_aliases()[0].version == version != live
+    version, before = kill_then_rerun(UPSERT, batch, registry, registry_config, live, point)
     after = cached(registry)
     assert all(after[h] == t for h, t in before.items())  # what the killed process embedded was kept
     assert len(after) == 30 + 5  # and every text is embedded exactly once
@@ -123,17 +129,7 @@ def test_a_killed_full_rebuild_into_several_segments_leaves_the_alias_and_the_ne
     for row in rows[:4]:
         row["text"] += " Revised after the second tunnel entry."
     src.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    killed = process(["-c", REBUILD, str(src)], registry_config, kill_at=point)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert registry.list_aliases()[0].version == live
-    report = clean(registry)
-    assert report.ok, report.violations
-    before = cached(registry)
-
-    rerun = process(["-c", REBUILD, str(src)], registry_config)
-    assert rerun.returncode == 0, rerun.stderr
-    version = rerun.stdout.strip().splitlines()[-1]
-    assert registry.list_aliases()[0].version == version != live
+    version, before = kill_then_rerun(REBUILD, src, registry, registry_config, live, point)
     manifest = files_of(registry, CONFIG).read_version(version)
     assert len(manifest.segments) == 4 and manifest.chunks == 30  # 8 + 8 + 8 + 6
     after = cached(registry)
