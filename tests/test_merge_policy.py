@@ -107,7 +107,7 @@ def test_single_document_upserts_keep_few_segments_and_rewrite_each_chunk_a_loga
     most, chunks, rewrites = _grow(TieredPolicy(), 10, 100_000)
     assert chunks == 1_000_000 and most <= 10
     # a merge grows its largest input by 1.25x at least: ~log(1M / 10, 1.25) = 52 rewrites at most;
-    # without that rule every few upserts rewrote the whole segment below the floor (~800 times per chunk)
+    # waived below the floor, every few upserts rewrote the whole segment below it (280 times per chunk)
     assert rewrites < 25
 
 
