@@ -11,7 +11,7 @@ input a small share of the result), small result, many deleted bytes reclaimed â
 result as one segment that this plan does not merge again. A segment whose deleted share exceeds
 ``deletes_pct_allowed`` is rewritten without its deleted chunks.
 
-Two rules keep a merge's cost in proportion to what it gains (as Lucene's do since 9.x):
+Two rules keep a merge's cost in proportion to what it gains (as in recent Lucene versions):
 
 - a merge must grow its largest input by at least ``min_growth`` (its result at least 1.25 times the
   largest input's live bytes): a large segment is never rewritten to absorb a few small ones
