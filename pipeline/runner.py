@@ -359,7 +359,8 @@ def publish_run(ctx: RunContext, state: RunState) -> dict[str, Any]:
                           "kept": state.staged_chunks - state.added_rows, "active": active}
         if state.added_rows + state.retired_rows > BULK_SHARE * max(active, 1):
             registry.refresh_statistics()  # a bulk load: later runs' lookups of a few documents need them
-        record_listing(ctx, state)
+        if not state.options.shadow:  # a shadow leaves the documents as they were: and their listing
+            record_listing(ctx, state)
     state.step = "published"
     return summary.alias
 

@@ -274,7 +274,9 @@ def publish(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig
     """
     with _continue(run_id, config, registry_config) as (registry, state):
         head = registry.head_version(config.index)
-        if state.step == "validated" and head is not None and head.version == state.summary.version:
+        committed = (head is not None and head.version == state.summary.version) or (
+            state.options.shadow and any(a.shadow_version == state.summary.version for a in registry.list_aliases()))
+        if state.step == "validated" and committed:
             state.step = "published"  # an earlier attempt committed, then died before saying so
         elif state.step == "validated":
             publish_run(RunContext.of(registry, None, config), state)
