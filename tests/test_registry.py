@@ -82,7 +82,7 @@ def test_each_typed_query_selects_exactly_its_row_fields(tmp_path, registry, emb
         "list_runs": {"index": "docs", "limit": 10},
         "get_run": {"run_id": summary.run_id},
         "member_rows": {"index": "docs", "seq": head.version_seq, "all_docs": True, "doc_ids": []},
-        "member_rows_page": {"index": "docs", "seq": head.version_seq, "after": 0, "limit": 10},
+        "member_rows_page": {"index": "docs", "seq": head.version_seq, "after": 0, "until": None, "limit": 10},
         "active_chunks": {"index": "docs"},
         "document_fields": {"index": "docs"},
         "head_version": {"index": "docs"},
