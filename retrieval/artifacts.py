@@ -87,7 +87,8 @@ def download_directory(artifact_uri: str, cache_dir: Path) -> Path:
 
 def download_tree(uri: str, target: Path, marker: str = MANIFEST) -> Path:
     """A local copy of the remote directory ``uri`` at ``target``, downloaded once: into a partial
-    directory renamed when complete, so that a copy holding ``marker`` is always whole.
+    directory of its own renamed when complete, so that a copy holding ``marker`` is always whole
+    (processes downloading the same copy at once each use their own; the first rename wins).
 
     Raises:
         OSError: the files cannot be listed or read.
@@ -97,13 +98,17 @@ def download_tree(uri: str, target: Path, marker: str = MANIFEST) -> Path:
     from pyarrow import fs
 
     filesystem, base = fs.FileSystem.from_uri(uri)
-    partial = target.with_name(f".{target.name}{DOWNLOAD_SUFFIX}")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}{DOWNLOAD_SUFFIX}")
     partial.mkdir(parents=True)
     try:
         fs.copy_files(base, str(partial), source_filesystem=filesystem)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
+        if not (target / marker).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete copy (one without its marker)
+            try:
+                partial.rename(target)
+            except OSError:
+                if not (target / marker).is_file():
+                    raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return target

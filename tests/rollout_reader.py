@@ -3,7 +3,8 @@
     python tests/rollout_reader.py DATABASE_URL HOME ALIAS
 
 Commands (one per line; one JSON line answers each): ``state`` (what it serves, warm versions,
-versions loaded so far), ``search KEY QUERY`` (the version and route that served it), ``quit``.
+versions loaded so far, and the segments it downloaded), ``search KEY QUERY`` (the version and
+route that served it, and the hits' chunk ids), ``quit``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ def main(url: str, home: str, alias: str) -> int:
             if command == "quit":
                 break
             if command == "state":
-                print(json.dumps(retriever.rollout_state()), flush=True)
+                fetched = list(retriever.segment_cache.fetched.segments)
+                print(json.dumps({**retriever.rollout_state(), "fetched": fetched}), flush=True)
             elif command == "search":
                 key, _, query = rest.partition(" ")
                 hits = retriever.search(query, k=3, route_key=key)
-                print(json.dumps({"version": hits.version, "route": hits.route}), flush=True)
+                print(json.dumps({"version": hits.version, "route": hits.route,
+                                  "chunks": [h.chunk_id for h in hits]}), flush=True)
     return 0
 
 

@@ -22,7 +22,8 @@ from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, ArtifactSto
 from retrieval.segments import files as f
 from retrieval.segments.files import SEGMENT_MANIFEST, SEGMENT_NAME
 from retrieval.segments.manifest import DELETIONS_DIR, SEGMENTS_DIR, SegmentStore, VersionManifest
-from retrieval.segmented import fetch_segments, manifest_format, read_version_manifest
+from retrieval.segmented import manifest_format, read_version_manifest
+from retrieval.segments.cache import fetch_missing, index_uri_of
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class SegmentArtifacts:
             return None
         manifest = read_version_manifest(directory, version)
         if not self.store.is_local:
-            fetch_segments(manifest, self.store.version_uri(self.index, version), self.local.root)
+            fetch_missing(manifest, index_uri_of(self.store.version_uri(self.index, version)), self.local.root)
         return manifest
 
     def chunk_table(self, version: str) -> pa.Table:
