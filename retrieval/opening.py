@@ -112,8 +112,7 @@ class VersionOpening:
         self.segments.retain(held)
         keys = [key for v in held if isinstance(v, SegmentedLoaded) and is_remote(v.info.artifact_uri)
                 for key in self.segment_cache.keys(v.version_manifest, index_uri_of(v.info.artifact_uri))]
-        if keys or self.segment_cache.fetched.segments:
-            try:
-                self.segment_cache.release(keys)
-            except OSError:
-                logger.warning("segment cache: cannot evict under %s", self.segment_cache.root, exc_info=True)
+        try:
+            self.segment_cache.release(keys)  # nothing to do for versions on local disk
+        except OSError:
+            logger.warning("segment cache: cannot evict under %s", self.segment_cache.root, exc_info=True)

@@ -19,7 +19,7 @@ from pipeline.config import IndexConfig
 from pipeline.run_state import RunOptions
 from pipeline.runner import run_index
 from retrieval import Retriever
-from retrieval.segments.cache import CACHE_DIR, CacheEntry, plan_eviction
+from retrieval.segments.cache import CACHE_DIR, CacheEntry, SegmentCache, plan_eviction
 from s3server import request_log, s3_client
 
 pytestmark = pytest.mark.db
@@ -256,3 +256,24 @@ def test_two_processes_loading_into_one_cache_at_once_share_it_intact(tmp_path, 
     finally:
         _quit(procs)
     assert not list((home / "cache" / CACHE_DIR / ".leases").glob("*.json"))  # each lease went with its process
+
+
+def test_what_a_killed_process_left_in_the_cache_never_counts_and_goes_at_the_next_eviction(tmp_path):
+    cache = SegmentCache(tmp_path / "cache", limit_bytes=0)
+    segments = cache.store_root("s3://bucket/artifacts/docs") / "segments"
+    whole = segments / ("seg-" + "a" * 32)
+    whole.mkdir(parents=True)
+    (whole / "segment.json").write_text("{}")
+    (whole / "keys.npy").write_bytes(b"k" * 100)
+    partial = segments / f".seg-{'b' * 32}.0123456789ab.download"  # a download killed midway
+    partial.mkdir()
+    (partial / "vectors.npy").write_bytes(b"v" * 1000)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leases = cache.root / ".leases"
+    leases.mkdir()
+    (leases / f"{int(dead.stdout)}-0123456789ab.json").write_text(json.dumps([str(whole.relative_to(cache.root))]))
+    assert [(e.key, e.bytes) for e in cache.entries()] == [(str(whole.relative_to(cache.root)), 102)]
+    plan = cache.evict()  # the dead process's lease holds nothing any more
+    assert [e.key for e in plan.evict] == [str(whole.relative_to(cache.root))] and not plan.over_bound
+    assert not whole.exists() and not partial.exists() and not list(leases.iterdir())
+    assert list(segments.iterdir()) == []

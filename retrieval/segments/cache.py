@@ -26,14 +26,15 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AbstractSet
 
-from retrieval.artifacts import file_problems
+from retrieval.artifacts import DOWNLOAD_CHUNK, file_problems
 from retrieval.errors import VersionCorrupt, VersionUnavailable
 from retrieval.segments.files import SEGMENT_MANIFEST, SEGMENT_NAME, SegmentManifest
 from retrieval.segments.manifest import DELETIONS_DIR, SEGMENTS_DIR, SegmentRef, VersionManifest
@@ -94,14 +95,17 @@ def plan_eviction(entries: Sequence[CacheEntry], held: AbstractSet[str], limit_b
 
 @dataclass(frozen=True)
 class FetchReport:
-    """What loading a version downloaded: segment names, deletion files, and their bytes."""
+    """What loading a version downloaded: segment names, deletion files, their bytes, and the
+    seconds downloading and checking them took."""
 
     segments: tuple[str, ...] = ()
     deletions: tuple[str, ...] = ()
     bytes: int = 0
+    seconds: float = 0.0
 
     def __add__(self, other: "FetchReport") -> "FetchReport":
-        return FetchReport(self.segments + other.segments, self.deletions + other.deletions, self.bytes + other.bytes)
+        return FetchReport(self.segments + other.segments, self.deletions + other.deletions, self.bytes + other.bytes,
+                           self.seconds + other.seconds)
 
 
 def index_uri_of(artifact_uri: str) -> str:
@@ -121,6 +125,7 @@ def fetch_missing(manifest: VersionManifest, index_uri: str, root: Path) -> Fetc
         VersionUnavailable: the object store cannot be read.
     """
     report = FetchReport()
+    started = time.perf_counter()
     for ref in manifest.segments:
         try:
             if not (root / SEGMENTS_DIR / ref.name / SEGMENT_MANIFEST).is_file():
@@ -130,7 +135,7 @@ def fetch_missing(manifest: VersionManifest, index_uri: str, root: Path) -> Fetc
         except OSError as exc:
             raise VersionUnavailable(f"version {manifest.version}: cannot download segment {ref.name} from "
                                      f"{index_uri}: {exc}") from exc
-    return report
+    return replace(report, seconds=time.perf_counter() - started) if report.segments or report.deletions else report
 
 
 def _download_segment(name: str, index_uri: str, root: Path) -> int:
@@ -141,7 +146,7 @@ def _download_segment(name: str, index_uri: str, root: Path) -> int:
     target = root / SEGMENTS_DIR / name
     partial = _partial(target)
     try:
-        fs.copy_files(base, str(partial), source_filesystem=filesystem)
+        fs.copy_files(base, str(partial), source_filesystem=filesystem, chunk_size=DOWNLOAD_CHUNK)
         path = partial / SEGMENT_MANIFEST
         if not path.is_file():
             raise VersionCorrupt(f"segment {name} at {uri} has no {SEGMENT_MANIFEST}: it is incomplete")
@@ -171,7 +176,7 @@ def _download_deletions(ref: SegmentRef, index_uri: str, root: Path) -> int:
     target = root / DELETIONS_DIR / ref.deletions
     partial = _partial(target, directory=False)
     try:
-        fs.copy_files(path, str(partial), source_filesystem=filesystem)
+        fs.copy_files(path, str(partial), source_filesystem=filesystem, chunk_size=DOWNLOAD_CHUNK)
         with open(partial, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
         if digest != ref.deletions_sha256:
@@ -223,6 +228,7 @@ class SegmentCache:
         self.limit_bytes = limit_bytes
         self._lease = self.root / LEASES_DIR / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.json"
         self._held: set[str] = set()
+        self._grown = False  # downloaded since the last eviction
         self.fetched = FetchReport()  # everything this process downloaded so far
 
     def store_root(self, index_uri: str) -> Path:
@@ -250,6 +256,7 @@ class SegmentCache:
             report = fetch_missing(manifest, index_uri, root)
             self.fetched += report
             if report.segments or report.deletions:
+                self._grown = True
                 logger.info("version %s: downloaded %d segments and %d deletion sets (%d bytes) from %s",
                             manifest.version, len(report.segments), len(report.deletions), report.bytes, index_uri)
             for key in self.keys(manifest, index_uri):
@@ -270,12 +277,17 @@ class SegmentCache:
         """Record what this process's loaded versions use (replacing what it held before)."""
         self._held = set(keys)
         self._lease.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._lease.with_name(f".{self._lease.name}.tmp")
+        tmp = self._lease.with_name(f".{self._lease.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps(sorted(self._held)), encoding="utf-8")
         os.replace(tmp, self._lease)
 
-    def release(self, keys: Iterable[str]) -> EvictionPlan:
-        """Hold only ``keys`` from now on, and evict what no process holds while over the bound."""
+    def release(self, keys: Iterable[str]) -> EvictionPlan | None:
+        """Hold only ``keys`` from now on, and evict what no process holds while over the bound;
+        nothing to do (None) when this process neither let go of anything nor downloaded anything
+        since it last did (what other processes let go of goes at their next release, or ours)."""
+        keys = set(keys)
+        if keys == self._held and not self._grown:
+            return None
         self.hold(keys)
         return self.evict()
 
@@ -286,6 +298,7 @@ class SegmentCache:
             for entry in plan.evict:
                 _remove(self.root / entry.key)
             self._remove_partials()
+            self._grown = False
         if plan.evict:
             logger.info("segment cache: evicted %d entries (%d bytes); %d bytes held of a %d-byte bound",
                         len(plan.evict), plan.total_bytes - plan.remaining_bytes, plan.remaining_bytes,
@@ -327,9 +340,13 @@ class SegmentCache:
         return out
 
     def _remove_partials(self) -> None:
-        """Downloads a killed process left (under the exclusive lock: no download is running)."""
-        for path in self.root.rglob(".*.download") if self.root.is_dir() else []:
-            _remove(path)
+        """Downloads and evictions a killed process left (under the exclusive lock: none is running)."""
+        for pattern in (".*.download", ".*.evicted"):
+            for path in list(self.root.rglob(pattern)) if self.root.is_dir() else []:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def _touch(path: Path) -> None:
