@@ -1,6 +1,8 @@
 """A serving process for tests: a retriever following an alias, driven line by line on stdin.
 
-    python tests/rollout_reader.py DATABASE_URL HOME ALIAS
+    python tests/rollout_reader.py DATABASE_URL HOME ALIAS [POLL_INTERVAL]
+
+(POLL_INTERVAL, default 0.2 s: how often it re-reads the alias besides the registry's notifications.)
 
 Commands (one per line; one JSON line answers each): ``state`` (what it serves, warm versions,
 versions loaded so far, and the segments it downloaded), ``search KEY QUERY`` (the version and
@@ -16,8 +18,8 @@ from pipeline.deterministic import DeterministicEmbedder
 from retrieval import Retriever
 
 
-def main(url: str, home: str, alias: str) -> int:
-    with Retriever.open(alias, url, home=home, encoder=DeterministicEmbedder(), poll_interval=0.2,
+def main(url: str, home: str, alias: str, poll_interval: str = "0.2") -> int:
+    with Retriever.open(alias, url, home=home, encoder=DeterministicEmbedder(), poll_interval=float(poll_interval),
                         warm_seconds=120, stats_interval=0) as retriever:
         print(json.dumps({"ready": True, **retriever.rollout_state()}), flush=True)
         for line in sys.stdin:
@@ -36,4 +38,4 @@ def main(url: str, home: str, alias: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(*sys.argv[1:5]))

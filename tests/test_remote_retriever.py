@@ -178,9 +178,10 @@ def test_eviction_plans_least_recently_used_unheld_entries_until_within_the_boun
     assert plan.evict == () and plan.over_bound
 
 
-def _reader(registry_config, home: Path) -> subprocess.Popen:
+def _reader(registry_config, home: Path, poll_interval: float = 0.2) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "tests" / "rollout_reader.py"), registry_config.database_url,
-                             str(home), "docs"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+                             str(home), "docs", str(poll_interval)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
 
 
 def _ask(proc: subprocess.Popen, command: str) -> dict:
@@ -210,7 +211,8 @@ def _quit(procs: list[subprocess.Popen]) -> None:
 def test_two_serving_processes_follow_the_alias_and_switch_within_two_seconds(
         tmp_path, remote, registry, registry_config, embedder):
     src, config = remote
-    procs = [_reader(registry_config, tmp_path / f"machine-{n}") for n in range(2)]
+    # polling once a minute: a switch within 2 s comes from the registry's notification
+    procs = [_reader(registry_config, tmp_path / f"machine-{n}", poll_interval=60) for n in range(2)]
     try:
         v1 = [_ready(p)["live"] for p in procs]
         for round_ in (1, 2):
@@ -277,3 +279,19 @@ def test_what_a_killed_process_left_in_the_cache_never_counts_and_goes_at_the_ne
     assert [e.key for e in plan.evict] == [str(whole.relative_to(cache.root))] and not plan.over_bound
     assert not whole.exists() and not partial.exists() and not list(leases.iterdir())
     assert list(segments.iterdir()) == []
+
+
+def test_the_cache_bound_is_read_from_the_environment(monkeypatch):
+    from retrieval.config import RetrievalConfig
+    from retrieval.segments.cache import DEFAULT_CACHE_BYTES
+
+    assert RetrievalConfig.from_env().segment_cache_bytes == DEFAULT_CACHE_BYTES
+    monkeypatch.setenv("RAGPIPE_SEGMENT_CACHE_BYTES", "123456789")
+    assert RetrievalConfig.from_env().segment_cache_bytes == 123456789
+    assert RetrievalConfig.from_env(segment_cache_bytes=5).segment_cache_bytes == 5  # a given field wins
+    monkeypatch.setenv("RAGPIPE_SEGMENT_CACHE_BYTES", "20GB")
+    with pytest.raises(ValueError, match="RAGPIPE_SEGMENT_CACHE_BYTES='20GB' is not a number"):
+        RetrievalConfig.from_env()
+    monkeypatch.setenv("RAGPIPE_SEGMENT_CACHE_BYTES", "-1")
+    with pytest.raises(ValueError, match="segment_cache_bytes must not be negative"):
+        RetrievalConfig.from_env()
