@@ -2,7 +2,12 @@
 
 Both wire the steps of ``pipeline.steps``; every task body is one call into it:
 
-    discover_and_diff ─► changed? ─► chunk ─► embed (mapped over work lists) ─► build ─► validate ─► publish ─► gc ─► compact
+    discover_and_diff ─► changed? ─► chunk ─► embed (mapped over work lists) ─► segment_parts
+        ─► build_segment (mapped: a full build's segments) ─► build ─► validate ─► publish ─► gc ─► compact
+
+A full build of more than ``RAGPIPE_SEGMENT_ROWS`` chunks writes each segment in a task of its own,
+so K workers write K segments at once; ``build`` then writes the version manifest over them. An
+incremental build writes its one segment in ``build``.
 
 Parsing this file imports only the Airflow SDK: configuration (``RAGPIPE_*`` variables, the
 ``ragpipe_registry`` Airflow Connection, the ``ragpipe_source`` Airflow Variable) is read inside
@@ -187,11 +192,25 @@ def _indexing_dag(dag_id: str, schedule: str | None, *, full: bool, doc: str) ->
             return _call(steps.embed, work["run_id"], work["batch_uri"], _config(), registry_config=_registry_config())
 
         @task(trigger_rule="none_failed")  # runs when every text was cached (no embedding tasks)
-        def build(staged: dict[str, Any], embedded: list[dict[str, Any]] | None) -> dict[str, Any]:
+        def segment_parts(staged: dict[str, Any], embedded: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+            """A full build's segments, one part each (none: the build task writes the version whole)."""
+            from pipeline import steps
+
+            return _call(steps.segment_parts, staged["run_id"], _config(), registry_config=_registry_config())
+
+        @task(max_active_tis_per_dagrun=8)
+        def build_segment(part: dict[str, Any]) -> dict[str, Any]:
+            from pipeline import steps
+
+            return _call(steps.build_segment, part, _config(), registry_config=_registry_config())
+
+        @task(trigger_rule="none_failed")  # runs when every text was cached, or the build has one segment
+        def build(staged: dict[str, Any], embedded: list[dict[str, Any]] | None,
+                  segments: list[dict[str, Any]] | None) -> dict[str, Any]:
             from pipeline import steps
 
             return _call(steps.build, staged["run_id"], _config(), embedded=list(embedded or []),
-                         registry_config=_registry_config())
+                         segments=list(segments or []), registry_config=_registry_config())
 
         @task
         def validate(built: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +243,8 @@ def _indexing_dag(dag_id: str, schedule: str | None, *, full: bool, doc: str) ->
         staged = chunk(planned)
         changed(planned) >> staged
         embedded = embed.expand(work=work_lists(staged))
-        compact(gc(publish(validate(build(staged, embedded)))))
+        segments = build_segment.expand(part=segment_parts(staged, embedded))
+        compact(gc(publish(validate(build(staged, embedded, segments)))))
 
     return indexing()
 

@@ -10,21 +10,28 @@ undone) and the alias does not move.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline import faults
 from pipeline.embedding import Embedder, model_record, query_embedding
 from pipeline.errors import ArtifactWriteError, EmbeddingError, VersionRejected
 from pipeline.run_state import RunContext, RunState, stage_timer
-from pipeline.segments.build import BATCH_ROWS, SegmentBuild, batched, build_segmented
+from pipeline.segments.build import BATCH_ROWS, SegmentBuild, batched, build_segmented, write_full_part
 from pipeline.segments.gate import KeyDelta, validate_segmented
 from pipeline.segments.writer import SegmentParams
 from pipeline.validation import Thresholds
 from registry import ChunkRow, DocumentFields
 from retrieval.artifacts import METRIC, ArtifactStore, WriteFailed
 from retrieval.onnx import EncoderRef
+from retrieval.segments.manifest import SegmentRef
+
+EMBEDDED = "embedded"  # RunContext.memo: the vectors an incremental run's embed stage made, by chunk hash
 
 
 def segment_params(ctx: RunContext, dim: int) -> SegmentParams:
@@ -69,42 +76,143 @@ def _dim(ctx: RunContext, state: RunState, parent_dim: int | None) -> int:
     return ctx.embedder.dim
 
 
-def build_run(ctx: RunContext, state: RunState) -> str:
-    """Write the staged version's new segments, deletion sets and manifest; return the version's URI."""
+@dataclass(frozen=True)
+class SegmentPart:
+    """One segment of a fanned-out full build, written by a task of its own: the version's members
+    with ``after < chunk_key <= until`` (``until`` None: no upper bound), ``rows`` of them, segment
+    ``number`` of the version. What a task hands the next is this, as JSON: ids and bounds only."""
+
+    run_id: int
+    number: int
+    after: int
+    until: int | None
+    rows: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SegmentPart":
+        return cls(int(data["run_id"]), int(data["number"]), int(data["after"]),
+                   None if data.get("until") is None else int(data["until"]), int(data["rows"]))
+
+
+def split_members(run_id: int, bounds: Sequence[int], total: int, rows: int) -> list[SegmentPart]:
+    """The parts of a full build of ``total`` members whose every ``rows``-th key is in ``bounds``
+    (pure): one per segment, the last one open-ended; none when the build is one segment."""
+    if total <= rows:
+        return []
+    edges = [0, *bounds]
+    parts = [SegmentPart(run_id, i, edges[i], edges[i + 1], rows) for i in range(len(bounds))]
+    if total % rows:
+        parts.append(SegmentPart(run_id, len(bounds), edges[-1], None, total % rows))
+    return parts
+
+
+def plan_parts(ctx: RunContext, state: RunState) -> list[SegmentPart]:
+    """How a full build fans out: one part per segment of at most ``segment_rows`` members; none
+    for an incremental build or one that fits a single segment (the build step writes those)."""
+    assert state.seq is not None and state.summary.run_id is not None
+    if not state.summary.full_build:
+        return []
+    rows = ctx.config.segment_rows
+    total = ctx.registry.member_count(ctx.index, state.seq)
+    bounds = ctx.registry.member_key_bounds(ctx.index, state.seq, rows) if total > rows else []
+    return split_members(state.summary.run_id, bounds, total, rows)
+
+
+def build_part(ctx: RunContext, state: RunState, part: SegmentPart) -> list[SegmentRef]:
+    """Write one part's segment and, for an object store, upload it at once (the task that writes
+    the version manifest may run on another machine); return its reference."""
+    assert state.seq is not None and state.summary.version is not None
+    with _build_errors(ctx, state.summary.version):
+        build = _segment_build(ctx, state, None, segment_params(ctx, _dim(ctx, state, None)), {})
+        rows = ctx.registry.iter_member_rows(ctx.index, state.seq, BATCH_ROWS, after=part.after, until=part.until)
+        refs = write_full_part(ctx.segments, build, rows, _doc_fields(ctx, state), vector_lookup(ctx),
+                               expected_rows=part.rows, first=part.number)
+        for ref in refs:
+            ctx.segments.upload_segment(ref.name)
+    return refs
+
+
+def build_run(ctx: RunContext, state: RunState, parts: Sequence[SegmentRef] = ()) -> str:
+    """Write the staged version's new segments, deletion sets and manifest; return the version's URI.
+
+    Args:
+        parts: the segments of a fanned-out full build, in order, written by :func:`build_part`:
+            only the manifest is written here. Empty: this step writes every segment.
+    """
     summary, registry, config = state.summary, ctx.registry, ctx.config
     assert summary.version is not None and state.seq is not None
     with stage_timer(state, "build"):
         parent = None if summary.full_build or state.parent is None else ctx.segments.read_version(state.parent)
         _added, removed = registry.version_changes(ctx.index, state.seq)
         params = segment_params(ctx, _dim(ctx, state, parent.dim if parent else None))
-        doc_fields: dict[str, DocumentFields] = registry.document_fields(ctx.index) if summary.full_build else {}
-        for doc_id in state.deleted:
-            doc_fields.pop(doc_id, None)
-        doc_fields.update({d.doc_id: DocumentFields(d.doc_id, d.source_uri, d.metadata, d.valid_from)
-                           for d in state.documents()})
         ctx.store.remove(ctx.index, summary.version)  # what an earlier attempt of this step left
-        try:
+        with _build_errors(ctx, summary.version):
             encoder = query_encoder(ctx.store, ctx.embedder, registry.home / "cache")
             record = {**model_record(ctx.embedder), **({"encoder": encoder.to_dict()} if encoder else {})}
-            build = SegmentBuild(index=ctx.index, version=summary.version, run_id=summary.run_id, params=params,
-                                 chunker_version=state.chunker_version, parent=parent, model_record=record,
-                                 recall_target=config.min_recall, max_segment_rows=config.segment_rows,
-                                 embed_queries=query_embedding(ctx.embedder))
-            manifest = build_segmented(
-                ctx.segments, build, _rows(ctx, state), doc_fields,
-                lambda hashes: registry.fetch_embeddings(ctx.embedder.model_id, hashes), removed=removed,
-                expected_rows=registry.member_count(ctx.index, state.seq) if summary.full_build else 0)
+            build = _segment_build(ctx, state, parent, params, record)
+            if parts:
+                assert summary.full_build, "only a full build fans out"
+                manifest = build.manifest(parts)
+            else:
+                manifest = build_segmented(
+                    ctx.segments, build, _rows(ctx, state), _doc_fields(ctx, state), vector_lookup(ctx),
+                    removed=removed, expected_rows=registry.member_count(ctx.index, state.seq) if summary.full_build else 0)
             uri = ctx.segments.write_version(manifest)
-        except WriteFailed as exc:  # a failed read (of the parent's files, say) stays what it is
-            raise ArtifactWriteError(write_failure(exc, summary.version, ctx.store.uri)) from exc
-        except LookupError as exc:
-            raise EmbeddingError(f"version {summary.version}: {exc} for {ctx.embedder.model_id} "
-                                 f"(embed step incomplete)") from exc
         parent_names = set(parent.segment_names) if parent else set()
         state.new_segments = [n for n in manifest.segment_names if n not in parent_names]
         registry.mark_version_built(summary.version, uri, manifest.to_dict())
     state.step = "built"
     return uri
+
+
+def _doc_fields(ctx: RunContext, state: RunState) -> dict[str, DocumentFields]:
+    """The chunk-table fields of the documents the new segments hold: every live document's for a
+    full build, else the written documents'."""
+    fields: dict[str, DocumentFields] = ctx.registry.document_fields(ctx.index) if state.summary.full_build else {}
+    for doc_id in state.deleted:
+        fields.pop(doc_id, None)
+    fields.update({d.doc_id: DocumentFields(d.doc_id, d.source_uri, d.metadata, d.valid_from)
+                   for d in state.documents()})
+    return fields
+
+
+def _segment_build(ctx: RunContext, state: RunState, parent: Any, params: SegmentParams,
+                   record: dict[str, Any]) -> SegmentBuild:
+    assert state.summary.version is not None
+    return SegmentBuild(index=ctx.index, version=state.summary.version, run_id=state.summary.run_id, params=params,
+                        chunker_version=state.chunker_version, parent=parent, model_record=record,
+                        recall_target=ctx.config.min_recall, max_segment_rows=ctx.config.segment_rows,
+                        embed_queries=query_embedding(ctx.embedder))
+
+
+@contextmanager
+def _build_errors(ctx: RunContext, version: str) -> Iterator[None]:
+    """Name the version and the cause of a failed write or a missing vector."""
+    try:
+        yield
+    except WriteFailed as exc:  # a failed read (of the parent's files, say) stays what it is
+        raise ArtifactWriteError(write_failure(exc, version, ctx.store.uri)) from exc
+    except LookupError as exc:
+        raise EmbeddingError(f"version {version}: {exc} for {ctx.embedder.model_id} "
+                             f"(embed step incomplete)") from exc
+
+
+def vector_lookup(ctx: RunContext) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """Vectors by chunk hash: those this process embedded for the run (``ctx.memo[EMBEDDED]``, kept
+    by the embed stage of an incremental run), the others read from the embedding cache."""
+    kept: dict[str, np.ndarray] = ctx.memo.get(EMBEDDED, {})
+
+    def lookup(hashes: list[str]) -> dict[str, np.ndarray]:
+        found = {h: kept[h] for h in hashes if h in kept}
+        rest = [h for h in hashes if h not in found]
+        if rest:
+            found.update(ctx.registry.fetch_embeddings(ctx.embedder.model_id, rest))
+        return found
+
+    return lookup
 
 
 def query_encoder(store: ArtifactStore, embedder: Embedder, cache_dir: Path) -> EncoderRef | None:
@@ -174,6 +282,7 @@ def validate_run(ctx: RunContext, state: RunState) -> dict[str, Any]:
             query_encoder=stored_encoder(ctx.store, summary.version, ctx.index, embedder.model_id, registry.home),
         )
         summary.metrics = report.metrics
+        state.version_chunks = manifest.chunks
         if not report.ok:
             reject(ctx, state, "; ".join(report.problems), report.metrics)
         registry.mark_version_validated(summary.version, report.metrics)

@@ -116,43 +116,44 @@ def compact_index(registry: Registry, config: IndexConfig, *, policy: TieredPoli
     merges = wanted_merges(files, base, policy)
     if not merges:
         return report
-    pool = SegmentPool(files.local, verify=False)
-    params = segment_params(base)
-    current, merged_names = base, []
-    for merge in merges:
-        inputs = [base.segment(name) for name in merge.segments]
-        merged = merge_segments(pool, inputs, params, recall_target=config.min_recall)
-        faults.checkpoint("merge_written")
-        refs = replace_merged(current, inputs, merged, pool)
-        # a merged graph is larger than each input: it needs at least the breadth they needed
-        ef = max([merged.ef_search or 0, *(ref.ef or 0 for ref in inputs)]) or None
-        refs = tuple(replace(r, ef=ef, recall=merged.recall_at_ef) if r.name == merged.name else r for r in refs)
-        current = replace(current, segments=refs)
-        merged_names.append(merged.name)
-        report.merges.append({"inputs": list(merge.segments), "reason": merge.reason, "output": merged.name,
-                              "chunks": merged.rows})
-    problems = [f"segment {name} at ef {ef}: HNSW recall@10 {recall:.3f} < {config.min_recall:.2f}"
-                for name in merged_names
-                for recall, ef in [segment_recall(pool.get(name), config.min_recall)] if recall < config.min_recall]
-    disagreement = bm25_hits_agree(SegmentedVersion(base, pool), SegmentedVersion(current, pool))
-    if disagreement:
-        problems.append(disagreement)
-    if before_swap is not None:
-        before_swap()
-    with registry.index_lock(config.index, config.lock_timeout):
-        now = registry.head_version(config.index)
-        if now is None or now.version != base.version:
-            report.status, report.reason = "discarded", (
-                f"version {now.version if now else None} was published while merging {base.version}; "
-                f"nothing published (run compact again)")
-            files.remove_segments(merged_names)
-            report.seconds = round(time.perf_counter() - started, 3)
-            return report
-        _swap(registry, config, files, base, current, merged_names, problems, report)
-        collect_garbage(registry, store, config.index, config.retention)
-    report.segments_after = len(current.segments)
-    report.seconds = round(time.perf_counter() - started, 3)
-    return report
+    with registry.merge_claim(config.index):  # gc spares the merged segments, listed by no version yet
+        pool = SegmentPool(files.local, verify=False)
+        params = segment_params(base)
+        current, merged_names = base, []
+        for merge in merges:
+            inputs = [base.segment(name) for name in merge.segments]
+            merged = merge_segments(pool, inputs, params, recall_target=config.min_recall)
+            faults.checkpoint("merge_written")
+            refs = replace_merged(current, inputs, merged, pool)
+            # a merged graph is larger than each input: it needs at least the breadth they needed
+            ef = max([merged.ef_search or 0, *(ref.ef or 0 for ref in inputs)]) or None
+            refs = tuple(replace(r, ef=ef, recall=merged.recall_at_ef) if r.name == merged.name else r for r in refs)
+            current = replace(current, segments=refs)
+            merged_names.append(merged.name)
+            report.merges.append({"inputs": list(merge.segments), "reason": merge.reason, "output": merged.name,
+                                  "chunks": merged.rows})
+        problems = [f"segment {name} at ef {ef}: HNSW recall@10 {recall:.3f} < {config.min_recall:.2f}"
+                    for name in merged_names
+                    for recall, ef in [segment_recall(pool.get(name), config.min_recall)] if recall < config.min_recall]
+        disagreement = bm25_hits_agree(SegmentedVersion(base, pool), SegmentedVersion(current, pool))
+        if disagreement:
+            problems.append(disagreement)
+        if before_swap is not None:
+            before_swap()
+        with registry.index_lock(config.index, config.lock_timeout):
+            now = registry.head_version(config.index)
+            if now is None or now.version != base.version:
+                report.status, report.reason = "discarded", (
+                    f"version {now.version if now else None} was published while merging {base.version}; "
+                    f"nothing published (run compact again)")
+                files.remove_segments(merged_names)
+                report.seconds = round(time.perf_counter() - started, 3)
+                return report
+            _swap(registry, config, files, base, current, merged_names, problems, report)
+            collect_garbage(registry, store, config.index, config.retention)
+        report.segments_after = len(current.segments)
+        report.seconds = round(time.perf_counter() - started, 3)
+        return report
 
 
 def _swap(registry: Registry, config: IndexConfig, files: SegmentArtifacts, base: VersionManifest,

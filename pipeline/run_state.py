@@ -128,6 +128,7 @@ class RunState:
     added_rows: int = 0
     new_segments: list[str] = field(default_factory=list)  # the segments the built version added
     retired_rows: int = 0
+    version_chunks: int | None = None  # the built version's chunks, as validation counted them
     step: str = "started"  # the last step finished: planned, staged, embedded, built, validated, published, done
 
     @property

@@ -23,8 +23,10 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from pipeline import faults
-from pipeline.build_stage import build_run, segment_params, touched_docs, validate_run, written_rows
+from pipeline.build_stage import EMBEDDED, build_run, segment_params, touched_docs, validate_run, written_rows
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
 from pipeline.diff import ChangeSet, document_chunker, partial_scan, plan_changes
@@ -40,6 +42,8 @@ from pipeline.upkeep import collect_garbage, recover_unfinished
 from registry import ChunkRow, Registry
 
 logger = logging.getLogger(__name__)
+
+BULK_SHARE = 0.2  # a publish that adds or retires more than this share of the index's rows analyzes its tables
 
 __all__ = ["RunContext", "RunOptions", "RunState", "RunSummary", "artifact_store", "build_run", "collect_garbage",
            "embed_items", "embed_run", "gc_run", "missing_texts", "needed_rows", "plan_run", "publish_run",
@@ -292,14 +296,17 @@ def missing_texts(registry: Registry, model_id: str, rows: list[ChunkRow]) -> tu
 
 def embed_items(
     registry: Registry, embedder: Embedder, items: list[tuple[str, str]], batch_size: int, progress: bool = False,
+    keep: dict[str, np.ndarray] | None = None,
 ) -> int:
     """Embed (chunk hash, text) pairs, storing each batch in the cache as soon as it exists; return
-    the characters embedded."""
+    the characters embedded. ``keep`` receives the vectors as the cache stores them, by chunk hash."""
     bar = progress_bar(len(items), "embedding", progress)
 
     def store(hashes: list[str], vectors: Any) -> None:
         registry.store_embeddings(embedder.model_id, hashes, vectors)
         faults.checkpoint("embed_batch_stored")
+        if keep is not None:
+            keep.update(zip(hashes, np.ascontiguousarray(vectors, dtype="<f4")))
 
     chars = embed_in_batches(embedder, items, store, batch_size=batch_size, on_batch=bar.update if bar else None)
     if bar:
@@ -313,14 +320,15 @@ def embed_run(ctx: RunContext, state: RunState, progress: bool) -> None:
     registry, embedder = ctx.registry, ctx.embedder
     assert state.seq is not None
     with stage_timer(state, "embed"):
+        keep = None
         if state.summary.full_build:
             pages: Any = registry.iter_member_rows(ctx.index, state.seq)
-        else:
-            pages = [_added_rows(ctx, state)]
+        else:  # a few vectors: the build takes them from here rather than reading them back
+            pages, keep = [_added_rows(ctx, state)], ctx.memo.setdefault(EMBEDDED, {})
         embedded = distinct = chars = 0
         for page in pages:
             items, seen = missing_texts(registry, embedder.model_id, page)
-            chars += embed_items(registry, embedder, items, ctx.config.batch_size, progress)
+            chars += embed_items(registry, embedder, items, ctx.config.batch_size, progress, keep)
             embedded, distinct = embedded + len(items), distinct + seen
         state.summary.embedding = {"chunks_embedded": embedded, "chunks_cached": distinct - embedded,
                                    "chars_embedded": chars}
@@ -342,10 +350,17 @@ def publish_run(ctx: RunContext, state: RunState) -> dict[str, Any]:
         )
         summary.alias = {"alias": move.alias, "version": move.version, "previous": move.previous,
                          "action": move.action}
+        # a published version's chunks are the index's active rows (validation checked them against
+        # the registry): counting the rows again would read every row of the index
+        active = state.version_chunks
+        if active is None or state.options.shadow:
+            active = registry.count_active_chunks(config.index)
         summary.chunks = {"added": state.added_rows, "removed": state.retired_rows,
-                          "kept": state.staged_chunks - state.added_rows,
-                          "active": registry.count_active_chunks(config.index)}
-        record_listing(ctx, state)
+                          "kept": state.staged_chunks - state.added_rows, "active": active}
+        if state.added_rows + state.retired_rows > BULK_SHARE * max(active, 1):
+            registry.refresh_statistics()  # a bulk load: later runs' lookups of a few documents need them
+        if not state.options.shadow:  # a shadow leaves the documents as they were: and their listing
+            record_listing(ctx, state)
     state.step = "published"
     return summary.alias
 

@@ -25,11 +25,12 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline.build_stage import SegmentPart, build_part, plan_parts
 from pipeline.config import IndexConfig
 from pipeline.embedding import Embedder
 from pipeline.errors import ConfigError
@@ -57,6 +58,7 @@ from pipeline.sources import ObjectStoreCredentials, source_label
 from registry import Registry, RegistryConfig
 from registry.config import dsn_from_parts
 from registry.errors import is_transient
+from retrieval.segments.manifest import SegmentRef
 
 EmbedderFactory = Callable[[IndexConfig], Embedder]
 
@@ -189,16 +191,55 @@ def embed(
                 "chars_embedded": chars}
 
 
+def segment_parts(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig | None = None
+                  ) -> list[dict[str, Any]]:
+    """The parts a full build fans out into, one per segment (see :func:`build_segment`); empty for
+    an incremental build or one that fits one segment, which :func:`build` writes whole."""
+    with _continue(run_id, config, registry_config) as (registry, state):
+        if state.step not in ("staged", "embedded"):
+            return []
+        return [part.to_json() for part in plan_parts(RunContext.of(registry, None, config), state)]
+
+
+def build_segment(
+    part: dict[str, Any], config: IndexConfig, *, registry_config: RegistryConfig | None = None,
+    embedder: EmbedderFactory = default_embedder,
+) -> dict[str, Any]:
+    """Write one segment of a fanned-out full build and upload it to the artifact store.
+
+    The parts of a build run at once, on any workers: this step renews the run's lease but takes no
+    index lock and changes nothing in the registry; a retried part writes a new segment (the one an
+    earlier attempt left is collected by gc).
+
+    Returns:
+        {"run_id", "number", "segments": [segment references]}.
+    """
+    segment = SegmentPart.from_json(part)
+    model = embedder(config)
+    with _registry(registry_config) as registry:
+        index, saved = registry.renew_lease(segment.run_id, config.run_lease)
+        if index != config.index or saved is None:
+            raise ConfigError(f"run {segment.run_id} is not a run of index {config.index!r} started by pipeline.steps")
+        state = RunState.from_json(saved)
+        refs = build_part(RunContext.of(registry, model, config), state, segment)
+    return {"run_id": segment.run_id, "number": segment.number, "segments": [asdict(r) for r in refs]}
+
+
 def build(
     run_id: int, config: IndexConfig, *, embedded: list[dict[str, Any]] | None = None,
-    registry_config: RegistryConfig | None = None, embedder: EmbedderFactory = default_embedder,
+    segments: list[dict[str, Any]] | None = None, registry_config: RegistryConfig | None = None,
+    embedder: EmbedderFactory = default_embedder,
 ) -> dict[str, Any]:
-    """Build the staged version's files; ``embedded`` are the embed steps' results (for the counts).
+    """Build the staged version's files; ``embedded`` are the embed steps' results (for the counts),
+    ``segments`` the :func:`build_segment` steps' (their segments make the version; none: this step
+    writes them).
 
     Returns:
         {"run_id", "version", "artifact_uri", "full_build"}.
     """
     model = embedder(config)
+    parts = [SegmentRef(**ref) for result in sorted(segments or [], key=lambda r: int(r["number"]))
+             for ref in result["segments"]]
     with _continue(run_id, config, registry_config) as (registry, state):
         if state.step in ("staged", "embedded"):
             if embedded is not None:  # texts cached before the run, plus what its embedding tasks did
@@ -207,7 +248,7 @@ def build(
                     "chunks_cached": state.cached_before + sum(int(e["chunks_cached"]) for e in embedded),
                     "chars_embedded": sum(int(e["chars_embedded"]) for e in embedded),
                 }
-            build_run(RunContext.of(registry, model, config), state)
+            build_run(RunContext.of(registry, model, config), state, parts)
         version = registry.get_version(state.summary.version) if state.summary.version else None
         return {"run_id": run_id, "version": state.summary.version,
                 "artifact_uri": version.artifact_uri if version else None, "full_build": state.summary.full_build}
@@ -233,7 +274,9 @@ def publish(run_id: int, config: IndexConfig, *, registry_config: RegistryConfig
     """
     with _continue(run_id, config, registry_config) as (registry, state):
         head = registry.head_version(config.index)
-        if state.step == "validated" and head is not None and head.version == state.summary.version:
+        committed = (head is not None and head.version == state.summary.version) or (
+            state.options.shadow and any(a.shadow_version == state.summary.version for a in registry.list_aliases()))
+        if state.step == "validated" and committed:
             state.step = "published"  # an earlier attempt committed, then died before saying so
         elif state.step == "validated":
             publish_run(RunContext.of(registry, None, config), state)
@@ -289,8 +332,8 @@ def _step(registry: Registry, state: RunState, *, final: bool) -> Iterator[None]
             registry.save_run_state(state.summary.run_id, state.to_json())
 
 
-__all__ = ["build", "default_embedder", "embed", "gc", "is_transient", "plan", "publish", "registry_config", "stage",
-           "validate"]
+__all__ = ["build", "build_segment", "default_embedder", "embed", "gc", "is_transient", "plan", "publish",
+           "registry_config", "segment_parts", "stage", "validate"]
 
 
 def compact(config: IndexConfig, *, registry_config: RegistryConfig | None = None) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
     no retained version contains, and the segments no remaining version lists (call under the index
     lock; ``sweep_rows`` False: delete registry rows only when a version was removed now, as runs
     do; the rows of rejected versions then wait for ``ragpipe gc``). While a version is being built (an orchestrated run between its steps) no segment goes:
-    the ones it wrote are listed by no manifest yet.
+    the ones it wrote are listed by no manifest yet; nor while a compaction merges (its claim).
 
     A version is marked removed before its files are deleted, in a transaction that serializes with
     alias moves, so an alias can never be moved onto files that are going away.
@@ -108,9 +108,10 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
         rows = registry.gc_rows(index, plan.oldest_kept_seq)
     segments = SegmentCollection([], [], 0)
     if not any(v.status == "building" for v in versions):
-        files = SegmentArtifacts(store, index)
-        manifests = retained_manifests(registry, files)
-        if manifests is not None:
-            segments = files.remove_unreferenced(manifests)
+        with registry.segment_sweep(index) as free:  # not while a compaction writes merged segments
+            files = SegmentArtifacts(store, index)
+            manifests = retained_manifests(registry, files) if free else None
+            if manifests is not None:
+                segments = files.remove_unreferenced(manifests)
     return {"versions_removed": removed, "rows_removed": rows, "segments_removed": segments.segments,
             "deletions_removed": segments.deletions, "segment_bytes_removed": segments.bytes}

@@ -163,6 +163,20 @@ SELECT pg_try_advisory_lock(hashtextextended('ragpipe.index:' || %(index)s, 0));
 -- name: release_index_lock
 SELECT pg_advisory_unlock(hashtextextended('ragpipe.index:' || %(index)s, 0));
 
+-- name: hold_merge_claim
+-- A compaction writing segments no version lists yet (shared: several may merge at once).
+SELECT pg_advisory_lock_shared(hashtextextended('ragpipe.merging:' || %(index)s, 0));
+
+-- name: release_merge_claim
+SELECT pg_advisory_unlock_shared(hashtextextended('ragpipe.merging:' || %(index)s, 0));
+
+-- name: try_segment_sweep
+-- Segments no version lists may be removed only while no compaction holds its claim.
+SELECT pg_try_advisory_lock(hashtextextended('ragpipe.merging:' || %(index)s, 0));
+
+-- name: end_segment_sweep
+SELECT pg_advisory_unlock(hashtextextended('ragpipe.merging:' || %(index)s, 0));
+
 -- ---------------------------------------------------------------------------------------------
 -- Versions and aliases (sql/002_versions.sql)
 
@@ -228,14 +242,17 @@ WHERE index_name = %(index)s
 -- name: member_keys
 SELECT chunk_key FROM chunks
 WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
-  AND status <> 'discarded';
+  AND status <> 'discarded' AND (status <> 'shadow' OR added_seq = %(seq)s)
+  AND NOT EXISTS (SELECT 1 FROM shadow_excluded x WHERE x.version_seq = %(seq)s AND x.chunk_key = chunks.chunk_key);
 
 -- name: member_rows
 SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_start, char_end, token_count, text,
        context, page_start, page_end, page_label_start, page_label_end
 FROM chunks
 WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
-  AND status <> 'discarded' AND (%(all_docs)s OR doc_id = ANY(%(doc_ids)s::text[]))
+  AND status <> 'discarded' AND (status <> 'shadow' OR added_seq = %(seq)s)
+  AND NOT EXISTS (SELECT 1 FROM shadow_excluded x WHERE x.version_seq = %(seq)s AND x.chunk_key = chunks.chunk_key)
+  AND (%(all_docs)s OR doc_id = ANY(%(doc_ids)s::text[]))
 ORDER BY chunk_key;
 
 -- name: member_rows_page
@@ -244,14 +261,28 @@ SELECT chunk_key, chunk_id, doc_id, chunk_hash, ordinal, heading_path, char_star
        context, page_start, page_end, page_label_start, page_label_end
 FROM chunks
 WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
-  AND status <> 'discarded' AND chunk_key > %(after)s
+  AND status <> 'discarded' AND (status <> 'shadow' OR added_seq = %(seq)s)
+  AND NOT EXISTS (SELECT 1 FROM shadow_excluded x WHERE x.version_seq = %(seq)s AND x.chunk_key = chunks.chunk_key)
+  AND chunk_key > %(after)s AND (%(until)s::bigint IS NULL OR chunk_key <= %(until)s)
 ORDER BY chunk_key
 LIMIT %(limit)s;
+
+-- name: member_key_bounds
+-- Every rows-th chunk key of a version in key order: where a full build's segments end.
+SELECT chunk_key FROM (
+    SELECT chunk_key, row_number() OVER (ORDER BY chunk_key) AS n FROM chunks
+    WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
+      AND status <> 'discarded' AND (status <> 'shadow' OR added_seq = %(seq)s)
+      AND NOT EXISTS (SELECT 1 FROM shadow_excluded x WHERE x.version_seq = %(seq)s AND x.chunk_key = chunks.chunk_key)
+) members
+WHERE mod(n, %(rows)s) = 0
+ORDER BY chunk_key;
 
 -- name: member_count
 SELECT count(*) FROM chunks
 WHERE index_name = %(index)s AND added_seq <= %(seq)s AND (retired_seq IS NULL OR retired_seq > %(seq)s)
-  AND status <> 'discarded';
+  AND status <> 'discarded' AND (status <> 'shadow' OR added_seq = %(seq)s)
+  AND NOT EXISTS (SELECT 1 FROM shadow_excluded x WHERE x.version_seq = %(seq)s AND x.chunk_key = chunks.chunk_key);
 
 -- name: document_fields
 SELECT doc_id, source_uri, metadata, valid_from FROM documents
@@ -279,6 +310,17 @@ UPDATE chunks c SET valid_from = d.valid_from
 FROM documents d
 WHERE c.index_name = %(index)s AND d.index_name = c.index_name AND d.doc_id = c.doc_id AND c.status = 'active'
   AND d.doc_id = ANY(%(doc_ids)s::text[]) AND c.valid_from IS DISTINCT FROM d.valid_from;
+
+-- name: shadow_keep_added
+-- A shadow's publish: the rows it added belong to it alone (sql/011_shadow_lineage.sql).
+UPDATE chunks SET status = 'shadow', indexed_at = now()
+WHERE index_name = %(index)s AND added_seq = %(seq)s AND status = 'pending';
+
+-- name: shadow_exclude_retired
+-- A shadow's publish: the regular rows it does not contain, which stay active for the next versions.
+INSERT INTO shadow_excluded (index_name, version_seq, chunk_key)
+SELECT %(index)s, %(seq)s, chunk_key FROM chunks
+WHERE index_name = %(index)s AND retired_seq = %(seq)s AND status = 'active';
 
 -- name: set_head
 INSERT INTO index_heads (index_name, version) VALUES (%(index)s, %(version)s)
@@ -359,14 +401,36 @@ LISTEN ragpipe_alias;
 -- Is an idle connection still there? (registry.Registry checks before using one again.)
 SELECT 1;
 
+-- name: analyze_chunks
+-- Fresh planner statistics for the tables a bulk load grew (autovacuum may be off, or behind).
+ANALYZE chunks, documents;
+
 -- name: database_size
 SELECT pg_database_size(current_database());
 
--- name: gc_rows
--- Rows no retained version can contain any more.
+-- name: gc_retired_rows
+-- Rows no retained version can contain any more: retired at or before the oldest one kept
+-- (chunks_retired_seq finds them without reading the index's other rows).
 DELETE FROM chunks
-WHERE index_name = %(index)s
-  AND (status = 'discarded' OR (retired_seq IS NOT NULL AND retired_seq <= %(min_seq)s AND status <> 'active'));
+WHERE index_name = %(index)s AND retired_seq <= %(min_seq)s AND status <> 'active';
+
+-- name: gc_discarded_rows
+-- Rows of versions that were never published (chunks_discarded finds them).
+DELETE FROM chunks
+WHERE index_name = %(index)s AND status = 'discarded';
+
+-- name: gc_shadow_rows
+-- Rows of shadow versions no longer retained (their shadow_excluded rows go with gc_shadow_excluded).
+DELETE FROM chunks c
+WHERE c.index_name = %(index)s AND c.status = 'shadow' AND NOT EXISTS (
+    SELECT 1 FROM index_versions v
+    WHERE v.version_seq = c.added_seq AND v.status IN ('building', 'validated', 'published', 'retired'));
+
+-- name: gc_shadow_excluded
+DELETE FROM shadow_excluded x
+WHERE x.index_name = %(index)s AND NOT EXISTS (
+    SELECT 1 FROM index_versions v
+    WHERE v.version_seq = x.version_seq AND v.status IN ('building', 'validated', 'published', 'retired'));
 
 -- ---------------------------------------------------------------------------------------------
 -- Gradual rollout: canaries and serving statistics (sql/007_canary.sql)

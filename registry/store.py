@@ -198,6 +198,30 @@ class Registry(VersionStore, RolloutStore, SourceObjectStore, FeedbackStore):
                     logger.warning("registry connection lost while releasing the lock of index %r; "
                                    "the server released it", index)
 
+    @contextlib.contextmanager
+    def merge_claim(self, index: str) -> Iterator[None]:
+        """Hold, for the block, the claim of a compaction that writes segments no version lists yet:
+        gc removes no unlisted segment meanwhile (:meth:`segment_sweep`). A session advisory lock,
+        shared among compactions: a killed process's claim ends with its connection."""
+        self.conn.execute(q("hold_merge_claim"), {"index": index})
+        try:
+            yield
+        finally:
+            if not self._conn.closed and not self._conn.broken:
+                self._conn.execute(q("release_merge_claim"), {"index": index})
+
+    @contextlib.contextmanager
+    def segment_sweep(self, index: str) -> Iterator[bool]:
+        """Whether unlisted segments of ``index`` may be removed now (no compaction holds its claim);
+        while the block runs, no compaction starts writing."""
+        row = self.conn.execute(q("try_segment_sweep"), {"index": index}).fetchone()
+        free = bool(row and row[0])
+        try:
+            yield free
+        finally:
+            if free and not self._conn.closed and not self._conn.broken:
+                self._conn.execute(q("end_segment_sweep"), {"index": index})
+
     # -- documents and runs --------------------------------------------------------------------
 
     def document_states(self, index: str) -> dict[str, DocumentState]:
@@ -343,6 +367,11 @@ class Registry(VersionStore, RolloutStore, SourceObjectStore, FeedbackStore):
     def count_active_chunks(self, index: str) -> int:
         row = self.conn.execute(q("count_active_chunks"), {"index": index}).fetchone()
         return int(row[0]) if row else 0
+
+    def refresh_statistics(self) -> None:
+        """Analyze the chunk and document tables, so that the planner knows their size after a bulk
+        load: without statistics it reads every row of an index for lookups of a few documents."""
+        self.conn.execute(q("analyze_chunks"))
 
     def database_bytes(self) -> int:
         """The registry database's size on disk (benchmarks report it)."""

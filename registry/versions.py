@@ -129,17 +129,25 @@ class VersionStore:
         return fetch_all(self.conn, "member_rows", ChunkRow,
                          {"index": index, "seq": seq, "all_docs": doc_ids is None, "doc_ids": list(doc_ids or [])})
 
-    def iter_member_rows(self, index: str, seq: int, page: int = 4096) -> Iterator[list[ChunkRow]]:
-        """A version's chunk rows by chunk_key, ``page`` rows at a time (never all of them at once)."""
-        after = 0
+    def iter_member_rows(self, index: str, seq: int, page: int = 4096, *, after: int = 0,
+                         until: int | None = None) -> Iterator[list[ChunkRow]]:
+        """A version's chunk rows by chunk_key, ``page`` rows at a time (never all of them at once);
+        only keys above ``after`` and up to ``until`` (None: no bound)."""
         while True:
             rows = fetch_all(self.conn, "member_rows_page", ChunkRow,
-                             {"index": index, "seq": seq, "after": after, "limit": page})
+                             {"index": index, "seq": seq, "after": after, "until": until, "limit": page})
             if rows:
                 yield rows
             if len(rows) < page:
                 return
             after = rows[-1].chunk_key
+
+    def member_key_bounds(self, index: str, seq: int, rows: int) -> list[int]:
+        """Every ``rows``-th chunk key of the version, ascending (the last keys of consecutive runs of
+        ``rows`` members)."""
+        with self.conn.cursor() as cur:
+            cur.execute(q("member_key_bounds"), {"index": index, "seq": seq, "rows": rows})
+            return [int(r[0]) for r in cur]
 
     def member_count(self, index: str, seq: int) -> int:
         row = self.conn.execute(q("member_count"), {"index": index, "seq": seq}).fetchone()
@@ -178,10 +186,14 @@ class VersionStore:
 
         Document rows are updated, the version's pending rows become active and the rows it drops
         superseded (or deleted, for deleted documents), the index head moves, and the alias points
-        at the version — or, with ``shadow``, the version becomes the alias's shadow. Listeners on
-        the ``ragpipe_alias`` channel are notified when the transaction commits.
+        at the version. With ``shadow``, the version becomes the alias's shadow and nothing else
+        changes: documents, active rows and the head stay the regular lineage's (the version's rows
+        are kept as its own). Listeners on the ``ragpipe_alias`` channel are notified when the
+        transaction commits.
         """
         params = {"index": index, "run_id": run_id, "seq": seq, "version": version}
+        if shadow:
+            return self._attach_shadow(alias, index, params, before_commit)
         with self.conn.transaction(), self.conn.cursor() as cur:
             cur.execute(q("create_stage_documents"))
             with cur.copy(q("copy_stage_documents_versioned")) as copy:
@@ -195,7 +207,23 @@ class VersionStore:
             cur.execute(q("publish_activate_chunks"), params)
             cur.execute(q("publish_valid_from"), {**params, "doc_ids": list(valid_from)})
             cur.execute(q("set_head"), params)
-            move = self._move_alias(alias, index, version, "shadow" if shadow else "publish")
+            move = self._move_alias(alias, index, version, "publish")
+            if before_commit:
+                before_commit()
+        return move
+
+    def _attach_shadow(self, alias: str, index: str, params: dict[str, Any], before_commit: Any) -> AliasMove:
+        """A shadow's publish: the version goes beside the lineage, not on it (sql/011_shadow_lineage.sql).
+
+        The rows it added become its own ('shadow'), the regular rows it dropped stay active and are
+        listed as not its own; documents, active rows and the head stay the regular lineage's, so the
+        next regular run builds on the last regular version.
+        """
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.execute(q("shadow_keep_added"), params)
+            cur.execute(q("shadow_exclude_retired"), params)
+            cur.execute(q("unstage_retired"), params)
+            move = self._move_alias(alias, index, params["version"], "shadow")
             if before_commit:
                 before_commit()
         return move
@@ -279,7 +307,11 @@ class VersionStore:
         return str(row[0])
 
     def promote_shadow(self, alias: str) -> AliasMove:
-        """Make the alias's shadow version its live one."""
+        """Make the alias's shadow version its live one.
+
+        The index head stays the last regular version: a run with the model it was built with goes on
+        incrementally from there; the first run with the shadow's model rebuilds (from the embedding
+        cache, which holds the shadow's vectors)."""
         return self.swap_alias(alias, self.shadow_of(alias), action="promote")
 
     def list_aliases(self) -> list[AliasRow]:
@@ -301,5 +333,10 @@ class VersionStore:
 
     def gc_rows(self, index: str, min_seq: int) -> int:
         """Delete chunk rows that no retained version (all of seq >= min_seq) contains."""
-        cur = self.conn.execute(q("gc_rows"), {"index": index, "min_seq": min_seq})
-        return cur.rowcount
+        params = {"index": index, "min_seq": min_seq}
+        with self.conn.transaction():
+            retired = self.conn.execute(q("gc_retired_rows"), params).rowcount
+            discarded = self.conn.execute(q("gc_discarded_rows"), params).rowcount
+            shadow = self.conn.execute(q("gc_shadow_rows"), {"index": index}).rowcount
+            self.conn.execute(q("gc_shadow_excluded"), {"index": index})
+        return retired + discarded + shadow

@@ -42,11 +42,13 @@ class HFTokenCounter:
         self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
+        # without character offsets, which counting does not need (tokenizers >= 0.20); the same ids
+        self._encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
-        return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        return [len(e.ids) for e in self._encode(list(texts), add_special_tokens=False)]
 
 
 class _TransformersTokenCounter:

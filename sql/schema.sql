@@ -70,7 +70,7 @@ CREATE TABLE public.chunks (
     page_label_start text,
     page_label_end text,
     CONSTRAINT chunks_check CHECK (((char_start >= 0) AND (char_end > char_start))),
-    CONSTRAINT chunks_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'active'::text, 'superseded'::text, 'deleted'::text, 'discarded'::text])))
+    CONSTRAINT chunks_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'active'::text, 'superseded'::text, 'deleted'::text, 'discarded'::text, 'shadow'::text])))
 );
 
 -- Name: chunks_chunk_key_seq; Type: SEQUENCE; Schema: public; Owner: -
@@ -216,6 +216,14 @@ ALTER TABLE public.runs ALTER COLUMN run_id ADD GENERATED ALWAYS AS IDENTITY (
     CACHE 1
 );
 
+-- Name: shadow_excluded; Type: TABLE; Schema: public; Owner: -
+
+CREATE TABLE public.shadow_excluded (
+    index_name text NOT NULL,
+    version_seq bigint NOT NULL,
+    chunk_key bigint NOT NULL
+);
+
 -- Name: source_objects; Type: TABLE; Schema: public; Owner: -
 
 CREATE TABLE public.source_objects (
@@ -311,6 +319,11 @@ ALTER TABLE ONLY public.index_versions
 ALTER TABLE ONLY public.runs
     ADD CONSTRAINT runs_pkey PRIMARY KEY (run_id);
 
+-- Name: shadow_excluded shadow_excluded_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.shadow_excluded
+    ADD CONSTRAINT shadow_excluded_pkey PRIMARY KEY (version_seq, chunk_key);
+
 -- Name: source_objects source_objects_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 
 ALTER TABLE ONLY public.source_objects
@@ -337,6 +350,10 @@ CREATE INDEX chunks_active_doc ON public.chunks USING btree (index_name, doc_id)
 
 CREATE INDEX chunks_added_seq ON public.chunks USING btree (index_name, added_seq);
 
+-- Name: chunks_discarded; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX chunks_discarded ON public.chunks USING btree (index_name) WHERE (status = 'discarded'::text);
+
 -- Name: chunks_doc; Type: INDEX; Schema: public; Owner: -
 
 CREATE INDEX chunks_doc ON public.chunks USING btree (index_name, doc_id);
@@ -344,6 +361,10 @@ CREATE INDEX chunks_doc ON public.chunks USING btree (index_name, doc_id);
 -- Name: chunks_retired_seq; Type: INDEX; Schema: public; Owner: -
 
 CREATE INDEX chunks_retired_seq ON public.chunks USING btree (index_name, retired_seq) WHERE (retired_seq IS NOT NULL);
+
+-- Name: chunks_shadow; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX chunks_shadow ON public.chunks USING btree (index_name, added_seq) WHERE (status = 'shadow'::text);
 
 -- Name: feedback_version; Type: INDEX; Schema: public; Owner: -
 
@@ -356,6 +377,10 @@ CREATE INDEX index_versions_index ON public.index_versions USING btree (index_na
 -- Name: runs_index_started; Type: INDEX; Schema: public; Owner: -
 
 CREATE INDEX runs_index_started ON public.runs USING btree (index_name, started_at DESC);
+
+-- Name: shadow_excluded_index; Type: INDEX; Schema: public; Owner: -
+
+CREATE INDEX shadow_excluded_index ON public.shadow_excluded USING btree (index_name, version_seq);
 
 -- Name: version_stats_version; Type: INDEX; Schema: public; Owner: -
 
@@ -400,6 +425,11 @@ ALTER TABLE ONLY public.index_heads
 
 ALTER TABLE ONLY public.index_versions
     ADD CONSTRAINT index_versions_parent_version_fkey FOREIGN KEY (parent_version) REFERENCES public.index_versions(version);
+
+-- Name: shadow_excluded shadow_excluded_chunk_key_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
+
+ALTER TABLE ONLY public.shadow_excluded
+    ADD CONSTRAINT shadow_excluded_chunk_key_fkey FOREIGN KEY (chunk_key) REFERENCES public.chunks(chunk_key) ON DELETE CASCADE;
 
 -- Name: version_stats version_stats_version_fkey; Type: FK CONSTRAINT; Schema: public; Owner: -
 

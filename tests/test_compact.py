@@ -4,9 +4,10 @@ new version with the same chunk set and hits; a merge that loses a race to a new
 import io
 import json
 
+import numpy as np
 import pytest
 
-from pipeline.compaction import compact_index, wanted_merges
+from pipeline.compaction import compact_index, segment_stats, wanted_merges
 from pipeline.config import IndexConfig
 from pipeline.runner import artifact_store, run_index
 from pipeline.segments.policy import TieredPolicy, allowed_segments
@@ -83,3 +84,53 @@ def test_a_merge_that_lost_the_race_to_a_newer_publish_is_discarded(fragmented, 
     assert set(files_of(registry, CONFIG).stored_segments()) == listed  # the discarded merge left nothing
     assert verify_index(registry, artifact_store(CONFIG, registry.home), "docs", "docs").ok
     assert compact_index(registry, CONFIG).status == "published"  # the next attempt merges the new head
+
+
+def test_a_hundred_single_document_upserts_then_compact(tmp_path, registry, registry_config, embedder):
+    """100 consecutive one-document upserts (a segment each), then one compaction: the segment count
+    returns within the policy's bound, verify is clean, and the hits on a sample of queries are the
+    same before and after."""
+    src = tmp_path / "base.jsonl"
+    src.write_text("".join(json.dumps({"doc_id": f"r{i:02d}", "text": f"Report {i}: the wing at Mach {i / 10:.1f} "
+                                       f"in tunnel {i % 7}."}) + "\n" for i in range(30)))
+    base = run_index(str(src), registry, embedder, CONFIG)
+    for i in range(100):
+        # new documents, and every tenth upsert replaces an earlier one (its old chunk deleted)
+        doc_id = f"fresh/{i:03d}" if i % 10 else f"r{i // 10:02d}"
+        summary = upsert(registry, embedder, doc_id, f"Upserted page {i} on airship {i % 13} and gas cell {i}.")
+        assert summary.status == "succeeded" and summary.embedding["chunks_embedded"] == 1
+    head = registry.head_version("docs").version
+    before = manifest_of(registry, CONFIG, head)
+    assert len(before.segments) == 101 and before.deleted == 10
+    assert verify_index(registry, artifact_store(CONFIG, registry.home), "docs", "docs").ok
+
+    policy = TieredPolicy()
+    old = opened(registry, CONFIG, head)
+    queries = ["airship 7 gas cell", "wing Mach tunnel 3", "upserted page 42", "report 25", "gas cell 99"]
+    keys = old.live_keys()
+    vectors = embedder.embed(queries)
+    expected = [(old.bm25_top(q, 10), old.knn(v, 10, ef=len(keys))) for q, v in zip(queries, vectors)]
+
+    report = compact_index(registry, CONFIG, policy=policy)
+    assert report.status == "published" and report.base == head and report.segments_before == 101
+    after = manifest_of(registry, CONFIG, report.version)
+    stats = segment_stats(files_of(registry, CONFIG), after)
+    assert report.segments_after == len(after.segments) <= allowed_segments([s.size for s in stats], policy)
+    assert len(after.segments) < 5 and after.deleted == 0
+    assert base.version != head and registry.list_aliases()[0].version == report.version
+    assert chunk_rows(registry, CONFIG, report.version) == chunk_rows(registry, CONFIG, head)
+    assert verify_index(registry, artifact_store(CONFIG, registry.home), "docs", "docs").ok
+    new = opened(registry, CONFIG, report.version)
+    assert new.live_keys().tolist() == keys.tolist()
+    for (q, v), ((bm25_keys, bm25_scores), (knn_keys, knn_dist)) in zip(zip(queries, vectors), expected):
+        got_keys, got_scores = new.bm25_top(q, 10)
+        assert got_keys.tolist() == bm25_keys.tolist()
+        np.testing.assert_allclose(got_scores, bm25_scores, rtol=0, atol=1e-6)
+        got_knn, got_dist = new.knn(v, 10, ef=len(keys))
+        np.testing.assert_allclose(got_dist, knn_dist, rtol=0, atol=1e-5)  # the same neighbours' distances,
+        inside = knn_dist < knn_dist[-1] - 1e-5  # and the same keys, but for ties at the tenth place
+        assert set(got_knn[inside].tolist()) == set(knn_keys[inside].tolist())
+    with Retriever.open("docs", registry_config.database_url, home=registry_config.home, encoder=embedder,
+                        follow=False) as r:
+        assert r.version == report.version
+        assert r.search("airship 5 gas cell 57", k=1)[0].doc_id == "fresh/057"

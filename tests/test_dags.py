@@ -72,9 +72,11 @@ def parsed(tmp_path_factory: pytest.TempPathFactory) -> dict:
 EXPECTED_GRAPH = {
     "discover_and_diff": ["changed", "chunk"],
     "changed": ["chunk"],
-    "chunk": ["build", "work_lists"],
+    "chunk": ["build", "segment_parts", "work_lists"],
     "work_lists": ["embed"],
-    "embed": ["build"],
+    "embed": ["build", "segment_parts"],
+    "segment_parts": ["build_segment"],
+    "build_segment": ["build"],
     "build": ["validate"],
     "validate": ["publish"],
     "publish": ["gc"],
@@ -97,9 +99,10 @@ def test_task_graph_and_schedule(parsed):
         assert dag["tasks"] == EXPECTED_GRAPH, dag_id
         assert dag["schedule"] == schedule and dag["catchup"] is False and dag["max_active_runs"] == 1
         assert dag["params"] == params
-        assert dag["mapped"] == ["embed"]  # embedding fans out over work lists
+        assert dag["mapped"] == ["build_segment", "embed"]  # embedding over work lists, a full build over segments
         assert set(dag["pools"].values()) == {"default_pool"}
         assert dag["trigger_rules"]["build"] == "none_failed"  # also when every text was cached
+        assert dag["trigger_rules"]["segment_parts"] == "none_failed"
         assert all(r == 3 for r in dag["retries"].values())
         assert dag["outlets"] == {"publish": ["AssetAlias:ragpipe_index_published"]}
 
@@ -183,12 +186,20 @@ def test_rag_index_dag_end_to_end(tmp_path, database_url):
            f"{':' + str(params['port']) if params.get('port') else ''}/{params['dbname']}")
     by_connection = {k: v for k, v in env.items() if k != "RAGPIPE_DATABASE_URL"}
     by_connection["AIRFLOW_CONN_RAGPIPE_REGISTRY"] = uri
+    by_connection["RAGPIPE_SEGMENT_ROWS"] = "1"  # the full build fans out: a build_segment task per chunk
     _dags_test(home, by_connection, "rag_index_rebuild", conf)
     with Registry.open(registry_config) as registry:
         rebuilt, chunks = live_state(registry)
         assert rebuilt != third
         assert set(chunks) == {"wings.md", "heat.md"}
         assert registry.get_version(rebuilt).full_build is True
+        segments = registry.get_version(rebuilt).manifest["segments"]
+        assert len(segments) == sum(len(texts) for texts in chunks.values()) >= 3
+    with sqlite3.connect(home / "airflow.db") as db:
+        parts = db.execute("SELECT count(*) FROM task_instance WHERE dag_id = 'rag_index_rebuild' "
+                           "AND task_id = 'build_segment' AND state = 'success'").fetchone()[0]
+    assert parts == len(segments)
+    with Registry.open(registry_config) as registry:
         assert verify_index(registry, artifact_store(config, registry.home), "airdocs", "airdocs").ok
         assert registry.list_runs("airdocs", 1)[0].counts["embedding"]["chunks_embedded"] == 0  # all cached
     # the embedded server under RAGPIPE_HOME was never started: the Connection named the registry

@@ -55,8 +55,11 @@ def run_everywhere(source, cfg, machines, embedder) -> dict:
     results["stage"] = steps.stage(run_id, cfg, embedder=factory, registry_config=machines.next())
     results["embed"] = [steps.embed(run_id, uri, cfg, embedder=factory, registry_config=machines.next())
                         for uri in results["stage"]["batches"]]
-    results["build"] = steps.build(run_id, cfg, embedded=results["embed"], embedder=factory,
-                                   registry_config=machines.next())
+    parts = steps.segment_parts(run_id, cfg, registry_config=machines.next())
+    results["segments"] = [steps.build_segment(part, cfg, embedder=factory, registry_config=machines.next())
+                           for part in parts]
+    results["build"] = steps.build(run_id, cfg, embedded=results["embed"], segments=results["segments"],
+                                   embedder=factory, registry_config=machines.next())
     results["validate"] = steps.validate(run_id, cfg, embedder=factory, registry_config=machines.next())
     results["publish"] = steps.publish(run_id, cfg, registry_config=machines.next())
     results["gc"] = steps.gc(run_id, cfg, registry_config=machines.next())
@@ -103,6 +106,34 @@ def test_each_step_on_another_machine_shares_only_postgres_and_the_object_store(
     # XCom-ready results and the registry's run rows hold no credential
     for text in [json.dumps([first, second]), *(" ".join(r) for r in rows)]:
         assert SECRET not in text and KEY_ID not in text
+
+
+def test_a_full_build_writes_each_segment_on_another_machine(tmp_path, database_url, bucket, embedder):
+    client, name = bucket
+    source = write_tree(tmp_path / "src", {
+        f"d{i}.md": f"# Note {i}\n\n" + "\n\n".join(f"Paragraph {j} of note {i} on drag at speed {j}." for j in range(8))
+        for i in range(12)})
+    cfg = IndexConfig(index="docs", lock_timeout=5, artifacts=f"s3://{name}/artifacts", segment_rows=5)
+    machines = Machines(tmp_path / "machines", database_url)
+    first = run_everywhere(source, cfg, machines, embedder)
+    parts = [result["number"] for result in first["segments"]]
+    assert len(parts) >= 3 and parts == list(range(len(parts)))
+    json.dumps(first["segments"])  # XCom-ready: names, counts and measured breadths only
+    version = first["publish"]["version"]
+    with Registry.open(RegistryConfig(database_url=database_url, home=tmp_path / "checker")) as registry:
+        store = artifact_store(cfg, registry.home)
+        report = verify_index(registry, store, "docs", "docs")
+        assert report.ok, report
+        manifest = json.loads(client.get_object(Bucket=name, Key=f"artifacts/docs/{version}/manifest.json")["Body"].read())
+        listed = [s["name"] for s in manifest["segments"]]
+        # the version is the parts' segments, in key order, each of at most segment_rows chunks
+        assert listed == [ref["name"] for result in first["segments"] for ref in result["segments"]]
+        assert all(s["rows"] <= 5 for s in manifest["segments"])
+        assert sum(s["rows"] for s in manifest["segments"]) == registry.count_active_chunks("docs")
+    # the machines that wrote a segment kept only their cache
+    for home in machines.homes:
+        if home.exists():
+            assert {p.name for p in home.iterdir()} <= {"cache"}, home
 
 
 def test_an_unreachable_artifact_store_fails_the_step_as_transient_without_credentials(

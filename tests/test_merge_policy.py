@@ -33,9 +33,25 @@ def _check_plan(segments: list[SegmentStats], merges: list[Merge], policy: Tiere
     named = [n for m in merges for n in m.segments]
     assert len(named) == len(set(named)), "a segment is in two merges"
     assert set(named) <= {s.name for s in segments}
+    by_name = {s.name: s for s in segments}
     for m in merges:
-        assert 1 <= len(m.segments) <= policy.max_merge_at_once
+        # more than max_merge_at_once inputs only when the result stays below the floor
+        assert 1 <= len(m.segments) <= policy.max_merge_at_once or m.size <= policy.floor_bytes
         assert len(m.segments) >= 2 or m.reason == "deletes"
+        if m.reason == "tiers":  # a merge grows its largest input by min_growth at least
+            assert m.size >= policy.min_growth * max(by_name[n].size for n in m.segments) - 1e-6
+
+
+def _within_policy(segments: list[SegmentStats], merges: list[Merge], after: list[SegmentStats],
+                   policy: TieredPolicy) -> None:
+    """After a plan: within the budget, or every segment left unmerged more than 1 / (min_growth - 1)
+    times the next smaller one (no merge of them grows its largest input enough)."""
+    if len(after) <= allowed_segments([s.size for s in segments], policy):
+        return
+    merged = {n for m in merges for n in m.segments}
+    left = sorted((s.size for s in segments if s.name not in merged and s.size <= policy.max_merged_bytes / 2),
+                  reverse=True)
+    assert all(small < (policy.min_growth - 1) * large for large, small in zip(left, left[1:])), left
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,26 +70,85 @@ def test_small_adds_keep_the_segment_count_logarithmic(adds, delete_shares):
         segments.append(SegmentStats(next(names), chunks, 0, chunks * CHUNK_BYTES))
         merges = plan_merges(segments, policy)
         _check_plan(segments, merges, policy)
-        budget = allowed_segments([s.size for s in segments], policy)
-        segments = _apply(segments, merges, names)
-        assert len(segments) <= budget
+        after = _apply(segments, merges, names)
+        _within_policy(segments, merges, after, policy)
+        segments = after
         total = sum(s.size for s in segments)
         tiers = 1 + math.log(max(total, policy.floor_bytes) / policy.floor_bytes, policy.merge_factor)
-        assert len(segments) <= policy.segments_per_tier * math.ceil(tiers) + 1
+        spread = math.log(max(s.size for s in segments) / min(s.size for s in segments), 1 / (policy.min_growth - 1))
+        assert len(segments) <= policy.segments_per_tier * math.ceil(tiers) + math.ceil(spread) + 1
         assert all(s.deleted_share <= policy.deletes_pct_allowed for s in segments)
 
 
-def test_a_million_chunks_added_a_thousand_at_a_time_are_at_most_ten_segments():
-    policy = TieredPolicy()
+def _grow(policy: TieredPolicy, chunks_per_run: int, runs: int) -> tuple[int, int, float]:
+    """Add ``runs`` segments of ``chunks_per_run`` chunks, each followed by the policy's merges: the
+    most segments at any time, the chunks, and how often each chunk was rewritten on average."""
     names = (f"s{i}" for i in itertools.count())
     segments: list[SegmentStats] = []
-    most = 0
-    for _ in range(1000):
-        segments.append(SegmentStats(next(names), 1000, 0, 1000 * CHUNK_BYTES))
-        segments = _apply(segments, plan_merges(segments, policy), names)
+    most, rewritten = 0, 0
+    for _ in range(runs):
+        segments.append(SegmentStats(next(names), chunks_per_run, 0, chunks_per_run * CHUNK_BYTES))
+        merges = plan_merges(segments, policy)
+        rewritten += sum(m.live for m in merges)
+        segments = _apply(segments, merges, names)
         most = max(most, len(segments))
-    assert sum(s.live for s in segments) == 1_000_000
-    assert most <= 10
+    chunks = sum(s.live for s in segments)
+    return most, chunks, rewritten / chunks
+
+
+def test_a_million_chunks_added_a_thousand_at_a_time_are_at_most_ten_segments():
+    most, chunks, rewrites = _grow(TieredPolicy(), 1000, 1000)
+    assert chunks == 1_000_000 and most <= 10
+    assert rewrites < 6  # each chunk rewritten a few times (log of the growth), not once per run
+
+
+def test_single_document_upserts_keep_few_segments_and_rewrite_each_chunk_a_logarithmic_number_of_times():
+    # 100,000 upserts of 10 chunks each: 1M chunks
+    most, chunks, rewrites = _grow(TieredPolicy(), 10, 100_000)
+    assert chunks == 1_000_000 and most <= 10
+    # a merge grows its largest input by 1.25x at least: ~log(1M / 10, 1.25) = 52 rewrites at most;
+    # waived below the floor, every few upserts rewrote the whole segment below it (280 times per chunk)
+    assert rewrites < 25
+
+
+def test_one_big_segment_and_many_tiny_ones_merge_only_the_tiny_ones():
+    """A full build's segment (100k chunks, 460 MB) and 21 one-document upserts: the tiny segments merge
+    among themselves in one merge; the big one's graph is not rebuilt."""
+    policy = TieredPolicy()
+    big = SegmentStats("build", 100_000, 0, 460 * MIB)
+    tiny = [SegmentStats(f"u{i:02d}", 3, 0, 3 * CHUNK_BYTES) for i in range(21)]
+    merges = plan_merges([big, *tiny], policy)
+    assert [(set(m.segments), m.reason) for m in merges] == [({t.name for t in tiny}, "tiers")]
+    after = _apply([big, *tiny], merges, (f"m{i}" for i in itertools.count()))
+    assert len(after) == 2 <= allowed_segments([s.size for s in [big, *tiny]], policy)
+    # segments below the floor but many: still one merge each, never the big one
+    mid = [SegmentStats(f"m{i:02d}", 2000, 0, 2000 * CHUNK_BYTES) for i in range(12)]  # 8 MB each
+    merges = plan_merges([big, *mid, *tiny], policy)
+    assert merges and all("build" not in m.segments for m in merges)
+    assert len(_apply([big, *mid, *tiny], merges, (f"m{i}" for i in itertools.count()))) <= 4
+
+
+def test_a_big_segment_is_rewritten_for_its_deletions_or_with_segments_of_its_own_tier():
+    policy = TieredPolicy()
+    tiny = [SegmentStats(f"u{i:02d}", 3, 0, 3 * CHUNK_BYTES) for i in range(21)]
+    worn = SegmentStats("build", 75_000, 25_000, 460 * MIB)  # a quarter deleted: over the 20% allowed
+    merges = plan_merges([worn, *tiny], policy)
+    assert Merge(("build",), "deletes", 75_000, pytest.approx(345 * MIB)) in merges
+    assert all(len(m.segments) > 1 for m in merges if m.reason == "tiers")
+    assert not any("build" in m.segments and len(m.segments) > 1 for m in merges)
+    # at 20% deleted it stays as it is
+    assert not any("build" in m.segments for m in plan_merges([SegmentStats("build", 80_000, 20_000, 460 * MIB),
+                                                               *tiny], policy))
+    # six full builds of the same size exceed the budget (5): they merge among themselves
+    peers = [SegmentStats(f"b{i}", 100_000, 0, 460 * MIB) for i in range(6)]
+    merges = plan_merges(peers, policy)
+    assert len(merges) == 1 and len(merges[0].segments) >= 2 and merges[0].reason == "tiers"
+    assert len(_apply(peers, merges, (f"m{i}" for i in itertools.count()))) <= allowed_segments(
+        [s.size for s in peers], policy)
+    # a big segment and a few mid-sized ones that would grow it by less than 25%: left alone
+    mids = [SegmentStats(f"m{i}", 5000, 0, 20 * MIB) for i in range(5)]
+    merges = plan_merges([SegmentStats("build", 100_000, 0, 460 * MIB), *mids], policy)
+    assert merges and all("build" not in m.segments for m in merges)
 
 
 def test_segments_within_budget_are_left_alone_and_deleted_ones_rewritten():

@@ -282,3 +282,43 @@ def test_a_step_killed_midway_is_finished_by_its_retry(step, point, source, regi
         assert {a.alias: a.version for a in registry.list_aliases()}["docs"] == staged["version"]
         assert registry.get_run(run_id).status == "succeeded"
         assert verify_index(registry, artifact_store(cfg, registry.home), "docs", "docs").ok
+
+
+def test_a_full_build_fans_out_into_segments_built_at_once_and_retried(source, registry_config, embedder,
+                                                                        tmp_path, empty_database_url):
+    """Parts take no index lock: two build at the same moment; a part built twice (a retried task)
+    leaves one segment to gc; the version equals the one the in-process runner builds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg, factory, kw = config(segment_rows=5), (lambda c: embedder), {"registry_config": registry_config}
+    run_id = steps.plan(str(source), cfg, owner="airflow:test", embedder=factory, **kw)["run_id"]
+    staged = steps.stage(run_id, cfg, embedder=factory, **kw)
+    embedded = [steps.embed(run_id, uri, cfg, embedder=factory, **kw) for uri in staged["batches"]]
+    parts = steps.segment_parts(run_id, cfg, **kw)
+    assert len(parts) >= 3 and [p["number"] for p in parts] == list(range(len(parts)))
+    assert all(p["rows"] == 5 for p in parts[:-1]) and parts[-1]["until"] is None
+    with Registry.open(registry_config) as registry, registry.index_lock("docs", 1):  # held by someone else
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda p: steps.build_segment(p, cfg, embedder=factory, **kw), parts))
+    again = steps.build_segment(parts[1], cfg, embedder=factory, **kw)  # the retry of a task that died unheard
+    assert again["segments"][0]["name"] != results[1]["segments"][0]["name"]
+    built = steps.build(run_id, cfg, embedded=embedded, segments=[results[0], again, *results[2:]],
+                        embedder=factory, **kw)
+    assert built["full_build"]
+    steps.validate(run_id, cfg, embedder=factory, **kw)
+    version = steps.publish(run_id, cfg, **kw)["version"]
+    steps.gc(run_id, cfg, **kw)
+    with Registry.open(registry_config) as registry:
+        store = artifact_store(cfg, registry.home)
+        assert verify_index(registry, store, "docs", "docs").ok
+        manifest = store.read_manifest("docs", version)
+        assert [s["name"] for s in manifest["segments"]] == [
+            r["segments"][0]["name"] for r in [results[0], again, *results[2:]]]
+        segments_dir = store.index_directory("docs") / "segments"
+        assert sorted(p.name for p in segments_dir.iterdir()) == sorted(s["name"] for s in manifest["segments"])
+        fanned = chunk_table(registry, version)
+    from registry import RegistryConfig
+
+    other = RegistryConfig(database_url=empty_database_url, home=tmp_path / "other-home")
+    with Registry.open(other) as registry:
+        assert chunk_table(registry, run_index(str(source), registry, embedder, config()).version) == fanned

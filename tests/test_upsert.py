@@ -130,3 +130,130 @@ def test_a_following_retriever_serves_an_upserted_document_within_seconds(tmp_pa
         assert time.monotonic() - started < 10
         # the new version shares the old one's segments: only the upsert's segment was opened
         assert set(loaded_before) <= set(r.segments.loaded) and len(r.segments.loaded) == len(loaded_before) + 1
+
+
+def cli(args, registry_config, stdin=None, **env_extra):
+    env = dict(os.environ, RAGPIPE_DATABASE_URL=registry_config.database_url, HF_HUB_OFFLINE="1",
+               RAGPIPE_HOME=str(registry_config.home), **env_extra)
+    env.pop("RAGPIPE_TEST_PAUSE_AT", None)
+    env.pop("RAGPIPE_MODEL", None)  # the default model, as `ragpipe` runs it
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO, input=stdin,
+                          capture_output=True, timeout=180)
+
+
+def test_bad_items_of_a_stdin_batch_are_reported_each_and_leave_their_documents_as_they_were(
+        tmp_path, registry, registry_config):
+    indexed = cli(["index", str(snapshot(tmp_path, 8)), "--json"], registry_config)
+    assert indexed.returncode == 0, indexed.stderr
+    base = registry.head_version("docs")
+    before = {r["doc_id"]: r["text"] for r in chunk_rows(registry, CONFIG, base.version)}
+    lines = [
+        line("fresh/ok", "A fresh page on the airship's gas cells."),
+        json.dumps({"doc_id": "r01", "text": 5}),  # an indexed document, with a bad replacement
+        line("r02", "y" * 2500),  # over the 2000-byte limit
+        json.dumps({"doc_id": "r04", "text": "Report 4, revised.", "metadata": [1]}),
+        json.dumps({"doc_id": "r05", "text": "Report 5, revised.", "metadata": {"valid_from": "soon"}}),
+        json.dumps({"doc_id": "", "text": "No name."}),
+        "[1, 2]",
+        line("r06", "Report 6, revised: the wing at Mach 0.6 buffets."),
+        line("fresh/ok", "The same doc_id again."),
+    ]
+    data = ("\n".join(lines) + "\n").encode() + b'{"doc_id": "fresh/bytes", "text": "\xff\xfe"}\n'
+    result = cli(["upsert", "-", "--json", "--max-document-bytes", "2000"], registry_config, stdin=data)
+    assert result.returncode == 1 and result.stdout, result.stderr  # something was rejected: the caller must look
+    out = json.loads(result.stdout)
+    assert out["status"] == "succeeded" and out["documents"]["new"] == 1 and out["documents"]["changed"] == 1
+    reasons = {r["doc_id"]: r["reason"] for r in out["rejected"]}
+    assert reasons == {
+        "stdin:2": "line 2: doc_id 'r01': missing or non-string text",
+        "stdin:3": "line 3: doc_id 'r02': text larger than the 2000-byte limit",
+        "stdin:4": "line 4: doc_id 'r04': metadata is not an object",
+        "r05": "line 5: metadata.valid_from 'soon' is not an ISO 8601 timestamp",
+        "stdin:6": "line 6: missing or non-string doc_id",
+        "stdin:7": "line 7: not a JSON object",
+        "fresh/ok": "line 9: duplicate doc_id (first at line 1)",
+        "stdin:10": reasons.get("stdin:10", "?"),
+    }
+    assert reasons["stdin:10"].startswith("line 10: malformed JSON")
+    stderr = result.stderr.decode()
+    for doc_id, reason in reasons.items():  # each on standard error too, by name, with its reason
+        assert f"ragpipe: rejected {doc_id}: {reason}" in stderr
+    after = {r["doc_id"]: r["text"] for r in chunk_rows(registry, CONFIG, out["version"])}
+    assert set(after) == set(before) | {"fresh/ok"}  # nothing lost: the bad replacements left their documents
+    assert {d: after[d] for d in ("r01", "r02", "r04", "r05")} == {d: before[d] for d in ("r01", "r02", "r04", "r05")}
+    assert after["r06"].startswith("Report 6, revised") and after["fresh/ok"].startswith("A fresh page")
+    assert verify_index(registry, artifact_store(CONFIG, registry.home), "docs", "docs").ok
+
+
+def test_a_batch_of_only_bad_lines_publishes_nothing(tmp_path, registry, registry_config):
+    indexed = cli(["index", str(snapshot(tmp_path, 3)), "--json"], registry_config)
+    assert indexed.returncode == 0, indexed.stderr
+    base = registry.head_version("docs")
+    result = cli(["upsert", "-", "--json"], registry_config, stdin=b"{oops\n" + json.dumps({"doc_id": "x"}).encode())
+    assert result.returncode == 1
+    out = json.loads(result.stdout)
+    assert out["version"] is None and [r["doc_id"] for r in out["rejected"]] == ["stdin:1", "stdin:2"]
+    assert registry.list_aliases()[0].version == base.version and len(registry.list_versions("docs")) == 1
+
+
+SNAPSHOT = """
+import sys
+from pipeline.config import IndexConfig
+from pipeline.deterministic import DeterministicEmbedder
+from pipeline.runner import run_index
+from registry import Registry, RegistryConfig
+with Registry.open(RegistryConfig.from_env(), migrate=False) as registry:
+    print(run_index(sys.argv[1], registry, DeterministicEmbedder(), IndexConfig(lock_timeout=5)).version)
+"""
+
+
+def test_an_upsert_racing_a_snapshot_run_waits_for_it_or_exits_75(tmp_path, registry, registry_config, embedder):
+    """A real snapshot run, paused while it holds the lock (its chunks staged): an upsert with a short
+    lock timeout exits 75 and changes nothing; one that waits publishes after the snapshot, on top of it."""
+    import threading
+
+    path = snapshot(tmp_path, 6)
+    run_index(str(path), registry, embedder, CONFIG)
+    with path.open("a") as f:
+        f.write(line("r50", "Report 50 on the nacelle at Mach 0.8.") + "\n")
+    marker = tmp_path / "paused"
+    env = dict(os.environ, RAGPIPE_DATABASE_URL=registry_config.database_url, HF_HUB_OFFLINE="1",
+               RAGPIPE_HOME=str(registry_config.home), RAGPIPE_TEST_PAUSE_AT="staged",
+               RAGPIPE_TEST_PAUSE_FILE=str(marker))
+    run = subprocess.Popen([sys.executable, "-c", SNAPSHOT, str(path)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    waited: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), run.communicate()[1]
+        batch_file = tmp_path / "new.jsonl"
+        batch_file.write_text(line("fresh/racer", "A page upserted while the snapshot ran.") + "\n")
+        gave_up = cli(["upsert", str(batch_file), "--lock-timeout", "0.5"], registry_config)
+        assert gave_up.returncode == 75, gave_up.stderr
+        assert b"is being updated by another process" in gave_up.stderr
+
+        def wait_and_upsert():
+            with Registry.open(registry_config, migrate=False) as other:
+                waited.append(upsert_documents(batch_file, other, embedder, IndexConfig(lock_timeout=60)).summary)
+
+        thread = threading.Thread(target=wait_and_upsert)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and not waited  # waiting for the lock
+        marker.unlink()
+        out, err = run.communicate(timeout=120)
+        thread.join(timeout=120)
+    finally:
+        marker.unlink(missing_ok=True)
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, err
+    snapshot_version = out.strip().splitlines()[-1]
+    assert waited and waited[0].status == "succeeded"
+    assert registry.get_version(waited[0].version).parent_version == snapshot_version
+    assert registry.list_aliases()[0].version == waited[0].version
+    assert docs_of(registry, waited[0].version) == {f"r{i:02d}" for i in range(6)} | {"r50", "fresh/racer"}
+    assert verify_index(registry, artifact_store(CONFIG, registry.home), "docs", "docs").ok

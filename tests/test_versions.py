@@ -173,10 +173,65 @@ def test_shadow_version_with_another_model_then_promote(tmp_path, registry, embe
     move = registry.promote_shadow("docs")
     assert (move.version, move.previous) == (shadow.version, live.version)
     assert registry.list_aliases()[0].shadow_version is None
-    # the next run with the first model cannot extend a version of another model: it rebuilds
+    # the head stays the last regular version: a run with the first model goes on from it
     (root / "c.txt").write_text("Changed.\n")
     after, _ = run(root, registry, embedder)
-    assert after.full_build
+    assert not after.full_build and registry.get_version(after.version).parent_version == live.version
+    # a run with the shadow's model cannot extend a version of another model: it rebuilds, and
+    # embeds only the changed chunk (the shadow's vectors are in the cache)
+    rebuilt, _ = run(root, registry, other)
+    assert rebuilt.full_build and rebuilt.embedding["chunks_embedded"] == 1
+    assert verify_index(registry, artifact_store(config, registry.home), "docs", "docs").ok
+
+
+@pytest.mark.parametrize("variant", ["model", "chunk_context"])
+def test_a_shadow_is_not_the_parent_of_the_next_regular_run(tmp_path, registry, embedder, variant):
+    """regular run, shadow run (another model, or another chunk context), regular run: the third is
+    incremental over the first (one new segment, only the changed chunks embedded); the shadow keeps
+    its own chunk set, verify is clean, and gc of a replaced shadow takes its rows."""
+    root = corpus(tmp_path / "src")
+    live, config = run(root, registry, embedder)
+    if variant == "model":
+        shadow, _ = run(root, registry, DeterministicEmbedder(dim=64), full=True, shadow=True)
+    else:
+        shadow, _ = run(root, registry, embedder, full=True, shadow=True, chunk_context="none")
+    assert shadow.full_build and registry.list_aliases()[0].shadow_version == shadow.version
+    assert registry.head_version("docs").version == live.version  # the shadow is beside the lineage
+    store = artifact_store(config, registry.home)
+    assert verify_index(registry, store, "docs", "docs").ok
+    shadow_rows = chunk_rows(registry, config, shadow.version)
+
+    (root / "c.txt").write_text("Short note on vortex generators and their wakes.\n")
+    after, _ = run(root, registry, embedder)
+    assert not after.full_build and after.documents["changed"] == 1 and after.documents["unchanged"] == 2
+    assert after.embedding["chunks_embedded"] == 1
+    row = registry.get_version(after.version)
+    assert row.parent_version == live.version and not row.full_build
+    before, now = manifest_of(registry, config, live.version), manifest_of(registry, config, after.version)
+    assert set(now.segment_names) - set(before.segment_names) == {now.segment_names[-1]}  # one new segment
+    assert set(before.segment_names) <= set(now.segment_names)
+    assert {r["doc_id"] for r in chunk_rows(registry, config, after.version)} == {"a.md", "b.rst", "c.txt"}
+    assert registry.list_aliases()[0].version == after.version
+    assert registry.list_aliases()[0].shadow_version == shadow.version
+    assert chunk_rows(registry, config, shadow.version) == shadow_rows  # the shadow's set, as it was
+    assert registry.member_count("docs", registry.get_version(shadow.version).version_seq) == len(shadow_rows)
+    report = verify_index(registry, store, "docs", "docs")
+    assert report.ok and shadow.version in report.checked, report.violations
+
+    # a second shadow replaces the first; once gc removes the first, its rows go with it
+    second, _ = run(root, registry, DeterministicEmbedder(dim=32), full=True, shadow=True)
+    for i in range(3):
+        (root / "c.txt").write_text(f"Note number {i}.\n")
+        run(root, registry, embedder, retention=1)
+    assert registry.get_version(shadow.version).status == "removed"
+    seq = registry.get_version(shadow.version).version_seq
+    assert registry.conn.execute("SELECT count(*) FROM chunks WHERE status = 'shadow' AND added_seq = %s",
+                                 (seq,)).fetchone()[0] == 0
+    assert registry.conn.execute("SELECT count(*) FROM shadow_excluded WHERE version_seq = %s",
+                                 (seq,)).fetchone()[0] == 0
+    assert registry.list_aliases()[0].shadow_version == second.version
+    report = verify_index(registry, store, "docs", "docs")
+    assert report.ok and second.version in report.checked, report.violations
 
 
 def test_valid_from_travels_to_chunks_and_table(tmp_path, registry, embedder):

@@ -142,8 +142,10 @@ def _finish(writer: SegmentWriter, build: SegmentBuild, sample: QuerySample) -> 
 
 
 def write_segments(files: SegmentArtifacts, build: SegmentBuild,
-                   batches: Iterable[tuple[pa.Table, np.ndarray]], expected_rows: int = 0) -> list[SegmentRef]:
-    """Stream (chunk table, vectors) batches into new segments of at most ``build.max_segment_rows``."""
+                   batches: Iterable[tuple[pa.Table, np.ndarray]], expected_rows: int = 0,
+                   first: int = 0) -> list[SegmentRef]:
+    """Stream (chunk table, vectors) batches into new segments of at most ``build.max_segment_rows``;
+    ``first`` is the first segment's number in the version (it seeds its query sample)."""
     refs: list[SegmentRef] = []
     writer: SegmentWriter | None = None
     sample = QuerySample()
@@ -154,7 +156,7 @@ def write_segments(files: SegmentArtifacts, build: SegmentBuild,
                 if writer is None:
                     expected = min(max(expected_rows - sum(r.rows for r in refs), table.num_rows), build.max_segment_rows)
                     writer = SegmentWriter(files.local, build.params, expected_rows=expected)
-                    sample = QuerySample(seed=len(refs))
+                    sample = QuerySample(seed=first + len(refs))
                 take = min(table.num_rows - at, build.max_segment_rows - writer.rows)
                 part = table.slice(at, take)
                 writer.add(part, vectors[at:at + take])
@@ -254,6 +256,15 @@ def parent_vectors(files: SegmentArtifacts, segments: Sequence[SegmentRef]) -> C
         return out
 
     return lookup
+
+
+def write_full_part(files: SegmentArtifacts, build: SegmentBuild, rows: Iterable[list[ChunkRow]],
+                    doc_fields: dict[str, DocumentFields], lookup: VectorLookup, *, expected_rows: int = 0,
+                    first: int = 0) -> list[SegmentRef]:
+    """Write the segments of one part of a full build (a run of its members in key order), as
+    :func:`build_segmented` writes a full build's; the version manifest is written apart."""
+    batches = ((chunk_table(batch, doc_fields), vectors_for(batch, lookup, None, build.params.dim)) for batch in rows)
+    return write_segments(files, build, batches, expected_rows, first)
 
 
 def build_segmented(files: SegmentArtifacts, build: SegmentBuild, rows: Iterable[list[ChunkRow]],

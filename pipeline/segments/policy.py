@@ -1,15 +1,30 @@
 """Merge policy: which segments to merge so that a version stays a few segments, as a pure function.
 
 Tiered, after Lucene's TieredMergePolicy. A segment's size is its bytes scaled by its live share;
-sizes below ``floor_bytes`` count as ``floor_bytes``, so that many tiny segments are not each a tier.
-The index may hold a budget of segments that grows with the logarithm of its size: up to
-``segments_per_tier`` segments of the smallest size, as many of ``merge_factor`` times that size, and
-so on (segments larger than half of ``max_merged_bytes`` are never merged and count one each). While
-the version has more segments than its budget, the policy merges the window of up to
-``max_merge_at_once`` similar-sized segments (adjacent in size order) with the lowest score — low
-skew (the largest input a small share of the result), small result, many deleted bytes reclaimed —
-and counts the result as one segment that this plan does not merge again. A segment whose deleted
-share exceeds ``deletes_pct_allowed`` is rewritten without its deleted chunks.
+for the budget and for skew, sizes below ``floor_bytes`` count as ``floor_bytes``, so that many tiny
+segments are not each a tier. The index may hold a budget of segments that grows with the logarithm
+of its size: up to ``segments_per_tier`` segments of the floor size, as many of ``merge_factor``
+times that size, and so on (segments larger than half of ``max_merged_bytes`` are never merged and
+count one each). While the version has more segments than its budget, the policy merges the window
+of similar-sized segments (adjacent in size order) with the lowest score — low skew (the largest
+input a small share of the result), small result, many deleted bytes reclaimed — and counts the
+result as one segment that this plan does not merge again. A segment whose deleted share exceeds
+``deletes_pct_allowed`` is rewritten without its deleted chunks.
+
+Two rules keep a merge's cost in proportion to what it gains (as in recent Lucene versions):
+
+- a merge must grow its largest input by at least ``min_growth`` (its result at least 1.25 times the
+  largest input's live bytes): a large segment is never rewritten to absorb a few small ones
+  (rewriting it rebuilds its whole graph); it is merged only once segments of its own tier have
+  accumulated, or rewritten alone for its deletions. Below the floor too: a segment that absorbs
+  others grows geometrically, so each chunk is rewritten a logarithmic number of times, never once
+  per upsert;
+- a merge whose result stays below the floor may take any number of inputs (beyond
+  ``max_merge_at_once``): tiny segments, one per upsert, merge among themselves in one go.
+
+So the plan may leave a version over its budget where no merge is worth its cost (each remaining
+segment more than ``1 / (min_growth - 1)`` times the next smaller one); the count stays logarithmic
+in the ratio of the largest segment to the smallest.
 """
 
 from __future__ import annotations
@@ -44,13 +59,14 @@ class SegmentStats:
 @dataclass(frozen=True)
 class TieredPolicy:
     """The policy's parameters. The defaults keep at most 10 segments at 1M chunks of ~4 KB each
-    (a 384-dimensional vector, its graph links, text and postings), merging 4 at a time."""
+    (a 384-dimensional vector, its graph links, text and postings), merging 4 at a time above the floor."""
 
     segments_per_tier: int = 4
     max_merge_at_once: int = 4
     floor_bytes: int = 128 * MIB
     max_merged_bytes: int = 5 * 1024 * MIB
     deletes_pct_allowed: float = 0.20
+    min_growth: float = 1.25
 
     def __post_init__(self) -> None:
         if self.segments_per_tier < 2 or self.max_merge_at_once < 2:
@@ -59,6 +75,8 @@ class TieredPolicy:
             raise ValueError("need 0 < floor_bytes < max_merged_bytes")
         if not 0.0 < self.deletes_pct_allowed <= 1.0:
             raise ValueError("deletes_pct_allowed must be in (0, 1]")
+        if self.min_growth < 1.0:
+            raise ValueError("min_growth must be at least 1")
 
     @property
     def merge_factor(self) -> int:
@@ -105,7 +123,7 @@ def plan_merges(segments: Sequence[SegmentStats], policy: TieredPolicy = TieredP
     """The merges that bring ``segments`` within the policy: deletion rewrites, then tier merges.
 
     Every segment is in at most one merge; after the merges the version holds at most
-    :func:`allowed_segments` segments, unless every remaining candidate is too large to merge.
+    :func:`allowed_segments` segments, unless no merge that remains is worth its cost (see the module).
     """
     merges: list[Merge] = []
     slots: list[_Slot] = []
@@ -134,21 +152,35 @@ def _best_window(slots: list[_Slot], policy: TieredPolicy) -> list[_Slot] | None
     best: list[_Slot] | None = None
     best_score = math.inf
     for start in range(len(candidates) - 1):
-        window: list[_Slot] = []
-        total = 0.0
-        for slot in candidates[start:]:
-            if len(window) == policy.max_merge_at_once:
-                break
-            if total + slot.size > policy.max_merged_bytes:
-                continue
-            window.append(slot)
-            total += slot.size
-        if len(window) < 2:
+        window = _window(candidates[start:], policy)
+        if len(window) < 2 or not _worth_it(window, policy):
             continue
         score = _score(window, policy)
         if score < best_score:
             best, best_score = window, score
     return best
+
+
+def _window(candidates: list[_Slot], policy: TieredPolicy) -> list[_Slot]:
+    """The largest first candidate and the next ones in size order, up to ``max_merge_at_once`` of
+    them (any number while the result stays below the floor), skipping any that would make the
+    result larger than ``max_merged_bytes``."""
+    window: list[_Slot] = []
+    total = 0.0
+    for slot in candidates:
+        if len(window) >= policy.max_merge_at_once and total + slot.size > policy.floor_bytes:
+            break
+        if total + slot.size > policy.max_merged_bytes:
+            continue
+        window.append(slot)
+        total += slot.size
+    return window
+
+
+def _worth_it(window: list[_Slot], policy: TieredPolicy) -> bool:
+    """Whether the merge grows its largest input by ``min_growth`` at least."""
+    total = sum(slot.size for slot in window)
+    return total >= policy.min_growth * window[0].size
 
 
 def _score(window: list[_Slot], policy: TieredPolicy) -> float:

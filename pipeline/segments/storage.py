@@ -41,11 +41,16 @@ class SegmentArtifacts:
         return self.local.segment_path(name)
 
     def write_version(self, manifest: VersionManifest) -> str:
-        """Upload what the version lists that the store lacks, then write its manifest; return its URI."""
-        for ref in manifest.segments:
-            if not (self.local.segment_path(ref.name) / SEGMENT_MANIFEST).is_file():
-                raise ValueError(f"version {manifest.version} lists segment {ref.name}, which is not in "
-                                 f"{self.local.segments_dir}")
+        """Upload what the version lists that the store lacks, then write its manifest; return its URI.
+
+        A segment another process wrote (a part of a fanned-out build) need not be here: it must be
+        in the store.
+        """
+        missing = [ref.name for ref in manifest.segments
+                   if not (self.local.segment_path(ref.name) / SEGMENT_MANIFEST).is_file()]
+        if missing and (self.store.is_local or not set(missing) <= self.stored_segments()):
+            raise ValueError(f"version {manifest.version} lists segment {missing[0]}, which is neither in "
+                             f"{self.local.segments_dir} nor in the store")
         if not self.store.is_local:
             self._upload(manifest)
         with self.store.writing(self.index, manifest.version) as out:
@@ -84,20 +89,32 @@ class SegmentArtifacts:
             table = pa.concat_tables(parts) if parts else CHUNK_SCHEMA.empty_table()
         return table.sort_by("chunk_key")
 
+    def upload_segment(self, name: str) -> None:
+        """Copy the local segment ``name`` to an object store that lacks it (its manifest last: a
+        segment without one is incomplete); nothing for a local store."""
+        if self.store.is_local:
+            return
+        from pyarrow import fs
+
+        base = self.store.index_uri(self.index)
+        filesystem, root = fs.FileSystem.from_uri(base)
+        target = f"{root}/{SEGMENTS_DIR}/{name}"
+        if filesystem.get_file_info(f"{target}/{SEGMENT_MANIFEST}").type == fs.FileType.File:
+            return
+        local = self.local.segment_path(name)
+        filesystem.create_dir(target, recursive=True)
+        for file in sorted(p.name for p in local.iterdir() if p.name != SEGMENT_MANIFEST) + [SEGMENT_MANIFEST]:
+            with writing_file(f"{base}/{SEGMENTS_DIR}/{name}/{file}"):
+                fs.copy_files(str(local / file), f"{target}/{file}", destination_filesystem=filesystem)
+
     def _upload(self, manifest: VersionManifest) -> None:
         from pyarrow import fs
 
         base = self.store.index_uri(self.index)
         filesystem, root = fs.FileSystem.from_uri(base)
         for ref in manifest.segments:
-            target = f"{root}/{SEGMENTS_DIR}/{ref.name}"
-            if filesystem.get_file_info(f"{target}/{SEGMENT_MANIFEST}").type != fs.FileType.File:
-                local = self.local.segment_path(ref.name)
-                filesystem.create_dir(target, recursive=True)
-                names = sorted(p.name for p in local.iterdir() if p.name != SEGMENT_MANIFEST) + [SEGMENT_MANIFEST]
-                for name in names:  # the segment manifest last: a segment without one is incomplete
-                    with writing_file(f"{base}/{SEGMENTS_DIR}/{ref.name}/{name}"):
-                        fs.copy_files(str(local / name), f"{target}/{name}", destination_filesystem=filesystem)
+            if (self.local.segment_path(ref.name) / SEGMENT_MANIFEST).is_file():
+                self.upload_segment(ref.name)
             if ref.deletions is not None:
                 filesystem.create_dir(f"{root}/{DELETIONS_DIR}", recursive=True)
                 with writing_file(f"{base}/{DELETIONS_DIR}/{ref.deletions}"):

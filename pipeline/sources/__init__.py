@@ -70,8 +70,9 @@ def scan_source(
     PDF, DOCX and HTML files and objects are extracted in a worker process under ``limits``.
 
     Args:
-        memory: for an object store, the listing the registry recorded: objects listed as then are
-            not read (see ``pipeline.sources.listing``). Without it every object is read.
+        memory: for an object store or a directory, the listing the registry recorded: objects
+            listed as then, and files whose status is as then, are not read (see
+            ``pipeline.sources.listing``). Without it every object and file is read.
         credentials: for an S3 store; default: the standard AWS variables.
 
     Raises:
@@ -92,7 +93,7 @@ def scan_source(
     if stat.S_ISDIR(st.st_mode):
         if not os.access(path, os.R_OK | os.X_OK):
             raise SourceUnavailable(f"source directory {source} is not readable; nothing was changed")
-        return scan_directory(path.resolve(), selection, limits)
+        return scan_directory(path.resolve(), selection, limits, memory)
     if path.suffix.lower() == ".jsonl":
         return scan_jsonl(path, max_bytes)
     raise SourceUnavailable(f"source {source} is neither a directory nor a .jsonl file; nothing was changed")

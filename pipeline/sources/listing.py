@@ -1,20 +1,24 @@
-"""Object-store discovery's plan (pure): which listed objects to read, given what the registry recalls.
+"""Discovery's read plan (pure): which listed objects or files to read, given what the registry recalls.
 
-An object is read again only when its listing changed (ETag, size or modification time), when the
+An object is read again only when its listing changed (ETag, size or modification time; for a
+directory's file, its status: see ``pipeline.sources.directory``), when the
 chunker or its format's extractor changed since it was read (its fingerprint), or when the index no
 longer holds the document it became. Everything else is counted unchanged without a request.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 from pipeline.formats import extractor_version
-from pipeline.sources.base import SkippedDocument, SourceDocument
+from pipeline.sources.base import SkippedDocument, SourceDocument, SourceScan
 from pipeline.sources.documents import extracted_format
 from registry.rows import SourceObjectRow
 from registry.store import DocumentState
@@ -127,3 +131,14 @@ def record_of(obj: ListedObject, chunker_version: str, result: SourceDocument | 
     if isinstance(result, SourceDocument):
         return SourceObjectRow(**common, content_hash=result.content_hash, skip_reason=None, skip_gone=False)
     return SourceObjectRow(**common, content_hash=None, skip_reason=result.reason, skip_gone=result.gone)
+
+
+def planned_scan(label: str, what: str, listed: int, plan: ReadPlan, documents: list[SourceDocument],
+                 skipped: list[SkippedDocument], update: ListingUpdate | None) -> SourceScan:
+    """The scan of a source read after ``plan``: what was read, skipped (now or, unread, as recorded)
+    and left unread, each sorted by doc_id; ``update`` is what to record once the run succeeded."""
+    logger.info("source %s: %d %s listed, %d read, %d unchanged", label, listed, what, len(plan.read),
+                len(plan.unread))
+    return SourceScan(source=label, documents=sorted(documents, key=lambda d: d.doc_id),
+                      skipped=sorted([*skipped, *plan.skipped], key=lambda s: s.doc_id), unread=sorted(plan.unread),
+                      listing=update)

@@ -8,7 +8,6 @@ through the same extraction path (:func:`pipeline.sources.documents.document_fro
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +21,8 @@ from pipeline.sources.base import SkippedDocument, SourceDocument, SourceScan
 from pipeline.sources.credentials import ObjectStoreCredentials
 from pipeline.sources.documents import document_from_bytes
 from pipeline.sources.filters import SourceFilter
-from pipeline.sources.listing import ListedObject, ListingMemory, ListingUpdate, plan_reads, record_of
+from pipeline.sources.listing import ListedObject, ListingMemory, ListingUpdate, plan_reads, planned_scan, record_of
 
-logger = logging.getLogger(__name__)
 
 SCHEMES = ("s3", "gs", "gcs", "file")
 FETCH_THREADS = 8
@@ -105,13 +103,7 @@ def scan_object_store(
             (documents if isinstance(result, SourceDocument) else skipped).append(result)  # type: ignore[arg-type]
             if memory is not None:
                 update.record.append(record_of(obj, chunker, result))
-    logger.info("source %s: %d objects listed, %d read, %d unchanged", label, len(listed), len(plan.read),
-                len(plan.unread))
-    documents.sort(key=lambda d: d.doc_id)
-    skipped.extend(plan.skipped)
-    skipped.sort(key=lambda s: s.doc_id)
-    return SourceScan(source=label, documents=documents, skipped=skipped, unread=sorted(plan.unread),
-                      listing=update if memory is not None else None)
+    return planned_scan(label, "objects", len(listed), plan, documents, skipped, update if memory is not None else None)
 
 
 def _fetched(store: "_Store", objects: list[ListedObject]) -> Iterator[tuple[ListedObject, bytes | SkippedDocument]]:
