@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 BENCHMARKS = {
     "noop": "benchmarks.noop", "publish": "benchmarks.publish", "query": "benchmarks.query",
     "embed": "benchmarks.embed", "scale": "benchmarks.scale", "replay": "benchmarks.replay",
     "install": "benchmarks.install", "html": "benchmarks.html", "extraction": "benchmarks.extraction",
     "checksums": "benchmarks.checksums", "agent_cache": "benchmarks.agent_cache",
-    "segments": "benchmarks.segments",
+    "segments": "benchmarks.segments", "remote": "benchmarks.remote",
     "serve": "benchmarks.serve",
     "stability": "benchmarks.stability", "evalsets": "benchmarks.evalsets", "cluster": "benchmarks.cluster",
 }
@@ -22,6 +23,24 @@ def run_benchmark(name: str, argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     module = __import__(BENCHMARKS[name], fromlist=["main"])
     return int(module.main(argv))
+
+
+def phase_arguments(parser: Any, phases: dict[str, Any]) -> None:
+    """The hidden options by which a benchmark runs one of its phases in a child process."""
+    import argparse
+
+    parser.add_argument("--phase", choices=sorted(phases), help=argparse.SUPPRESS)
+    parser.add_argument("--args", default="{}", help=argparse.SUPPRESS)
+
+
+def ran_phase(args: Any, phases: dict[str, Any]) -> bool:
+    """Run the phase ``--phase`` names, printing its JSON result; False when none is named."""
+    import json
+
+    if not args.phase:
+        return False
+    print(json.dumps(phases[args.phase](**json.loads(args.args))))
+    return True
 
 
 def shared_data_dir(given: Path | None = None) -> Path:

@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks import phase_arguments, ran_phase
+
 _UNDERLINE = re.compile(r"^\s*([=\-~^\"'`#*+:.])\1{2,}\s*$", re.M)
 SEED = 20261127
 
@@ -292,11 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-recall", type=float, default=0.8, help="validation gate for the synthetic vectors")
     parser.add_argument("--workdir", type=Path, default=None, help="where corpora and versions are written")
     parser.add_argument("--shared-data", type=Path, default=None)
-    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
-    parser.add_argument("--args", default="{}", help=argparse.SUPPRESS)
+    phase_arguments(parser, PHASES)
     args = parser.parse_args(argv)
-    if args.phase:
-        print(json.dumps(PHASES[args.phase](**json.loads(args.args))))
+    if ran_phase(args, PHASES):
         return 0
     from benchmarks import shared_data_dir
 

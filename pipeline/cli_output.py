@@ -116,11 +116,15 @@ def format_versions_gc(result: Mapping[str, Any]) -> str:
 
 
 def format_gc(report: GcReport) -> str:
-    """What ``ragpipe gc`` removed: versions and their rows, cache entries, downloaded copies."""
+    """What ``ragpipe gc`` removed: versions and their rows, segments, run workspaces, cache entries,
+    downloaded copies."""
     versions = f" ({', '.join(report.versions_removed)})" if report.versions_removed else ""
     return "\n".join([
         f"gc of index {report.index!r}",
         f"  versions         {len(report.versions_removed)} removed{versions}, {report.rows_removed} registry rows",
+        f"  segments         {len(report.segments_removed)} removed, {len(report.deletions_removed)} deletion sets "
+        f"({report.segment_bytes} bytes): listed by no retained version",
+        f"  run files        {len(report.runs_removed)} finished runs' workspaces removed ({report.run_bytes} bytes)",
         f"  embedding cache  {report.embeddings_removed} entries removed ({report.embedding_bytes} bytes of vectors):"
         f" used by no retained version, older than {format_duration(report.embedding_cache_ttl)}",
         f"  download cache   {len(report.downloads_removed)} directories removed ({report.download_bytes} bytes)",

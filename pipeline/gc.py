@@ -1,7 +1,12 @@
-"""Garbage collection after publishing (``ragpipe gc``): old versions, the embedding cache, the download cache.
+"""Garbage collection after publishing (``ragpipe gc``): old versions, unreferenced segments, finished
+runs' workspaces, the embedding cache, the download cache.
 
-Every run already removes the versions beyond the retention (``runner.collect_garbage``); the two
-caches are collected here:
+Every run already removes the versions beyond the retention and the segments and deletion sets no
+retained version lists (``upkeep.collect_garbage``, in the artifact store, local or remote); here
+also:
+
+- **run workspaces** (``ROOT/INDEX/_runs/RUN_ID``, pipeline.run_files): the staged tables of runs
+  that finished without their gc step removing them (failed, taken over).
 
 - the **embedding cache** (registry): an entry goes when no retained version of any index uses it
   with its model, and it was embedded longer than ``embedding_cache_ttl`` ago. What retained
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import IndexConfig
+from pipeline.run_files import collect_run_files
 from pipeline.runner import artifact_store, collect_garbage
 from registry import Registry, VersionListing
 from retrieval.artifacts import DOWNLOAD_SUFFIX, download_directory, is_remote
@@ -59,6 +65,11 @@ class GcReport:
     index: str
     versions_removed: list[str]
     rows_removed: int
+    segments_removed: list[str]
+    deletions_removed: list[str]
+    segment_bytes: int
+    runs_removed: list[int]
+    run_bytes: int
     embeddings_removed: int
     embedding_bytes: int
     embedding_cache_ttl: float
@@ -70,6 +81,11 @@ class GcReport:
             "index": self.index,
             "versions_removed": self.versions_removed,
             "rows_removed": self.rows_removed,
+            "segments": {"segments_removed": self.segments_removed, "deletion_sets_removed": self.deletions_removed,
+                         "count": len(self.segments_removed) + len(self.deletions_removed),
+                         "bytes_removed": self.segment_bytes},
+            "run_files": {"runs_removed": self.runs_removed, "count": len(self.runs_removed),
+                          "bytes_removed": self.run_bytes},
             "embedding_cache": {"entries_removed": self.embeddings_removed, "bytes_removed": self.embedding_bytes,
                                 "ttl_seconds": self.embedding_cache_ttl},
             "download_cache": {"directories_removed": self.downloads_removed, "bytes_removed": self.download_bytes},
@@ -77,8 +93,9 @@ class GcReport:
 
 
 def collect_all(registry: Registry, config: IndexConfig) -> GcReport:
-    """Remove ``config.index``'s versions beyond the retention, its download-cache copies nobody reads
-    any more, and the embedding-cache entries no retained version uses that are old enough.
+    """Remove ``config.index``'s versions beyond the retention, the segments and deletion sets no
+    retained version lists, finished runs' workspaces, its download-cache copies nobody reads any
+    more, and the embedding-cache entries no retained version uses that are old enough.
 
     Raises:
         IndexLocked: a run held the index for ``config.lock_timeout`` seconds; nothing removed.
@@ -86,11 +103,14 @@ def collect_all(registry: Registry, config: IndexConfig) -> GcReport:
     store = artifact_store(config, registry.home)
     with registry.index_lock(config.index, config.lock_timeout):
         versions = collect_garbage(registry, store, config.index, config.retention)
+        runs = collect_run_files(registry, store, config.index)
         downloads = collect_download_cache(registry.list_versions(config.index), store.cache_dir, config.index)
     # the cache is shared by every index; its own lock serializes this with runs' cache lookups
     cache = registry.collect_embeddings(config.embedding_cache_ttl)
     return GcReport(
         index=config.index, versions_removed=versions["versions_removed"], rows_removed=versions["rows_removed"],
+        segments_removed=versions["segments_removed"], deletions_removed=versions["deletions_removed"],
+        segment_bytes=versions["segment_bytes_removed"], runs_removed=runs.runs, run_bytes=runs.bytes,
         embeddings_removed=cache.entries, embedding_bytes=cache.bytes, embedding_cache_ttl=config.embedding_cache_ttl,
         downloads_removed=downloads.directories, download_bytes=downloads.bytes,
     )

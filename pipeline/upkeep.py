@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.segments.storage import SegmentArtifacts
+from pipeline.segments.storage import SegmentArtifacts, SegmentCollection
 from registry import Registry, VersionListing
 from retrieval.artifacts import ArtifactStore
 from retrieval.errors import VersionCorrupt, VersionUnavailable
@@ -106,11 +106,12 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
     rows = 0
     if plan.oldest_kept_seq is not None and (removed or sweep_rows):  # a run sweeps rows when versions went
         rows = registry.gc_rows(index, plan.oldest_kept_seq)
-    segments: list[str] = []
+    segments = SegmentCollection([], [], 0)
     if not any(v.status == "building" for v in versions):
         with registry.segment_sweep(index) as free:  # not while a compaction writes merged segments
             files = SegmentArtifacts(store, index)
             manifests = retained_manifests(registry, files) if free else None
             if manifests is not None:
                 segments = files.remove_unreferenced(manifests)
-    return {"versions_removed": removed, "rows_removed": rows, "segments_removed": segments}
+    return {"versions_removed": removed, "rows_removed": rows, "segments_removed": segments.segments,
+            "deletions_removed": segments.deletions, "segment_bytes_removed": segments.bytes}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from retrieval.caches import DEFAULT_SEMANTIC_COSINE
+from retrieval.segments.cache import DEFAULT_CACHE_BYTES
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class RetrievalConfig:
         canary_compare_fraction: share of canary-served queries also run on the live version (overlap@10).
         stats_interval: seconds between writes of serving statistics to the registry (while a canary
             or shadow is served); 0 writes none.
+        segment_cache_bytes: the bound of the local cache of remote versions' segments
+            (``HOME/cache/segment-cache``); over it, segments no loaded version uses are evicted.
     """
 
     retrievers: str = "hybrid"
@@ -62,6 +65,7 @@ class RetrievalConfig:
     warm_seconds: float = 300.0
     canary_compare_fraction: float = 0.1
     stats_interval: float = 5.0
+    segment_cache_bytes: int = DEFAULT_CACHE_BYTES
 
     @classmethod
     def from_env(cls, **given: Any) -> "RetrievalConfig":
@@ -99,13 +103,13 @@ class RetrievalConfig:
             raise ValueError(f"semantic_cache_cosine must be within [-1, 1], got {self.semantic_cache_cosine}")
         if not 0.0 <= self.canary_compare_fraction <= 1.0:
             raise ValueError(f"canary_compare_fraction must be within [0, 1], got {self.canary_compare_fraction}")
-        if self.warm_seconds < 0 or self.stats_interval < 0:
-            raise ValueError("warm_seconds and stats_interval must not be negative")
+        if self.warm_seconds < 0 or self.stats_interval < 0 or self.segment_cache_bytes < 0:
+            raise ValueError("warm_seconds, stats_interval and segment_cache_bytes must not be negative")
 
 
 # read from RAGPIPE_SEMANTIC_CACHE_SIZE, ... by RetrievalConfig.from_env (Retriever.open)
 ENV_FIELDS = ("semantic_cache_size", "semantic_cache_cosine", "warm_seconds", "canary_compare_fraction",
-              "stats_interval")
+              "stats_interval", "segment_cache_bytes")
 
 
 class Hits(list):  # type: ignore[type-arg]

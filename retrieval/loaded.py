@@ -80,7 +80,39 @@ class Column:
         return len(self._values)
 
 
-class LoadedVersion:
+class VersionReads:
+    """What every loaded version answers the same way from its manifest's ``model`` record and its
+    chunk columns (whole copies and segmented versions alike)."""
+
+    manifest: dict[str, Any]
+    columns: Any
+    _metadata_cache: dict[int, dict[str, Any]]
+    _last_valid_from: datetime | None
+
+    @property
+    def encoder_ref(self) -> EncoderRef | None:
+        """The stored query encoder the manifest names (None for versions without one)."""
+        data = self.manifest["model"].get("encoder")
+        return EncoderRef.from_dict(data) if data else None
+
+    @property
+    def query_prefix(self) -> str:
+        """What the version's model expects before every query (``model.query_prefix``)."""
+        return str(self.manifest["model"].get("query_prefix", ""))
+
+    def all_visible_by(self, now: datetime) -> bool:
+        """Whether every chunk's valid_from has passed at ``now`` (results no longer depend on the clock)."""
+        return self._last_valid_from is None or self._last_valid_from <= now
+
+    def metadata(self, row: int) -> dict[str, Any]:
+        cached = self._metadata_cache.get(row)
+        if cached is None:
+            cached = json.loads(self.columns["metadata"][row] or "{}")
+            self._metadata_cache[row] = cached
+        return cached
+
+
+class LoadedVersion(VersionReads):
     """Everything needed to answer queries from one version. Immutable once built; thread-safe reads."""
 
     def __init__(self, info: VersionInfo, directory: Path, *, verify: bool = True) -> None:
@@ -161,28 +193,6 @@ class LoadedVersion:
         self.matrix = np.load(directory / MATRIX_FILE, mmap_mode="r")
         if self.matrix.shape != (self.size, self.dim):
             raise ValueError(f"shape {self.matrix.shape}, expected ({self.size}, {self.dim})")
-
-    @property
-    def encoder_ref(self) -> EncoderRef | None:
-        """The stored query encoder the manifest names (None for versions without one)."""
-        data = self.manifest["model"].get("encoder")
-        return EncoderRef.from_dict(data) if data else None
-
-    @property
-    def query_prefix(self) -> str:
-        """What the version's model expects before every query (``model.query_prefix``)."""
-        return str(self.manifest["model"].get("query_prefix", ""))
-
-    def all_visible_by(self, now: datetime) -> bool:
-        """Whether every chunk's valid_from has passed at ``now`` (results no longer depend on the clock)."""
-        return self._last_valid_from is None or self._last_valid_from <= now
-
-    def metadata(self, row: int) -> dict[str, Any]:
-        cached = self._metadata_cache.get(row)
-        if cached is None:
-            cached = json.loads(self.columns["metadata"][row] or "{}")
-            self._metadata_cache[row] = cached
-        return cached
 
     def knn_query(self, vectors: np.ndarray, k: int, ef: int | None) -> tuple[np.ndarray, np.ndarray]:
         """HNSW labels and distances of the ``k`` nearest chunks at breadth ``max(ef, k)`` (None:

@@ -26,25 +26,24 @@ from typing import Any
 import numpy as np
 
 from registry import Registry, RegistryConfig
-from registry.listener import AliasListener
-from registry.rows import AliasRow
 from retrieval import telemetry
 from retrieval.batch import BatchResult, Query
 from retrieval.caches import CacheCounters, LRUCache, SemanticCache
 from retrieval.config import ENV_FIELDS, Hits, RetrievalConfig
-from retrieval.errors import AliasNotFound, ModelMismatch, VersionCorrupt, VersionUnavailable
-from retrieval.loaded import LoadedVersion, VersionInfo, local_directory
-from retrieval.segmented import SegmentedLoaded, SegmentPools, manifest_format
 from retrieval.encoding import QueryEncoding
+from retrieval.following import AliasFollowing
+from retrieval.loaded import LoadedVersion
 from retrieval.measuring import RolloutMeasuring
 from retrieval.ranking import Ranker, normalized_filters
 from retrieval.rerank import Reranker, make_reranker
 from retrieval.rollout import MirrorStats, Rollout, StatsRecorder, WarmVersions, routes_to_canary
+from retrieval.segmented import SegmentPools
+from retrieval.segments.cache import SegmentCache
 
 logger = logging.getLogger(__name__)
 
 
-class Retriever(QueryEncoding, RolloutMeasuring):
+class Retriever(QueryEncoding, RolloutMeasuring, AliasFollowing):
     """Search the version an alias serves. Thread-safe; use as a context manager or call :meth:`close`."""
 
     def __init__(self, registry_config: RegistryConfig, alias: str, config: RetrievalConfig,
@@ -76,12 +75,16 @@ class Retriever(QueryEncoding, RolloutMeasuring):
         self.stats = StatsRecorder()
         self.loads = 0  # versions read from their files so far (moves onto warm versions read none)
         self.segments = SegmentPools()  # each segment opened once, shared by the versions held
+        # remote versions' segments, downloaded once into a bounded cache shared with other processes
+        self.segment_cache = SegmentCache(self._cache_dir, config.segment_cache_bytes)
         self._closed = threading.Event()
         try:
             row = self._alias_row()
             self._current = self._load(self._info(row.version))
             self._refresh_canary(row)
+            self._release_segments([v for v in self._held() if v is not None])
         except BaseException:
+            self.segment_cache.close()
             self._registry.close()
             raise
         self._threads: list[threading.Thread] = []
@@ -92,7 +95,7 @@ class Retriever(QueryEncoding, RolloutMeasuring):
         for thread in self._threads:
             thread.start()
 
-    # -- opening and following ---------------------------------------------------------------
+    # -- opening -----------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, index: str = "docs", database_url: str | None = None, *, encoder: Any = None,
@@ -107,7 +110,9 @@ class Retriever(QueryEncoding, RolloutMeasuring):
                 model); by default the model the version's manifest names.
             **config: any :class:`RetrievalConfig` field, plus ``home`` (ragpipe's home directory);
                 the fields of :data:`retrieval.config.ENV_FIELDS` not given are read from
-                ``RAGPIPE_SEMANTIC_CACHE_SIZE``, ``RAGPIPE_SEMANTIC_CACHE_COSINE``, ``RAGPIPE_WARM_SECONDS``, ...
+                ``RAGPIPE_SEMANTIC_CACHE_SIZE``, ``RAGPIPE_SEMANTIC_CACHE_COSINE``, ``RAGPIPE_WARM_SECONDS``,
+                ``RAGPIPE_SEGMENT_CACHE_BYTES``, ... Versions in an object store are read from the URI
+                the registry records for each; their segments are downloaded into ``HOME/cache``.
 
         Raises:
             AliasNotFound: nothing has been published to the alias yet.
@@ -116,182 +121,6 @@ class Retriever(QueryEncoding, RolloutMeasuring):
         home = config.pop("home", None)
         registry_config = RegistryConfig.from_env(database_url=database_url, home=home)
         return cls(registry_config, index, RetrievalConfig.from_env(**config), encoder)
-
-    def _alias_row(self) -> AliasRow:
-        with self._registry_lock:
-            aliases = self._registry.read(self._registry.list_aliases)  # reconnects if the server dropped it
-        row = next((a for a in aliases if a.alias == self.alias), None)
-        if row is None:
-            raise AliasNotFound(f"alias {self.alias!r} does not exist; publish a version with `ragpipe index`")
-        return row
-
-    def _info(self, name: str | None) -> VersionInfo | None:
-        if name is None:
-            return None
-        with self._registry_lock:
-            version = self._registry.read(self._registry.get_version, name)
-        assert version is not None and version.artifact_uri is not None  # an alias serves built versions only
-        return VersionInfo(alias=self.alias, index=version.index_name, version=name,
-                           artifact_uri=version.artifact_uri, model_id=version.model_id,
-                           updated_at=version.published_at or version.validated_at)
-
-    def _load(self, info: VersionInfo | None) -> LoadedVersion:
-        assert info is not None
-        wanted = None
-        if self.config.model is not None:
-            from retrieval.models import model_id_of
-
-            wanted = model_id_of(self.config.model)
-        elif self._pinned and info.model_id not in self._pinned:
-            wanted = sorted(self._pinned)[0]
-        if wanted is not None and wanted != info.model_id:
-                raise ModelMismatch(
-                    f"version {info.version} of alias {self.alias!r} was embedded with {info.model_id!r}; "
-                    f"queries would be encoded with {wanted!r}. Open the retriever without `model`, or "
-                    f"publish a version built with that model"
-                )
-        started = time.perf_counter()
-        self.loads += 1
-        loaded = self._open_version(info)
-        logger.info("loaded version %s (%d chunks) in %.2f s", info.version, loaded.size, time.perf_counter() - started)
-        return loaded
-
-    def _open_version(self, info: VersionInfo) -> LoadedVersion:
-        """A version read from its files: segmented (format 3) over the shared segments, or a
-        whole copy (formats 1 and 2)."""
-        directory = local_directory(info.artifact_uri, self._cache_dir)
-        if manifest_format(directory) == 3:
-            return SegmentedLoaded(info, directory, self.segments)  # type: ignore[return-value]
-        return LoadedVersion(info, directory)
-
-    def _held(self) -> list[Any]:
-        rollout = self._rollout
-        return [self._current, self._shadow, rollout.version if rollout else None, *self._warm.versions()]
-
-    def _follow(self) -> None:
-        """Switch to newly published versions on the registry's notifications, and re-check after
-        every reconnection and poll interval. A failed re-check is retried at the next one; the
-        loaded version keeps serving meanwhile."""
-        listener = AliasListener(self._registry.url, poll_interval=self.config.poll_interval)
-        for change in listener.changes(self._closed):
-            if change.alias not in (None, self.alias):
-                continue
-            try:
-                self.refresh()
-            except Exception:  # the database went away again: the listener reconnects, then re-checks
-                logger.warning("alias follower: cannot refresh alias %s; serving %s until the next check",
-                               self.alias, self._current.info.version, exc_info=True)
-
-    def refresh(self) -> bool:
-        """Follow the alias: switch to its live version if it changed, and load, change or drop its
-        canary; returns whether the live version switched.
-
-        A version served before is taken from the warm ones when still there (nothing is read). A
-        version that cannot be loaded is logged and not switched to: the current one keeps serving.
-        A damaged one (:class:`VersionCorrupt`) is not tried again; one whose files cannot be read
-        now is tried again at the next refresh.
-        """
-        with self._refresh_lock:
-            row = self._alias_row()
-            switched = False
-            if row.version != self._current.info.version and row.version not in self._refused:
-                loaded = self._served(row.version)
-                if loaded is not None:
-                    previous = self._current
-                    self._current = loaded  # one assignment: queries already running keep `previous`
-                    self._warm.keep(previous)
-                    self._result_cache.clear()
-                    switched = True
-                    logger.info("alias %s switched %s -> %s", self.alias, previous.info.version, loaded.info.version)
-            self._refresh_canary(row)
-            self._warm.expire()
-            if self._semantic is not None:
-                self._semantic.retain_versions(self.serving_versions())
-            self._refresh_shadow()
-            self.segments.retain(v for v in self._held() if v is not None)  # segments no held version lists
-            return switched
-
-    def _served(self, name: str) -> LoadedVersion | None:
-        """Version ``name`` to serve: the canary's or a warm one when loaded already, else read now."""
-        rollout = self._rollout
-        if rollout is not None and rollout.version.info.version == name:
-            return rollout.version  # a promoted canary: loaded since it started
-        warm = self._warm.take(name)
-        if warm is not None:
-            return warm
-        info = self._info(name)
-        assert info is not None
-        return self._load_or_keep(info)
-
-    def _refresh_canary(self, row: AliasRow) -> None:
-        """Serve the alias's canary (loading it once) at its percentage, or stop serving one."""
-        rollout = self._rollout
-        name = row.canary_version
-        if name is None or name == self._current.info.version or name in self._refused:
-            if rollout is not None:
-                self._rollout = None
-                if rollout.version is not self._current:
-                    self._warm.keep(rollout.version)  # an aborted canary can come back at once
-                logger.info("alias %s: canary %s ended", self.alias, rollout.version.info.version)
-            return
-        percent = float(row.canary_percent or 0.0)
-        if rollout is not None and rollout.version.info.version == name:
-            if rollout.percent != percent:
-                self._rollout = Rollout(rollout.version, percent)
-            return
-        try:
-            loaded = self._served(name)
-        except Exception:  # a canary is best effort: the live version keeps serving every request
-            logger.warning("alias %s: cannot load canary %s; all requests go to %s", self.alias, name,
-                           self._current.info.version, exc_info=True)
-            return
-        if loaded is not None:
-            self._rollout = Rollout(loaded, percent)
-            if rollout is not None:
-                self._warm.keep(rollout.version)
-            logger.info("alias %s: canary %s gets %g%% of requests", self.alias, name, percent)
-
-    def serving_versions(self) -> set[str]:
-        """The versions this retriever answers from now: the live one and the canary, if any."""
-        rollout = self._rollout
-        return {self._current.info.version} | ({rollout.version.info.version} if rollout else set())
-
-    def rollout_state(self) -> dict[str, Any]:
-        """What this retriever serves: live version, canary and its percentage, warm versions, loads."""
-        rollout = self._rollout
-        return {"alias": self.alias, "live": self._current.info.version,
-                "canary": rollout.version.info.version if rollout else None,
-                "canary_percent": rollout.percent if rollout else None,
-                "warm": self._warm.names(), "loads": self.loads}
-
-    def _load_or_keep(self, info: VersionInfo) -> LoadedVersion | None:
-        """The version loaded, or None (logged) when it cannot be served and the current one stays."""
-        try:
-            return self._load(info)
-        except VersionUnavailable as exc:
-            if isinstance(exc, VersionCorrupt):
-                self._refused[info.version] = str(exc)  # its files are immutable: loading again cannot help
-            logger.error("alias %s names version %s, which cannot be served: %s; still serving %s",
-                         self.alias, info.version, exc, self._current.info.version)
-            return None
-
-    def _refresh_shadow(self) -> None:
-        if self.config.mirror_fraction <= 0:
-            return
-        try:
-            shadow = self._info(self._alias_row().shadow_version)
-            if shadow is None or shadow.version in self._refused:
-                self._shadow = None
-            elif self._shadow is None or self._shadow.info.version != shadow.version:
-                try:
-                    self.loads += 1
-                    self._shadow = self._open_version(shadow)
-                except VersionCorrupt as exc:
-                    self._refused[shadow.version] = str(exc)
-                    raise
-        except Exception:  # mirroring is best effort: it never blocks serving the live version
-            logger.warning("cannot load the shadow version of alias %s; mirroring paused", self.alias, exc_info=True)
-            self._shadow = None
 
     @property
     def version(self) -> str:
@@ -306,6 +135,7 @@ class Retriever(QueryEncoding, RolloutMeasuring):
                 self.write_stats()  # what the last interval measured
         except Exception:
             logger.warning("cannot write the last serving statistics of alias %s", self.alias, exc_info=True)
+        self.segment_cache.close()  # what this process held may be evicted from now on
         with self._registry_lock:
             self._registry.close()
 
@@ -376,11 +206,6 @@ class Retriever(QueryEncoding, RolloutMeasuring):
                                         own, route=route))
         stages["rank"] = time.perf_counter() - started
         return BatchResult(self.alias, version.info.version, hits, stages)
-
-    @property
-    def refused(self) -> dict[str, str]:
-        """Versions the alias named that are not served (their files are damaged), and why."""
-        return dict(self._refused)
 
     def route(self, route_key: str | None) -> tuple[str, str]:
         """(version, ``live`` or ``canary``) a request with ``route_key`` goes to now: what a server

@@ -2,8 +2,8 @@
 
 The version's segments come from a :class:`SegmentPools` the retriever holds for its whole life: a
 segment listed by several versions (the live one, a canary, warm ones) is opened once, so loading
-the next version reads only the segments it adds. Remote versions' segments are downloaded once
-into the cache, beside the version's manifest.
+the next version reads only the segments it adds. Remote versions' segments come from the segment
+cache (retrieval.segments.cache), which downloads only those it lacks.
 
 Rows: the ranker and rerankers address a chunk by a row number (``version.row[key]``); here a row
 is the chunk's segment's offset in the version plus its row in the segment, so that per-row arrays
@@ -15,20 +15,19 @@ from __future__ import annotations
 import bisect
 import json
 import threading
-from collections.abc import Iterable, Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-from retrieval.artifacts import CHUNK_SCHEMA, MANIFEST, download_tree, is_remote
+from retrieval.artifacts import CHUNK_SCHEMA, MANIFEST
 from retrieval.bm25 import ANALYZER_VERSION
 from retrieval.errors import VersionCorrupt, VersionUnavailable
-from retrieval.onnx import EncoderRef
-from retrieval.segments.files import SEGMENT_MANIFEST
-from retrieval.segments.manifest import DELETIONS_DIR, SEGMENTS_DIR, VersionManifest, SegmentStore
+from retrieval.loaded import VersionReads
+from retrieval.segments.manifest import VersionManifest, SegmentStore
 from retrieval.segments.search import SegmentedVersion, SegmentPool
 
 
@@ -93,25 +92,6 @@ class SegmentPools:
         return sorted(name for pool in pools for name in pool.loaded)
 
 
-def fetch_segments(manifest: VersionManifest, artifact_uri: str, root: Path) -> None:
-    """Download the segments and deletion files of a remote version that ``root`` lacks."""
-    base = artifact_uri.rstrip("/").rsplit("/", 1)[0]
-    for ref in manifest.segments:
-        try:
-            download_tree(f"{base}/{SEGMENTS_DIR}/{ref.name}", root / SEGMENTS_DIR / ref.name, SEGMENT_MANIFEST)
-            if ref.deletions is not None and not (root / DELETIONS_DIR / ref.deletions).is_file():
-                from pyarrow import fs
-
-                (root / DELETIONS_DIR).mkdir(parents=True, exist_ok=True)
-                filesystem, path = fs.FileSystem.from_uri(f"{base}/{DELETIONS_DIR}/{ref.deletions}")
-                partial = root / DELETIONS_DIR / f".{ref.deletions}.download"
-                fs.copy_files(path, str(partial), source_filesystem=filesystem)
-                partial.rename(root / DELETIONS_DIR / ref.deletions)
-        except OSError as exc:
-            raise VersionUnavailable(f"version {manifest.version}: cannot download segment {ref.name} from "
-                                     f"{base}: {exc}") from exc
-
-
 class _Column:
     """One chunk-table column of the version, addressed by version row."""
 
@@ -163,11 +143,17 @@ class _Bm25:
         return keys, best, rows
 
 
-class SegmentedLoaded:
+class SegmentedLoaded(VersionReads):
     """A format-3 version ready to serve; immutable once built, thread-safe reads."""
 
-    def __init__(self, info: Any, directory: Path, pools: SegmentPools) -> None:
+    def __init__(self, info: Any, directory: Path, pools: SegmentPools,
+                 segments: Callable[[VersionManifest], AbstractContextManager[Path]] | None = None) -> None:
         """Read the version manifest in ``directory`` and open its segments from ``pools``.
+
+        Args:
+            segments: for a remote version, what makes its segments present locally and yields the
+                store root they are under while they are opened (the segment cache's ``loading``);
+                None: the version's store is the directory's parent.
 
         Raises:
             VersionCorrupt: the manifest, a segment or a deletion file is damaged (named).
@@ -183,14 +169,14 @@ class SegmentedLoaded:
             raise VersionUnavailable(f"version {info.version} was analyzed with {vm.analyzer!r}; this library reads "
                                      f"{ANALYZER_VERSION!r}: rebuild it with `ragpipe index SOURCE --full`")
         self.manifest: dict[str, Any] = vm.to_dict()
-        self.root = directory.parent
-        if is_remote(info.artifact_uri):
-            fetch_segments(vm, info.artifact_uri, self.root)
         try:
-            self.segmented = SegmentedVersion(vm, pools.pool(self.root))
+            with segments(vm) if segments is not None else nullcontext(directory.parent) as root:
+                self.root = root
+                self.segmented = SegmentedVersion(vm, pools.pool(root))
         except VersionCorrupt as exc:
-            raise VersionCorrupt(f"version {info.version} is damaged: {exc}; it is not served: publish a new version "
-                                 f"(`ragpipe index SOURCE --full`) or serve another (`ragpipe alias rollback`)") from exc
+            raise VersionCorrupt(f"version {info.version} is damaged: {exc}; it is not served: publish a new "
+                                     f"version (`ragpipe index SOURCE --full`) or serve another "
+                                     f"(`ragpipe alias rollback`)") from exc
         self.size = vm.chunks
         self.dim = vm.dim
         self.offsets = list(np.cumsum([0] + [p.segment.rows for p in self.segmented.parts])[:-1].tolist())
@@ -211,25 +197,6 @@ class SegmentedLoaded:
     def locate(self, row: int) -> tuple[Any, int]:
         at = bisect.bisect_right(self.offsets, row) - 1
         return self.segmented.parts[at], row - self.offsets[at]
-
-    @property
-    def encoder_ref(self) -> EncoderRef | None:
-        data = self.version_manifest.model_record.get("encoder")
-        return EncoderRef.from_dict(data) if data else None
-
-    @property
-    def query_prefix(self) -> str:
-        return str(self.version_manifest.model_record.get("query_prefix", ""))
-
-    def all_visible_by(self, now: datetime) -> bool:
-        return self._last_valid_from is None or self._last_valid_from <= now
-
-    def metadata(self, row: int) -> dict[str, Any]:
-        cached = self._metadata_cache.get(row)
-        if cached is None:
-            cached = json.loads(self.columns["metadata"][row] or "{}")
-            self._metadata_cache[row] = cached
-        return cached
 
     def knn_query(self, vectors: np.ndarray, k: int, ef: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Labels and distances of the ``k`` nearest live chunks of each query, one row per query."""

@@ -55,3 +55,20 @@ def request_log() -> Iterator[RequestLog]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+def s3_client(endpoint: str, monkeypatch, key_id: str, secret: str):  # type: ignore[no-untyped-def]
+    """A client of the server at ``endpoint``; the standard AWS variables point ragpipe at it too."""
+    import boto3
+
+    for name, value in {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
+                        "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key_id, aws_secret_access_key=secret,
+                        region_name="us-east-1")
+
+
+def keys(client, bucket: str, prefix: str = "") -> list[str]:  # type: ignore[no-untyped-def]
+    """Every object key of ``bucket`` under ``prefix``, sorted."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))

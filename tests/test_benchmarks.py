@@ -117,6 +117,22 @@ def test_segments_benchmark_compares_layouts_changes_and_memory(capsys):
     assert shared < separate
 
 
+def test_remote_benchmark_times_a_cold_a_warm_retriever_and_a_change(capsys, monkeypatch, shared_data):
+    from benchmarks.remote import main
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        monkeypatch.setenv(name, "")  # the benchmark points them at its own server: restored afterwards
+    assert main(["--chunks", "1500"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cold, warm, change = result["cold"], result["warm"], result["change"]
+    assert cold["chunks"] == result["chunks"] >= 1500 and cold["hits"] == 10
+    assert cold["segments_downloaded"] == cold["segments"] >= 1
+    assert 0.9 * result["artifact_store_bytes"] < cold["bytes_downloaded"] <= result["artifact_store_bytes"]
+    assert warm["bytes_downloaded"] == 0 and warm["version"] == cold["version"]
+    assert change["switched"] and change["version"] != cold["version"]
+    assert change["segments_downloaded"] == 1 and 0 < change["bytes_downloaded"] < cold["bytes_downloaded"] / 5
+
+
 @pytest.mark.db
 @pytest.mark.slow
 def test_serve_benchmark_runs_its_phases_on_a_small_index(server_url, shared_data, monkeypatch):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import uuid
 
-import boto3
 import pytest
 
 from conftest import write_tree
+from s3server import keys, s3_client
 from pipeline import steps
 from pipeline.config import IndexConfig
 from pipeline.runner import artifact_store
@@ -26,19 +26,10 @@ KEY_ID = "AKIADIST" + uuid.uuid4().hex[:8].upper()
 
 @pytest.fixture
 def bucket(s3_endpoint, monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
-                        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
-                          region_name="us-east-1")
+    client = s3_client(s3_endpoint, monkeypatch, KEY_ID, SECRET)
     name = f"art-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     return client, name
-
-
-def keys(client, bucket: str, prefix: str = "") -> list[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
 class Machines:

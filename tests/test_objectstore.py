@@ -20,7 +20,7 @@ from pipeline.config import IndexConfig
 from pipeline.errors import ConfigError, SourceUnavailable, SourceUnreachable
 from pipeline.runner import run_index
 from pipeline.sources import ObjectStoreCredentials, scan_source
-from s3server import free_port, request_log
+from s3server import free_port, request_log, s3_client
 
 pytestmark = pytest.mark.db
 
@@ -32,11 +32,7 @@ SAMPLES = "pdf-samples"
 @pytest.fixture
 def s3(s3_endpoint, monkeypatch):
     """A client of the server; the standard AWS variables point ragpipe at it with a secret to guard."""
-    for name, value in {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
-                        "AWS_ENDPOINT_URL": s3_endpoint, "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    return boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
-                        region_name="us-east-1")
+    return s3_client(s3_endpoint, monkeypatch, KEY_ID, SECRET)
 
 
 @pytest.fixture

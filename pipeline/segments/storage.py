@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +23,8 @@ from retrieval.artifacts import CHUNK_SCHEMA, CHUNKS_FILE, MANIFEST, ArtifactSto
 from retrieval.segments import files as f
 from retrieval.segments.files import SEGMENT_MANIFEST, SEGMENT_NAME
 from retrieval.segments.manifest import DELETIONS_DIR, SEGMENTS_DIR, SegmentStore, VersionManifest
-from retrieval.segmented import fetch_segments, manifest_format, read_version_manifest
+from retrieval.segmented import manifest_format, read_version_manifest
+from retrieval.segments.cache import fetch_missing, index_uri_of
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class SegmentArtifacts:
             return None
         manifest = read_version_manifest(directory, version)
         if not self.store.is_local:
-            fetch_segments(manifest, self.store.version_uri(self.index, version), self.local.root)
+            fetch_missing(manifest, index_uri_of(self.store.version_uri(self.index, version)), self.local.root)
         return manifest
 
     def chunk_table(self, version: str) -> pa.Table:
@@ -137,34 +139,41 @@ class SegmentArtifacts:
             return []
         return [info.base_name for info in infos]
 
-    def remove_unreferenced(self, manifests: Iterable[VersionManifest]) -> list[str]:
+    def remove_unreferenced(self, manifests: Iterable[VersionManifest]) -> SegmentCollection:
         """Delete the segments and deletion sets none of ``manifests`` lists, and unfinished segment
-        writes (call under the index lock, with the manifests of every version that is kept)."""
+        writes (call under the index lock, with the manifests of every version that is kept); returns
+        what went and the bytes it held in the store."""
         manifests = list(manifests)
         keep = self.local.live_segments(manifests)
         deletions = {ref.deletions for m in manifests for ref in m.segments if ref.deletions}
         removed = sorted(self.stored_segments() - keep)
+        size = 0
         for name in removed:
-            self._remove(f"{SEGMENTS_DIR}/{name}", directory=True)
+            size += self._remove(f"{SEGMENTS_DIR}/{name}", directory=True)
         if self.local.segments_dir.is_dir():
             for partial in self.local.segments_dir.glob(".*"):  # a killed segment write
                 shutil.rmtree(partial, ignore_errors=True)
         stored = {p.name for p in self.local.deletions_dir.glob("*.npy")} if self.local.deletions_dir.is_dir() else set()
         if not self.store.is_local:
             stored |= set(self._remote_names(DELETIONS_DIR))
-        for name in sorted(stored - deletions):
-            self._remove(f"{DELETIONS_DIR}/{name}", directory=False)
-        if removed:
-            logger.info("removed %d segments of index %s no retained version lists", len(removed), self.index)
-        return removed
+        doomed = sorted(stored - deletions)
+        for name in doomed:
+            size += self._remove(f"{DELETIONS_DIR}/{name}", directory=False)
+        if removed or doomed:
+            logger.info("removed %d segments and %d deletion sets (%d bytes) of index %s no retained version lists",
+                        len(removed), len(doomed), size, self.index)
+        return SegmentCollection(removed, doomed, size)
 
     def remove_segments(self, names: Iterable[str]) -> None:
         """Delete segments no version lists (a discarded merge's)."""
         for name in names:
             self._remove(f"{SEGMENTS_DIR}/{self.local.segment_path(name).name}", directory=True)
 
-    def _remove(self, relative: str, *, directory: bool) -> None:
+    def _remove(self, relative: str, *, directory: bool) -> int:
+        """Delete a segment or deletion file from the local copy and the object store; returns the
+        bytes it held in the store (the object store's for a remote one)."""
         local = self.local.root / relative
+        size = stored_bytes(str(local))
         if directory:
             shutil.rmtree(local, ignore_errors=True)
         else:
@@ -173,7 +182,39 @@ class SegmentArtifacts:
             from pyarrow import fs
 
             filesystem, root = fs.FileSystem.from_uri(self.store.index_uri(self.index))
+            size = stored_bytes(f"{self.store.index_uri(self.index)}/{relative}")
             try:
                 (filesystem.delete_dir if directory else filesystem.delete_file)(f"{root}/{relative}")
             except (FileNotFoundError, OSError):
                 pass
+        return size
+
+
+@dataclass(frozen=True)
+class SegmentCollection:
+    """What garbage collection removed of an index's segments: names, deletion files, bytes."""
+
+    segments: list[str]
+    deletions: list[str]
+    bytes: int
+
+
+def stored_bytes(uri: str) -> int:
+    """The bytes of the file or of every file under the directory at ``uri`` (a path or a pyarrow.fs
+    URL); 0 when nothing is there."""
+    from pyarrow import fs
+
+    if "://" in uri:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+    else:
+        filesystem, path = fs.LocalFileSystem(), str(Path(uri).resolve())
+    try:
+        info = filesystem.get_file_info(path)
+        if info.type == fs.FileType.File:
+            return int(info.size or 0)
+        if info.type == fs.FileType.NotFound:
+            return 0
+        found = filesystem.get_file_info(fs.FileSelector(path, recursive=True, allow_not_found=True))
+    except OSError:
+        return 0
+    return sum(int(i.size or 0) for i in found if i.type == fs.FileType.File)
