@@ -40,6 +40,10 @@ class RetrievalConfig:
             or shadow is served); 0 writes none.
         segment_cache_bytes: the bound of the local cache of remote versions' segments
             (``HOME/cache/segment-cache``); over it, segments no loaded version uses are evicted.
+        artifacts: the artifact store to read versions from (``s3://bucket/prefix``, ``gs://...``, a
+            directory): version V of index I is read from ``ARTIFACTS/I/V``. None (default): from
+            the URI the registry records for each version. For a replica of the store nearer the
+            retriever, or one the indexer wrote under another name.
     """
 
     retrievers: str = "hybrid"
@@ -66,6 +70,7 @@ class RetrievalConfig:
     canary_compare_fraction: float = 0.1
     stats_interval: float = 5.0
     segment_cache_bytes: int = DEFAULT_CACHE_BYTES
+    artifacts: str | None = None
 
     @classmethod
     def from_env(cls, **given: Any) -> "RetrievalConfig":

@@ -58,8 +58,11 @@ class VersionOpening:
         with self._registry_lock:
             version = self._registry.read(self._registry.get_version, name)
         assert version is not None and version.artifact_uri is not None  # an alias serves built versions only
+        uri = version.artifact_uri
+        if self.config.artifacts:  # the same layout under another root: ROOT/INDEX/VERSION
+            uri = f"{self.config.artifacts.rstrip('/')}/{version.index_name}/{name}"
         return VersionInfo(alias=self.alias, index=version.index_name, version=name,
-                           artifact_uri=version.artifact_uri, model_id=version.model_id,
+                           artifact_uri=uri, model_id=version.model_id,
                            updated_at=version.published_at or version.validated_at)
 
     def _load(self, info: VersionInfo | None) -> LoadedVersion:

@@ -119,6 +119,27 @@ def test_an_incremental_run_downloads_only_the_new_segment_and_deletion_set(
         assert hits.version == v2 and hits[0].doc_id == "wings.txt" and "revision 1" in hits[0].text
 
 
+def test_artifacts_reads_the_versions_from_a_replica_of_the_store(tmp_path, remote, s3, bucket, registry_config,
+                                                                  embedder):
+    from retrieval.errors import VersionUnavailable
+
+    replica = f"replica-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=replica)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="artifacts/"):
+        for obj in page.get("Contents", []):
+            s3.copy_object(Bucket=replica, Key="mirror/" + obj["Key"].removeprefix("artifacts/"),
+                           CopySource={"Bucket": bucket, "Key": obj["Key"]})
+    with fresh(registry_config, embedder, tmp_path / "origin") as origin, request_log() as log, \
+            fresh(registry_config, embedder, tmp_path / "reader", artifacts=f"s3://{replica}/mirror") as r:
+        assert r._current.info.artifact_uri == f"s3://{replica}/mirror/docs/{r.version}"
+        assert r.version == origin.version and segment_reads(log, bucket) == set()  # only the replica was read
+        assert {k.split("/")[3] for k in log.object_reads(replica) if "/segments/" in k} == set(r._current.segment_names)
+        for query in QUERIES:
+            assert [h.chunk_id for h in r.search(query, k=5)] == [h.chunk_id for h in origin.search(query, k=5)]
+    with pytest.raises(VersionUnavailable, match=f"s3://{replica}/elsewhere/docs/"):
+        fresh(registry_config, embedder, tmp_path / "lost", artifacts=f"s3://{replica}/elsewhere")
+
+
 def test_a_corrupt_segment_on_s3_is_refused_naming_it_and_the_old_version_keeps_serving(
         tmp_path, remote, s3, bucket, registry, registry_config, embedder):
     src, config = remote
