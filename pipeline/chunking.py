@@ -7,7 +7,7 @@ How a document is cut:
 1. **Sections** follow the document's structure (``pipeline.sections``): Markdown and
    reStructuredText headings (each chunk carries its heading path), Python top-level functions and
    classes (``ast``), JavaScript, TypeScript, Go, Rust and Java declarations and their methods
-   (tree-sitter, see ``pipeline.codechunks``, which also gives a code file's blocks: whole
+   (tree-sitter, see ``pipeline.code``, which also gives a code file's blocks: whole
    statements), a PDF's, DOCX's or HTML page's headings as its extractor found them, one section for
    plain text. A section that holds only its heading is merged into the next one.
 2. **Blocks** are a section's paragraphs (blank-line separated; a fenced code block stays whole).
@@ -50,7 +50,7 @@ from pipeline.boundaries import (
     CHARS_PER_TOKEN, CUT_WINDOW_DIVISOR, MAX_TOKEN_CHARS, MERGE_ROUNDS, Atom, Cutter, TokenCounter, cut_runs,
     max_chars_for, paragraphs,
 )
-from pipeline.codechunks import CODE_FORMATS, code_layout
+from pipeline.code import CODE_FORMATS, code_layout
 from pipeline.formats import PageRange
 from pipeline.hashing import chunk_id_for, sha256_hex
 from pipeline.sections import Section, document_sections, split_sections

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from pipeline.chunking import chunk_context
-from pipeline.codechunks import code_chunker_version
+from pipeline.code import code_chunker_version
 from pipeline.hashing import sha256_hex
 from pipeline.sources import SkippedDocument, SourceDocument, SourceScan
 from registry.store import DocumentState
@@ -53,7 +53,7 @@ def document_chunker(chunker_version: str, doc: SourceDocument) -> str:
     format, the title its chunks are indexed with (see ``pipeline.chunking``), for a PDF, DOCX or
     HTML file its extractor's version and the digest of the pages and headings it found — so an
     upgraded extractor re-chunks exactly the documents of its format — and, for source code, the
-    versions of the grammar that parses it (see ``pipeline.codechunks``)."""
+    versions of the grammar that parses it (see ``pipeline.code``)."""
     context = chunk_context(doc.metadata)
     title = f";title={sha256_hex(context)[:16]}" if context else ""
     extraction = f";extractor={doc.extraction}" if doc.extraction else ""

@@ -1,7 +1,7 @@
 """Chunking's first stage: a document's sections (heading path and span) from its structure.
 
 Markdown and reStructuredText headings, Python top-level functions and classes (``ast``), the
-declarations of other source code (tree-sitter, ``pipeline.codechunks``), an extractor's headings for
+declarations of other source code (tree-sitter, ``pipeline.code``), an extractor's headings for
 PDF, DOCX and HTML files; one section for plain text. Pure functions of the text.
 """
 
@@ -11,7 +11,7 @@ import ast
 import re
 from dataclasses import dataclass
 
-from pipeline.codechunks import CODE_FORMATS, code_layout
+from pipeline.code import CODE_FORMATS, code_layout
 from pipeline.sources import SourceDocument
 
 

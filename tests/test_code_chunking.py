@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, write_tree
 from pipeline.chunking import chunk_document, split_sections
-from pipeline.codechunks import CODE_FORMATS, code_chunker_version, code_layout
+from pipeline.code import CODE_FORMATS, code_chunker_version, code_layout
 from pipeline.diff import document_chunker, plan_changes
 from pipeline.sources import DEFAULT_INCLUDE, make_document, scan_source
 from registry.store import DocumentState
@@ -588,21 +588,21 @@ def test_a_file_that_does_not_parse_is_chunked_as_plain_text(name, caplog, embed
     counter = embedder.token_counter()
     d = doc(name, BROKEN[name] + "\n\n".join(f"Trailing paragraph {i} of the file." for i in range(3)))
     as_text = doc(name + ".txt", d.text)
-    with caplog.at_level(logging.WARNING, logger="pipeline.codechunks"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.code.layout"):
         chunks = chunk_document(d, counter, 16)
     plain = chunk_document(as_text, counter, 16)
     assert [(c.char_start, c.char_end, c.heading_path) for c in chunks] == [
         (c.char_start, c.char_end, c.heading_path) for c in plain]
     assert all(c.heading_path == () for c in chunks)
     check_chunks(d, chunks, counter, 16)
-    (record,) = [r for r in caplog.records if r.name == "pipeline.codechunks"]
+    (record,) = [r for r in caplog.records if r.name == "pipeline.code.layout"]
     assert record.getMessage().startswith(f"{name}: ") and "syntax error at line" in record.getMessage()
     assert record.getMessage().endswith("; chunked as plain text")
     assert split_sections(d.text, d.format) == split_sections(d.text, "text")
 
 
 def test_the_error_line_is_the_first_broken_line(caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.codechunks"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.code.layout"):
         assert code_layout(BROKEN["broken.go"], "go", doc_id="broken.go") is None
     assert "Go syntax error at line 6;" in caplog.records[-1].getMessage()
 

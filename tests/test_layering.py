@@ -55,7 +55,7 @@ def test_import_direction():
 def test_the_walk_covers_subpackages():
     # retrieval.segments and pipeline.segments are held to their top-level package's direction
     for path in ["retrieval/segments/search.py", "retrieval/segments/segment.py", "retrieval/segments/cache.py",
-                 "pipeline/segments/writer.py"]:
+                 "pipeline/segments/writer.py", "pipeline/code/layout.py", "pipeline/code/grammars.py"]:
         assert path in imports_of(path.split("/")[0]), path
     assert "pipeline" not in set().union(*(names for path, names in imports_of("retrieval").items()
                                            if path.startswith("retrieval/segments/")))
@@ -79,6 +79,18 @@ def test_sql_is_spoken_only_by_the_registry():
     for package in ["pipeline", "retrieval", "service", "dags", "cluster"]:
         for path in (REPO / package).rglob("*.py"):
             assert "psycopg" not in imports_of(package)[str(path.relative_to(REPO))], path
+
+
+def test_the_wheel_lists_every_package():
+    # setuptools ships only the packages pyproject.toml names: a subpackage left out imports from a
+    # checkout and fails in an installed wheel
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(REPO).parts) for package in ["pipeline", "registry", "retrieval", "service"]
+             for init in (REPO / package).rglob("__init__.py")}
+    assert {"pipeline.code", "pipeline.segments", "retrieval.segments"} <= found
+    assert found - listed == set(), f"packages missing from [tool.setuptools] packages: {sorted(found - listed)}"
 
 
 # -- extras: what each part of the package may import ---------------------------------------------

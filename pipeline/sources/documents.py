@@ -12,7 +12,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.codechunks import CODE_EXTENSIONS
+from pipeline.code import CODE_EXTENSIONS
 from pipeline.formats import EXTRACTED_FORMATS, Extracted, Unextractable, extract_document
 from pipeline.formats.isolation import IsolatedExtractor
 from pipeline.hashing import content_hash, metadata_hash, normalize_text, sha256_hex
