@@ -112,7 +112,8 @@ def format_served(stats: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def format_versions_gc(result: Mapping[str, Any]) -> str:
-    return f"removed {len(result['versions_removed'])} versions and {result['rows_removed']} registry rows"
+    return (f"removed {len(result['versions_removed'])} versions, {result['rows_removed']} registry rows and"
+            f" {result['stats_removed']} serving statistics rows")
 
 
 def format_gc(report: GcReport) -> str:
@@ -121,7 +122,8 @@ def format_gc(report: GcReport) -> str:
     versions = f" ({', '.join(report.versions_removed)})" if report.versions_removed else ""
     return "\n".join([
         f"gc of index {report.index!r}",
-        f"  versions         {len(report.versions_removed)} removed{versions}, {report.rows_removed} registry rows",
+        f"  versions         {len(report.versions_removed)} removed{versions}, {report.rows_removed} registry rows,"
+        f" {report.stats_removed} serving statistics rows",
         f"  segments         {len(report.segments_removed)} removed, {len(report.deletions_removed)} deletion sets "
         f"({report.segment_bytes} bytes): listed by no retained version",
         f"  run files        {len(report.runs_removed)} finished runs' workspaces removed ({report.run_bytes} bytes)",

@@ -65,6 +65,7 @@ class GcReport:
     index: str
     versions_removed: list[str]
     rows_removed: int
+    stats_removed: int  # serving statistics rows of removed and rejected versions
     segments_removed: list[str]
     deletions_removed: list[str]
     segment_bytes: int
@@ -81,6 +82,7 @@ class GcReport:
             "index": self.index,
             "versions_removed": self.versions_removed,
             "rows_removed": self.rows_removed,
+            "stats_removed": self.stats_removed,
             "segments": {"segments_removed": self.segments_removed, "deletion_sets_removed": self.deletions_removed,
                          "count": len(self.segments_removed) + len(self.deletions_removed),
                          "bytes_removed": self.segment_bytes},
@@ -109,6 +111,7 @@ def collect_all(registry: Registry, config: IndexConfig) -> GcReport:
     cache = registry.collect_embeddings(config.embedding_cache_ttl)
     return GcReport(
         index=config.index, versions_removed=versions["versions_removed"], rows_removed=versions["rows_removed"],
+        stats_removed=versions["stats_removed"],
         segments_removed=versions["segments_removed"], deletions_removed=versions["deletions_removed"],
         segment_bytes=versions["segment_bytes_removed"], runs_removed=runs.runs, run_bytes=runs.bytes,
         embeddings_removed=cache.entries, embedding_bytes=cache.bytes, embedding_cache_ttl=config.embedding_cache_ttl,

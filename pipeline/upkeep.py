@@ -88,10 +88,12 @@ def retained_manifests(registry: Registry, files: SegmentArtifacts) -> list[Vers
 def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retention: int, *,
                     sweep_rows: bool = True) -> dict[str, Any]:
     """Remove the versions :func:`plan_gc` picks (registry rows first, then files), the registry rows
-    no retained version contains, and the segments no remaining version lists (call under the index
-    lock; ``sweep_rows`` False: delete registry rows only when a version was removed now, as runs
-    do; the rows of rejected versions then wait for ``ragpipe gc``). While a version is being built (an orchestrated run between its steps) no segment goes:
-    the ones it wrote are listed by no manifest yet; nor while a compaction merges (its claim).
+    no retained version contains, the serving statistics of removed and rejected versions (their
+    feedback stays: it is what users said) and the segments no remaining version lists (call under
+    the index lock; ``sweep_rows`` False: delete registry rows and statistics only when a version
+    was removed now, as runs do; those of rejected versions then wait for ``ragpipe gc``). While a
+    version is being built (an orchestrated run between its steps) no segment goes: the ones it
+    wrote are listed by no manifest yet; nor while a compaction merges (its claim).
 
     A version is marked removed before its files are deleted, in a transaction that serializes with
     alias moves, so an alias can never be moved onto files that are going away.
@@ -103,9 +105,11 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
     for version in sorted(gone):
         if store.exists(index, version):  # also files a killed gc or rejection left behind
             store.remove(index, version)
-    rows = 0
-    if plan.oldest_kept_seq is not None and (removed or sweep_rows):  # a run sweeps rows when versions went
-        rows = registry.gc_rows(index, plan.oldest_kept_seq)
+    rows = stats = 0
+    if removed or sweep_rows:  # a run sweeps rows when versions went
+        if plan.oldest_kept_seq is not None:
+            rows = registry.gc_rows(index, plan.oldest_kept_seq)
+        stats = registry.gc_version_stats(index)  # also what a reader wrote after an earlier gc
     segments = SegmentCollection([], [], 0)
     if not any(v.status == "building" for v in versions):
         with registry.segment_sweep(index) as free:  # not while a compaction writes merged segments
@@ -113,5 +117,6 @@ def collect_garbage(registry: Registry, store: ArtifactStore, index: str, retent
             manifests = retained_manifests(registry, files) if free else None
             if manifests is not None:
                 segments = files.remove_unreferenced(manifests)
-    return {"versions_removed": removed, "rows_removed": rows, "segments_removed": segments.segments,
-            "deletions_removed": segments.deletions, "segment_bytes_removed": segments.bytes}
+    return {"versions_removed": removed, "rows_removed": rows, "stats_removed": stats,
+            "segments_removed": segments.segments, "deletions_removed": segments.deletions,
+            "segment_bytes_removed": segments.bytes}

@@ -432,6 +432,14 @@ WHERE x.index_name = %(index)s AND NOT EXISTS (
     SELECT 1 FROM index_versions v
     WHERE v.version_seq = x.version_seq AND v.status IN ('building', 'validated', 'published', 'retired'));
 
+-- name: gc_version_stats
+-- Serving statistics of the index's versions that nobody serves again (removed or rejected): the
+-- versions' rows stay, so the ON DELETE CASCADE of version_stats never fires. Feedback stays: it is
+-- what users said, reported per version whatever became of it.
+DELETE FROM version_stats s
+USING index_versions v
+WHERE v.version = s.version AND v.index_name = %(index)s AND v.status IN ('removed', 'rejected');
+
 -- ---------------------------------------------------------------------------------------------
 -- Gradual rollout: canaries and serving statistics (sql/007_canary.sql)
 

@@ -130,6 +130,11 @@ class RolloutStore:
         """Every version's statistics per role, summed over all processes and writes."""
         return [_summary(s) for s in fetch_all(self.conn, "version_stats_of_index", VersionStatsSums, {"index": index})]
 
+    def gc_version_stats(self, index: str) -> int:
+        """Delete the statistics of the index's removed and rejected versions; returns the rows deleted."""
+        with self.conn.transaction():
+            return self.conn.execute(q("gc_version_stats"), {"index": index}).rowcount
+
     def canary_stats(self, canary: CanaryRow) -> VersionStats | None:
         """The running canary's statistics since it started (None before anything was written)."""
         sums = fetch_one(self.conn, "canary_stats", VersionStatsSums,

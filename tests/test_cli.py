@@ -137,7 +137,7 @@ def test_gc_reports_versions_cache_entries_and_downloads_it_removed(tmp_path, da
     again = ragpipe(["gc", "--retention", "1"], database_url, home)
     assert again.returncode == 0 and again.stdout.splitlines() == [
         "gc of index 'docs'",
-        "  versions         0 removed, 0 registry rows",
+        "  versions         0 removed, 0 registry rows, 0 serving statistics rows",
         "  segments         0 removed, 0 deletion sets (0 bytes): listed by no retained version",
         "  run files        0 finished runs' workspaces removed (0 bytes)",
         "  embedding cache  0 entries removed (0 bytes of vectors): used by no retained version, older than 30 days",

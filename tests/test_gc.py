@@ -11,6 +11,7 @@ from conftest import write_tree
 from pipeline.config import IndexConfig
 from pipeline.gc import PARTIAL_GRACE_S, collect_all, collect_download_cache
 from pipeline.runner import RunOptions, run_index
+from registry import FeedbackEntry, StatsDelta
 from retrieval.artifacts import download_directory
 
 pytestmark = pytest.mark.db
@@ -67,6 +68,61 @@ def test_embedding_cache_gc_keeps_what_retained_versions_use(tmp_path, registry,
     (src / "b.md").write_text("# B\n\nBeta text.\n")
     reverted = run_index(str(src), registry, embedder, config)
     assert reverted.embedding == {**reverted.embedding, "chunks_embedded": 1, "chunks_cached": 0}
+
+
+def stats_rows(registry) -> dict[str, int]:
+    return dict(registry.conn.execute("SELECT version, count(*) FROM version_stats GROUP BY version").fetchall())
+
+
+def serve(registry, alias: str, version: str, role: str = "live", queries: int = 3) -> None:
+    """What one serving process writes of a version: ``queries`` latencies, half of them compared."""
+    delta = StatsDelta(alias, version, role)
+    for i in range(queries):
+        delta.record(2.0 + i, 0.8 if i % 2 else None)
+    registry.record_version_stats([delta])
+
+
+def test_gc_removes_the_serving_statistics_of_gone_versions_and_keeps_their_feedback(tmp_path, registry, embedder):
+    src = write_tree(tmp_path / "src", {"a.md": "# A\n\nAlpha text.\n", "b.md": "# B\n\nBeta text.\n"})
+    config = IndexConfig(retention=5)
+    first = run_index(str(src), registry, embedder, config)
+    (src / "b.md").write_text("# B\n\nBeta, revised.\n")
+    second = run_index(str(src), registry, embedder, config)
+    head = registry.head_version("docs")
+    rejected = "docs_rejected"  # a build that failed validation: nobody serves it again either
+    seq = registry.create_version(index="docs", version=rejected, parent=head.version, run_id=second.run_id,
+                                  model_id=embedder.model_id, full_build=False)
+    registry.abandon_version("docs", rejected, seq, "rejected: recall below the threshold")
+    _version(registry, "kb_removed", "file:///kb_removed", "removed")  # another index's: not this gc's
+    for version in (first.version, first.version, rejected, "kb_removed"):  # two processes served the first
+        serve(registry, "docs" if version != "kb_removed" else "kb", version)
+    serve(registry, "docs", second.version)
+    serve(registry, "docs", second.version, "shadow")
+    registry.record_feedback(FeedbackEntry(request_id="r1", index_name="docs", alias="docs", version=first.version,
+                                           chunk_id=None, kind="thumbs", source="user", score=1.0, query="alpha"))
+    assert stats_rows(registry) == {first.version: 2, rejected: 1, "kb_removed": 1, second.version: 2}
+
+    report = collect_all(registry, IndexConfig(retention=1))
+    assert report.versions_removed == [first.version] and report.stats_removed == 3
+    assert report.to_dict()["stats_removed"] == 3
+    assert stats_rows(registry) == {"kb_removed": 1, second.version: 2}  # the retained version's stay
+    assert {(s.version, s.role, s.queries) for s in registry.version_stats("docs")} == {
+        (second.version, "live", 3), (second.version, "shadow", 3)}
+    # the feedback on the removed version is what a user said: it stays, reported under its status
+    (quality,) = registry.quality_report("docs")
+    assert (quality.version, quality.status, quality.count, quality.mean) == (first.version, "removed", 1, 1.0)
+
+    # a reader that still held the removed version wrote once more: the next gc sweeps that too
+    serve(registry, "docs", first.version)
+    again = collect_all(registry, IndexConfig(retention=1))
+    assert again.versions_removed == [] and again.stats_removed == 1
+    assert stats_rows(registry) == {"kb_removed": 1, second.version: 2}
+
+    # a run removing a version (past the retention) removes its statistics with it
+    (src / "a.md").write_text("# A\n\nAlpha, revised.\n")
+    third = run_index(str(src), registry, embedder, IndexConfig(retention=1))
+    assert third.gc["versions_removed"] == [second.version] and third.gc["stats_removed"] == 2
+    assert stats_rows(registry) == {"kb_removed": 1}
 
 
 def test_embedding_cache_gc_waits_for_the_age_and_spares_what_another_index_uses(tmp_path, registry, embedder):
