@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -232,8 +234,20 @@ def version_files(index_dir: Path, version: str) -> dict[str, int]:
     return out
 
 
+@contextmanager
+def _workspace(workdir: Path | None, keep: bool) -> Iterator[str]:
+    """A directory for one size's corpus, home and artifacts: removed afterwards unless ``keep``."""
+    if not keep:
+        with tempfile.TemporaryDirectory(prefix="ragpipe-scale-", dir=workdir) as tmp:
+            yield tmp
+        return
+    tmp = tempfile.mkdtemp(prefix="ragpipe-scale-", dir=workdir)
+    yield tmp
+    print(json.dumps({"kept": tmp}), file=sys.stderr, flush=True)
+
+
 def run(shared: Path, sizes: list[int], fraction: float, min_recall: float, ef: int,
-        keep: Path | None, upserts: int = 20) -> dict[str, Any]:
+        workdir: Path | None, upserts: int = 20, keep: bool = False) -> dict[str, Any]:
     from registry import RegistryConfig
     from registry.db import scratch_database
 
@@ -249,8 +263,10 @@ def run(shared: Path, sizes: list[int], fraction: float, min_recall: float, ef: 
         "python": sys.version.split()[0], "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
     for size in sizes:
-        with tempfile.TemporaryDirectory(prefix="ragpipe-scale-", dir=keep) as tmp, \
-                scratch_database(registry_config.database_url, registry_config.home) as url:
+        with _workspace(workdir, keep) as tmp, \
+                scratch_database(registry_config.database_url, registry_config.home, keep=keep) as url:
+            if keep:
+                print(json.dumps({"kept_database": url}), file=sys.stderr, flush=True)
             root, artifacts = Path(tmp) / "source", Path(tmp) / "artifacts"
             root.mkdir()
             started = time.perf_counter()
@@ -294,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-recall", type=float, default=0.8, help="validation gate for the synthetic vectors")
     parser.add_argument("--workdir", type=Path, default=None, help="where corpora and versions are written")
     parser.add_argument("--shared-data", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true",
+                        help="leave each size's directory and scratch database in place (their names go to stderr)")
     phase_arguments(parser, PHASES)
     args = parser.parse_args(argv)
     if ran_phase(args, PHASES):
@@ -302,5 +320,5 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     print(json.dumps(run(shared_data_dir(args.shared_data), sizes, args.changed, args.min_recall, args.ef,
-                         args.workdir, args.upserts), indent=2))
+                         args.workdir, args.upserts, args.keep), indent=2))
     return 0
