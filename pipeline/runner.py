@@ -18,6 +18,7 @@ is finished by the next run without embedding anything twice.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -93,6 +94,7 @@ def run_index(
             if state.changed:
                 by_id = {d.doc_id: d for d in scan.documents}
                 stage_run(ctx, state, [by_id[d] for d in state.to_chunk])
+                del scan, by_id  # the texts are chunked and staged: the build reads the registry
                 embed_run(ctx, state, progress)
                 try:
                     build_run(ctx, state)
@@ -227,40 +229,53 @@ def plan_run(ctx: RunContext, state: RunState, source: str | SourceScan,
 
 
 def stage_run(ctx: RunContext, state: RunState, documents: list[SourceDocument]) -> None:
-    """Chunk ``documents`` (the plan's new and changed ones) and stage the version's chunk rows."""
-    summary, registry, embedder, config = state.summary, ctx.registry, ctx.embedder, ctx.config
-    chunks: list[Chunk] = []
-    if documents:
-        with stage_timer(state, "chunk"):
-            counter = embedder.token_counter()
-            for doc in documents:
-                doc_chunks = chunk_document(doc, counter, embedder.max_tokens, prefixes_of(embedder).passage,
-                                            config.chunk_context)
-                chunks.extend(doc_chunks)
-                state.chunk_counts[doc.doc_id] = len(doc_chunks)
+    """Chunk ``documents`` (the plan's new and changed ones) and stage the version's chunk rows.
 
-    with stage_timer(state, "stage"):
-        head = registry.head_version(config.index)
-        parent_ok = (
-            head is not None
-            and head.model_id == embedder.model_id
-            and model_lock_matches(head.manifest, embedder, head.version)
-            and same_build_settings(head.manifest, segment_params(ctx, int((head.manifest or {}).get("dim", 0))))
-            and ctx.store.exists(config.index, head.version)
-        )
-        summary.full_build = state.options.full or not parent_ok
-        summary.version = version_name(config.index)
-        state.parent = head.version if head else None
-        state.seq = registry.create_version(
-            index=config.index, version=summary.version, parent=state.parent,
-            run_id=summary.run_id, model_id=embedder.model_id, full_build=summary.full_build,
-        )
-        state.added_rows, state.retired_rows = registry.stage_version(
-            index=config.index, version=summary.version, seq=state.seq, run_id=summary.run_id, chunks=chunks,
-            valid_from=state.valid_from(), rechunked_doc_ids=state.to_chunk, deleted_doc_ids=state.deleted,
-        )
-        state.staged_chunks = len(chunks)
-        faults.checkpoint("staged")
+    Chunks go to the registry as they are cut, one document at a time: a full build never holds the
+    corpus's chunks as Python objects (the ``chunk`` stage's seconds are the chunker's share of the
+    staging)."""
+    summary, registry, embedder, config = state.summary, ctx.registry, ctx.embedder, ctx.config
+    counter = embedder.token_counter() if documents else None
+    chunking = 0.0
+    staged = 0
+
+    def chunks() -> Iterator[Chunk]:
+        nonlocal chunking, staged
+        for doc in documents:
+            started = time.perf_counter()
+            doc_chunks = chunk_document(doc, counter, embedder.max_tokens, prefixes_of(embedder).passage,
+                                        config.chunk_context)
+            chunking += time.perf_counter() - started
+            state.chunk_counts[doc.doc_id] = len(doc_chunks)
+            staged += len(doc_chunks)
+            yield from doc_chunks
+
+    started = time.perf_counter()
+    head = registry.head_version(config.index)
+    parent_ok = (
+        head is not None
+        and head.model_id == embedder.model_id
+        and model_lock_matches(head.manifest, embedder, head.version)
+        and same_build_settings(head.manifest, segment_params(ctx, int((head.manifest or {}).get("dim", 0))))
+        and ctx.store.exists(config.index, head.version)
+    )
+    summary.full_build = state.options.full or not parent_ok
+    summary.version = version_name(config.index)
+    state.parent = head.version if head else None
+    state.seq = registry.create_version(
+        index=config.index, version=summary.version, parent=state.parent,
+        run_id=summary.run_id, model_id=embedder.model_id, full_build=summary.full_build,
+    )
+    state.added_rows, state.retired_rows = registry.stage_version(
+        index=config.index, version=summary.version, seq=state.seq, run_id=summary.run_id, chunks=chunks(),
+        valid_from=state.valid_from(), rechunked_doc_ids=state.to_chunk, deleted_doc_ids=state.deleted,
+    )
+    state.staged_chunks = staged
+    seconds = summary.stage_seconds
+    if documents:
+        seconds["chunk"] = round(seconds.get("chunk", 0.0) + chunking, 4)
+    seconds["stage"] = round(seconds.get("stage", 0.0) + time.perf_counter() - started - chunking, 4)
+    faults.checkpoint("staged")
     state.step = "staged"
 
 

@@ -127,6 +127,12 @@ class Segment:
         index = concat_ranges(starts, counts)
         return np.repeat(np.arange(len(hashes)), counts), self.posting_rows[index], self.posting_tfs[index]
 
+    def stored_vectors(self, keys: np.ndarray) -> np.ndarray:
+        """The vectors of chunk ``keys`` (all in this segment) as the graph holds them: the same
+        float32 values as the vector file (an inner-product graph stores what it was given)."""
+        return np.asarray(self.graph.get_items(np.asarray(keys, dtype=np.uint64), return_type="numpy"),
+                          dtype=np.float32).reshape(len(keys), self.manifest.dim)
+
     def terms(self) -> list[str]:
         """The segment's vocabulary in term-hash order (what merges map to the merged vocabulary)."""
         return _mapped_table(self.directory / f.TERMS_FILE).column("term").to_pylist()
