@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -103,6 +103,10 @@ class VersionReads:
     def all_visible_by(self, now: datetime) -> bool:
         """Whether every chunk's valid_from has passed at ``now`` (results no longer depend on the clock)."""
         return self._last_valid_from is None or self._last_valid_from <= now
+
+    def fields(self, row: int, names: Sequence[str]) -> dict[str, Any]:
+        """The chunk-table values ``names`` of version row ``row`` (what a hit shows)."""
+        return {name: self.columns[name][row] for name in names}
 
     def metadata(self, row: int) -> dict[str, Any]:
         cached = self._metadata_cache.get(row)

@@ -20,6 +20,10 @@ from retrieval.loaded import LoadedVersion  # or retrieval.segmented.SegmentedLo
 from retrieval.rerank import Reranker
 
 
+HIT_COLUMNS = ("doc_id", "chunk_id", "text", "source_uri", "heading_path", "char_start", "char_end", "ordinal",
+               "chunk_hash", *PAGE_COLUMNS)
+
+
 class Ranker:
     """Ranks queries on loaded versions by a retriever's configuration; stateless, thread-safe."""
 
@@ -96,9 +100,12 @@ class Ranker:
         return hits, exhausted
 
     def _passes(self, version: LoadedVersion, key: int, filters: dict[str, Any] | None) -> bool:
-        row = version.row[key]
         now = (filters or {}).get("as_of") or datetime.now(timezone.utc)
-        if not version.all_visible_by(now):
+        visible = version.all_visible_by(now)
+        if visible and not filters:
+            return True  # the common case: nothing to read
+        row = version.row[key]
+        if not visible:
             valid_from = version.columns["valid_from"][row]
             if valid_from is not None and valid_from > now:
                 return False  # staged: not visible yet
@@ -122,15 +129,15 @@ class Ranker:
     def _hit(self, version: LoadedVersion, key: int, bm25: StageScore, vector: StageScore, fused: StageScore,
              rerank: StageScore) -> Hit:
         row = version.row[key]
-        c = version.columns
+        c = version.fields(row, HIT_COLUMNS)
         return Hit(
-            doc_id=c["doc_id"][row], chunk_id=c["chunk_id"][row], text=c["text"][row],
-            source_uri=c["source_uri"][row], heading_path=tuple(c["heading_path"][row]),
-            char_start=c["char_start"][row], char_end=c["char_end"][row], ordinal=c["ordinal"][row],
-            chunk_hash=c["chunk_hash"][row], index_version=version.info.version, alias=self.alias,
+            doc_id=c["doc_id"], chunk_id=c["chunk_id"], text=c["text"],
+            source_uri=c["source_uri"], heading_path=tuple(c["heading_path"]),
+            char_start=c["char_start"], char_end=c["char_end"], ordinal=c["ordinal"],
+            chunk_hash=c["chunk_hash"], index_version=version.info.version, alias=self.alias,
             version_updated_at=version.info.updated_at, model_id=version.info.model_id,
             bm25=bm25, vector=vector, fused=fused, rerank=rerank, metadata=version.metadata(row),
-            **{name: c[name][row] for name in PAGE_COLUMNS},
+            **{name: c[name] for name in PAGE_COLUMNS},
         )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import json
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -110,10 +110,15 @@ class _Rows:
         self._version = version
 
     def __getitem__(self, key: int) -> int:
-        for offset, part in zip(self._version.offsets, self._version.segmented.parts):
-            row = int(part.segment.rows_of(np.array([key], dtype=np.int64))[0])
-            if row >= 0 and (part.live is None or part.live[row]):
-                return offset + row
+        version = self._version
+        for offset, part, (low, high) in zip(version.offsets, version.segmented.parts, version.key_bounds):
+            if low <= key <= high:  # a segment's keys lie between its least and its greatest
+                seg = part.segment
+                at = int(seg.sorted_keys.searchsorted(key))
+                if at < seg.rows and int(seg.sorted_keys[at]) == key:
+                    row = int(seg.key_rows[at])
+                    if part.live is None or part.live[row]:
+                        return offset + row
         raise KeyError(key)
 
     def __iter__(self) -> Iterator[int]:
@@ -131,16 +136,35 @@ class _Rows:
             return False
 
 
-class _Bm25:
-    def __init__(self, segmented: SegmentedVersion) -> None:
-        self._segmented = segmented
+class _RowScores:
+    """Every version row's BM25 score for one query, read where it lies: the per-segment arrays are
+    not copied into one (a million floats a query at 1M chunks). What the rescorer reads:
+    ``scores[row]``, ``max()`` and ``len()``."""
 
-    def top(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __init__(self, version: "SegmentedLoaded", scores: list[np.ndarray]) -> None:
+        self._version, self._scores = version, scores
+
+    def __getitem__(self, row: int) -> float:
+        at = bisect.bisect_right(self._version.offsets, row) - 1
+        return float(self._scores[at][row - self._version.offsets[at]])
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._scores)
+
+    def max(self) -> float:
+        return max((float(s.max()) for s in self._scores if len(s)), default=0.0)
+
+
+class _Bm25:
+    def __init__(self, version: "SegmentedLoaded") -> None:
+        self._version = version
+
+    def top(self, query: str, n: int) -> tuple[np.ndarray, np.ndarray, _RowScores]:
         """(chunk keys, scores, every row's score) of the ``n`` best chunks with a positive score."""
-        scores = self._segmented.bm25_all(query)
-        keys, best = self._segmented.bm25_top(query, n, scores)
-        rows = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float64)
-        return keys, best, rows
+        segmented = self._version.segmented
+        scores = segmented.bm25_all(query)
+        keys, best = segmented.bm25_top(query, n, scores)
+        return keys, best, _RowScores(self._version, scores)
 
 
 class SegmentedLoaded(VersionReads):
@@ -180,9 +204,11 @@ class SegmentedLoaded(VersionReads):
         self.size = vm.chunks
         self.dim = vm.dim
         self.offsets = list(np.cumsum([0] + [p.segment.rows for p in self.segmented.parts])[:-1].tolist())
+        self.key_bounds = [(int(p.segment.sorted_keys[0]), int(p.segment.sorted_keys[-1])) if p.segment.rows else (1, 0)
+                           for p in self.segmented.parts]
         self.row = _Rows(self)
         self.bm25_row = self.row
-        self.bm25 = _Bm25(self.segmented)
+        self.bm25 = _Bm25(self)
         self.columns = {name: _Column(self, name) for name in CHUNK_SCHEMA.names if name != "chunk_key"}
         self._metadata_cache: dict[int, dict[str, Any]] = {}
         latest = [pc.max(p.segment.chunks.column("valid_from")).as_py() for p in self.segmented.parts
@@ -193,6 +219,11 @@ class SegmentedLoaded(VersionReads):
     @property
     def segment_names(self) -> list[str]:
         return self.version_manifest.segment_names
+
+    def fields(self, row: int, names: Sequence[str]) -> dict[str, Any]:
+        part, local = self.locate(row)
+        table = part.segment.chunks
+        return {name: table.column(name)[local].as_py() for name in names}
 
     def locate(self, row: int) -> tuple[Any, int]:
         at = bisect.bisect_right(self.offsets, row) - 1

@@ -283,12 +283,8 @@ class SegmentedVersion:
         return np.sort(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
 
     def vectors_of(self, keys: Sequence[int]) -> np.ndarray:
-        """Full-precision vectors of live chunks, in the order of ``keys``.
-
-        Read from the segments' graphs, which hold every vector in memory as it was added, rather
-        than from the mapped vector files: a few rows read at random from a mapping make whole
-        large pages of it resident (2 MB a row on current kernels), so serving would soon hold a
-        second copy of every vector."""
+        """Full-precision vectors of live chunks, in the order of ``keys`` (read by position, see
+        :meth:`Segment.stored_vectors`)."""
         keys = np.asarray(keys, dtype=np.int64)
         out = np.full((len(keys), self.manifest.dim), np.nan, dtype=np.float32)
         for part in self.parts:
@@ -297,7 +293,7 @@ class SegmentedVersion:
                 rows = np.where(rows >= 0, np.where(part.live[np.maximum(rows, 0)], rows, -1), -1)
             found = rows >= 0
             if found.any():
-                out[found] = part.segment.stored_vectors(keys[found])
+                out[found] = part.segment.stored_vectors(rows[found])
         if np.isnan(out[:, 0]).any():
             raise KeyError(int(keys[np.isnan(out[:, 0])][0]))
         return out

@@ -9,6 +9,7 @@ segment's :class:`~retrieval.vector.EfGate` guards.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class Segment:
             self.sorted_keys = self._array(f.SORTED_KEYS_FILE, np.int64, (self.rows,))
             self.key_rows = self._array(f.KEY_ROWS_FILE, np.int64, (self.rows,))
             self.vectors = self._array(f.VECTORS_FILE, np.float32, (self.rows, self.manifest.dim))
+            self._vector_file = open(self.directory / f.VECTORS_FILE, "rb", buffering=0)  # noqa: SIM115
+            self._vector_offset = _data_offset(self._vector_file)
             self.doc_lengths = self._array(f.DOC_LENGTHS_FILE, np.int32, (self.rows,))
             terms = self.manifest.terms
             self.term_hashes = self._array(f.TERM_HASHES_FILE, np.uint64, (terms,))
@@ -127,11 +130,18 @@ class Segment:
         index = concat_ranges(starts, counts)
         return np.repeat(np.arange(len(hashes)), counts), self.posting_rows[index], self.posting_tfs[index]
 
-    def stored_vectors(self, keys: np.ndarray) -> np.ndarray:
-        """The vectors of chunk ``keys`` (all in this segment) as the graph holds them: the same
-        float32 values as the vector file (an inner-product graph stores what it was given)."""
-        return np.asarray(self.graph.get_items(np.asarray(keys, dtype=np.uint64), return_type="numpy"),
-                          dtype=np.float32).reshape(len(keys), self.manifest.dim)
+    def stored_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of ``rows``, read from the vector file by position rather than through its
+        mapping: a few rows read at random from a mapping make whole large pages of it resident
+        (2 MB a row on current kernels), so a serving process that rescored through the mapping
+        would soon hold a second copy of every vector beside its graph's."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.manifest.dim), dtype=np.float32)
+        width = out.itemsize * self.manifest.dim
+        fd = self._vector_file.fileno()
+        for i, row in enumerate(rows.tolist()):
+            out[i] = np.frombuffer(os.pread(fd, width, self._vector_offset + row * width), dtype=np.float32)
+        return out
 
     def terms(self) -> list[str]:
         """The segment's vocabulary in term-hash order (what merges map to the merged vocabulary)."""
@@ -150,6 +160,17 @@ class Segment:
 
 
 _NO_ROWS = np.zeros(0, dtype=np.int32)
+
+
+def _data_offset(file: Any) -> int:
+    """Where the data of the ``.npy`` file open in ``file`` begins (after its header)."""
+    file.seek(0)
+    major, _minor = np.lib.format.read_magic(file)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    read_header(file)  # the header's length depends on its version
+    offset = file.tell()
+    file.seek(0)
+    return offset
 
 
 def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
