@@ -32,6 +32,7 @@ from retrieval.onnx import EncoderRef
 from retrieval.segments.manifest import SegmentRef
 
 EMBEDDED = "embedded"  # RunContext.memo: the vectors an incremental run's embed stage made, by chunk hash
+KNOWN = "known"  # RunContext.memo: the documents' states as the plan read them (publishing changes them, not the build)
 
 
 def segment_params(ctx: RunContext, dim: int) -> SegmentParams:
@@ -258,7 +259,7 @@ def validate_run(ctx: RunContext, state: RunState) -> dict[str, Any]:
     with stage_timer(state, "validate"):
         live_version = alias_version(ctx, config.alias)
         live = registry.get_version(live_version) if live_version else None
-        known = registry.document_states(ctx.index)
+        known = ctx.memo.get(KNOWN) or registry.document_states(ctx.index)
         live_doc_ids = {d for d, s in known.items() if s.status == "active"} - set(state.deleted)
         live_doc_ids |= {d["doc_id"] for d in state.to_write}
         manifest = ctx.segments.read_version(summary.version)
@@ -269,7 +270,7 @@ def validate_run(ctx: RunContext, state: RunState) -> dict[str, Any]:
             added, removed = registry.version_changes(ctx.index, state.seq)
             parent = ctx.segments.read_version(manifest.parent)
             assert parent is not None
-            keys = KeyDelta(added, removed, parent.chunks + len(added) - len(removed))
+            keys = KeyDelta(added, removed, parent.chunks + len(added) - len(removed), parent)
         report = validate_segmented(
             ctx.segments, manifest, state.new_segments, keys,
             model_id=embedder.model_id, live_doc_ids=live_doc_ids,

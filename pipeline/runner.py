@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import faults
-from pipeline.build_stage import EMBEDDED, build_run, segment_params, touched_docs, validate_run, written_rows
+from pipeline.build_stage import EMBEDDED, KNOWN, build_run, segment_params, touched_docs, validate_run, written_rows
 from pipeline.chunking import Chunk, chunk_document, chunker_version, indexed_text
 from pipeline.config import IndexConfig
 from pipeline.diff import ChangeSet, document_chunker, partial_scan, plan_changes
@@ -169,7 +169,7 @@ def plan_run(ctx: RunContext, state: RunState, source: str | SourceScan,
     with stage_timer(state, "recover"):
         summary.recovered = recover_unfinished(registry, ctx.store, config.index)
 
-    known = registry.document_states(config.index)
+    known = ctx.memo[KNOWN] = registry.document_states(config.index)  # validation reads it again
     state.chunker_version = chunker_version(embedder.model_id, embedder.max_tokens, prefixes_of(embedder).passage,
                                             config.chunk_context)
     with stage_timer(state, "discover"):

@@ -29,6 +29,7 @@ from retrieval.bm25 import ANALYZER_VERSION, B, K1
 from retrieval.segments.files import SegmentManifest
 from retrieval.segments.manifest import SegmentRef, VersionManifest
 from retrieval.segments import files as f
+from retrieval.segments.segment import sorted_contains
 
 MAX_SEGMENT_ROWS = 250_000
 BATCH_ROWS = 4096
@@ -188,7 +189,7 @@ def delete_from(files: SegmentArtifacts, segments: Sequence[SegmentRef], keys: n
     out, placed = [], np.zeros(len(keys), dtype=bool)
     for ref in segments:
         sorted_keys = np.load(files.segment_path(ref.name) / f.SORTED_KEYS_FILE, mmap_mode="r")
-        mine = np.isin(keys, sorted_keys) if len(keys) else placed
+        mine = sorted_contains(sorted_keys, keys)
         if mine.any():
             ref = files.local.with_deletions(ref, keys[mine], np.asarray(sorted_keys))
             placed |= mine
@@ -305,9 +306,9 @@ def _held_by(files: SegmentArtifacts, segments: Sequence[SegmentRef], keys: np.n
     held = np.zeros(len(keys), dtype=bool)
     for ref in segments:
         sorted_keys = np.load(files.segment_path(ref.name) / f.SORTED_KEYS_FILE, mmap_mode="r")
-        inside = np.isin(keys, sorted_keys)
+        inside = sorted_contains(sorted_keys, keys)
         if inside.any():
-            inside &= ~np.isin(keys, files.local.read_deletions(ref))
+            inside &= ~sorted_contains(files.local.read_deletions(ref), keys)
         held |= inside
     return keys[held]
 

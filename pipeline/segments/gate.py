@@ -25,9 +25,9 @@ from pipeline.validation import ENCODER_SAMPLE, Thresholds, ValidationReport, ch
 from retrieval.artifacts import file_problems
 from retrieval.errors import VersionCorrupt
 from retrieval.segments import files as f
-from retrieval.segments.manifest import VersionManifest
+from retrieval.segments.manifest import SegmentRef, VersionManifest
 from retrieval.segments.search import SegmentedVersion, SegmentPool
-from retrieval.segments.segment import Segment
+from retrieval.segments.segment import Segment, sorted_contains
 
 
 def live_keys(files: SegmentArtifacts, manifest: VersionManifest) -> tuple[np.ndarray, list[str]]:
@@ -60,17 +60,103 @@ def live_keys(files: SegmentArtifacts, manifest: VersionManifest) -> tuple[np.nd
 class KeyDelta:
     """What the registry says a version changed relative to its parent: the keys it added and
     removed, and so how many chunks the version holds (the parent's plus added minus removed).
-    Checked instead of every key when the parent passed its checks: the segments' live keys must
-    hold every added key, none of the removed ones, and that many keys (deletion sets only grow and
-    a new segment holds registry rows only, so a wrong set would show in one of the three;
-    ``ragpipe verify`` compares every key)."""
+    Checked instead of every key when the parent passed its checks (``parent``, its manifest): the
+    live keys the version's segments gained and lost against the parent's must be those (deletion
+    sets only grow and a segment is immutable, so a segment listed with the parent's deletion set
+    holds the parent's live keys; ``ragpipe verify`` compares every key)."""
 
     added: Sequence[int]
     removed: Sequence[int]
     members: int
+    parent: VersionManifest | None = None
+
+
+def _sorted_keys(files: SegmentArtifacts, ref: SegmentRef) -> np.ndarray:
+    path = files.segment_path(ref.name) / f.SORTED_KEYS_FILE
+    try:
+        return np.asarray(np.load(path, mmap_mode="r"))
+    except (OSError, ValueError) as exc:
+        raise VersionCorrupt(f"segment {ref.name}: cannot read {f.SORTED_KEYS_FILE}: {exc}") from exc
+
+
+def changed_keys(files: SegmentArtifacts, manifest: VersionManifest,
+                 parent: VersionManifest) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(live keys the version's segments gained, live keys they lost, problems), both ascending,
+    against ``parent``, reading only the segments and deletion sets that differ from the parent's.
+
+    Raises:
+        VersionCorrupt: a segment's keys or a deletion file cannot be read (naming it).
+    """
+    before = {ref.name: ref for ref in parent.segments}
+    listed = {ref.name for ref in manifest.segments}
+    gained, lost, problems = [], [], []
+    for ref in parent.segments:
+        if ref.name not in listed:  # dropped (a merge's inputs): its live keys leave with it
+            keys = _sorted_keys(files, ref)
+            deleted = files.local.read_deletions(ref)
+            lost.append(np.setdiff1d(keys, deleted, assume_unique=True) if len(deleted) else keys)
+    for ref in manifest.segments:
+        old = before.get(ref.name)
+        if old is not None and old.deletions == ref.deletions:
+            continue  # the parent's files: the parent's live keys
+        keys = _sorted_keys(files, ref)
+        if len(keys) != ref.rows:
+            problems.append(f"segment {ref.name} holds {len(keys)} chunks, the manifest says {ref.rows}")
+        deleted = files.local.read_deletions(ref)
+        if not sorted_contains(keys, deleted).all():
+            problems.append(f"segment {ref.name}: its deletion set names chunk keys the segment does not hold")
+        if old is None:
+            gained.append(np.setdiff1d(keys, deleted, assume_unique=True) if len(deleted) else keys)
+            continue
+        was = files.local.read_deletions(old)
+        if not sorted_contains(deleted, was).all():
+            problems.append(f"segment {ref.name}: its deletion set lacks chunk keys its parent's deleted")
+        lost.append(np.setdiff1d(deleted, was, assume_unique=True))
+    both = [np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in (gained, lost)]
+    if len(np.unique(both[0])) != len(both[0]):
+        twice = np.sort(both[0])
+        problems.append(f"chunk key {int(twice[1:][twice[1:] == twice[:-1]][0])} is live in two segments")
+    return np.unique(both[0]), np.unique(both[1]), problems
+
+
+def changed_segment_problems(files: SegmentArtifacts, manifest: VersionManifest, delta: KeyDelta) -> list[str]:
+    """What the version's segments disagree with the registry's changes on, read from the segments
+    and deletion sets that differ from the parent's only (see :class:`KeyDelta`)."""
+    assert delta.parent is not None
+    gained, lost, problems = changed_keys(files, manifest, delta.parent)
+    listed = {ref.name for ref in delta.parent.segments}
+    for ref in manifest.segments:  # a gained key must not be live in a segment the parent had too
+        if ref.name not in listed or not len(gained):
+            continue
+        found = gained[sorted_contains(_sorted_keys(files, ref), gained)]
+        live = found[~sorted_contains(files.local.read_deletions(ref), found)]
+        if len(live):
+            problems.append(f"chunk key {int(live[0])} is live in two segments (segment {ref.name} and a new one)")
+    live = delta.parent.chunks + len(gained) - len(lost)
+    if live != manifest.chunks:
+        problems.append(f"manifest counts {manifest.chunks} live chunks, the segments hold {live}")
+    if live != delta.members:
+        problems.append(f"segments and registry differ: the segments hold {live} live chunks, the "
+                        f"registry's changes make {delta.members}")
+    added = np.setdiff1d(gained, lost, assume_unique=True)  # a rewritten chunk is lost and gained again
+    removed = np.setdiff1d(lost, gained, assume_unique=True)
+    missing = np.setdiff1d(np.asarray(delta.added, dtype=np.int64), added)
+    if len(missing):
+        problems.append(f"{len(missing)} chunks the version adds are not live in its segments (e.g. {int(missing[0])})")
+    stale = np.setdiff1d(np.asarray(delta.removed, dtype=np.int64), removed)
+    if len(stale):
+        problems.append(f"{len(stale)} chunks the version removes are still live in its segments (e.g. {int(stale[0])})")
+    extra = len(added) - len(delta.added) + len(missing)
+    if extra > 0:
+        problems.append(f"{extra} chunks are live in the segments that the registry's changes do not add")
+    gone = len(removed) - len(delta.removed) + len(stale)
+    if gone > 0:
+        problems.append(f"{gone} chunks left the segments that the registry's changes do not remove")
+    return problems
 
 
 def delta_problems(version_keys: np.ndarray, delta: KeyDelta) -> list[str]:
+    """The registry's changes checked against every live key (a delta without its parent's manifest)."""
     problems = []
     if len(version_keys) != delta.members:
         problems.append(f"segments and registry differ: the segments hold {len(version_keys)} live chunks, the "
@@ -124,6 +210,8 @@ def check_segments(files: SegmentArtifacts, manifest: VersionManifest, registry_
     if problems:
         return problems
     try:
+        if isinstance(registry_keys, KeyDelta) and registry_keys.parent is not None:
+            return changed_segment_problems(files, manifest, registry_keys)
         keys, more = live_keys(files, manifest)
     except VersionCorrupt as exc:
         return [str(exc)]

@@ -173,6 +173,16 @@ def _data_offset(file: Any) -> int:
     return offset
 
 
+def sorted_contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Whether each of ``keys`` is in the ascending ``sorted_keys``, by binary search: the cost is
+    that of ``keys``, however large the sorted array (a segment's keys, memory-mapped)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if not len(sorted_keys) or not len(keys):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return np.asarray(sorted_keys[at] == keys)
+
+
 def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The indices ``starts[i] .. starts[i] + counts[i] - 1`` for every i, concatenated in order."""
     ends = np.cumsum(counts)
