@@ -77,13 +77,16 @@ class SegmentPools:
     def retain(self, versions: Iterable[Any]) -> None:
         """Close every segment that none of ``versions`` (loaded versions) lists."""
         keep: dict[Path, set[str]] = {}
+        views: dict[Path, set[tuple[str, str | None]]] = {}
         for version in versions:
             if isinstance(version, SegmentedLoaded):
                 keep.setdefault(version.root, set()).update(version.version_manifest.segment_names)
+                views.setdefault(version.root, set()).update(
+                    (ref.name, ref.deletions) for ref in version.version_manifest.segments)
         with self._lock:
             pools = dict(self._pools)
         for root, pool in pools.items():
-            pool.retain(keep.get(root, set()))
+            pool.retain(keep.get(root, set()), views.get(root, set()))
 
     @property
     def loaded(self) -> list[str]:

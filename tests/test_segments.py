@@ -222,6 +222,27 @@ def test_versions_share_the_segments_they_both_list(store, pool):
     assert pool.loaded == [small.name]
 
 
+def test_versions_listing_a_segment_with_the_same_deletions_share_its_live_rows_and_statistics(store, pool):
+    """What a version reads of a segment through its deletion set is read once per pair: a following
+    version that only adds a segment reads that segment alone."""
+    texts = synthetic_texts(0, 200, vocabulary=500)
+    base = write_segment(store, list(range(200)), texts)
+    trimmed = delete(store, pool, base, [4, 9])
+    v1 = open_version(store, [trimmed], "v1", pool)
+    extra = write_segment(store, [1000], synthetic_texts(5000, 1, vocabulary=500))
+    v2 = open_version(store, [trimmed, extra], "v2", pool)
+    assert v2.parts[0].view is v1.parts[0].view
+    assert v2.parts[0].live is not None and not v2.parts[0].live[4]
+    # the statistics stay those of the live chunks: the same as a fresh pool's
+    fresh = open_version(store, [trimmed, extra], "v2", SegmentPool(store))
+    assert np.array_equal(fresh.df, v2.df) and fresh.avgdl == v2.avgdl
+    v3 = open_version(store, [delete(store, pool, trimmed, [5]), extra], "v3", pool)
+    assert v3.parts[0].view is not v1.parts[0].view and v3.size == 198
+    pool.retain([base.name, extra.name], [(ref.name, ref.deletions) for ref in v3.manifest.segments])
+    assert pool.view(v3.manifest.segments[0], "v3") is v3.parts[0].view  # kept
+    assert pool.view(trimmed, "v1") is not v1.parts[0].view  # dropped with the versions that listed it
+
+
 # -- search breadth by measurement -----------------------------------------------------------------------
 
 def test_choose_ef_returns_the_smallest_breadth_reaching_the_target(store):

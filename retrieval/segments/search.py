@@ -36,12 +36,17 @@ DELETION_MODES = ("filter", "overfetch")
 
 
 class SegmentPool:
-    """Segments opened once per process and shared by the versions that list them; thread-safe."""
+    """Segments opened once per process and shared by the versions that list them; thread-safe.
+
+    Also shared: a segment as seen through one deletion set (its live rows and its live BM25 term
+    statistics), since the versions that follow one another mostly list the same segments with the
+    same deletion sets: a version that adds a segment reads only that segment."""
 
     def __init__(self, store: SegmentStore, *, verify: bool = True) -> None:
         self.store = store
         self.verify = verify
         self._segments: dict[str, Segment] = {}
+        self._views: dict[tuple[str, str | None], _Deletions] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str) -> Segment:
@@ -51,17 +56,72 @@ class SegmentPool:
                 segment = self._segments[name] = Segment(self.store.segment_path(name), verify=self.verify)
             return segment
 
-    def retain(self, names: Iterable[str]) -> None:
-        """Drop every segment not in ``names`` (those no served version lists any more)."""
+    def view(self, ref: SegmentRef, where: str) -> _Deletions:
+        """The segment ``ref`` names minus its deletion set (read once per pair).
+
+        Raises:
+            VersionCorrupt: the deletion file is damaged, or names a key the segment does not hold.
+        """
+        key = (ref.name, ref.deletions)
+        with self._lock:
+            view = self._views.get(key)
+        if view is None:
+            view = _Deletions.of(self.get(ref.name), self.store.read_deletions(ref), where)
+            with self._lock:
+                view = self._views.setdefault(key, view)
+        return view
+
+    def retain(self, names: Iterable[str], views: Iterable[tuple[str, str | None]] | None = None) -> None:
+        """Drop every segment not in ``names`` (those no served version lists any more), and every
+        deletion view not in ``views`` (None: only those of the dropped segments)."""
         keep = set(names)
+        keep_views = set(views) if views is not None else None
         with self._lock:
             for name in [n for n in self._segments if n not in keep]:
                 del self._segments[name]
+            for key in [k for k in self._views
+                        if k[0] not in keep or (keep_views is not None and k not in keep_views)]:
+                del self._views[key]
 
     @property
     def loaded(self) -> list[str]:
         with self._lock:
             return sorted(self._segments)
+
+
+@dataclass(frozen=True)
+class _Deletions:
+    """A segment minus one deletion set: which rows are live, and the BM25 statistics of those.
+
+    Attributes:
+        live: bool per row; None when nothing is deleted.
+        df: each of the segment's terms' document frequency over its live rows.
+        length: the live rows' total BM25 length.
+    """
+
+    deleted_keys: np.ndarray
+    live: np.ndarray | None
+    deleted_set: frozenset[int]
+    df: np.ndarray
+    length: int
+
+    @classmethod
+    def of(cls, seg: Segment, deleted: np.ndarray, where: str) -> "_Deletions":
+        df = np.asarray(seg.df, dtype=np.int64)
+        length = seg.manifest.total_length
+        live = None
+        if len(deleted):
+            rows = seg.rows_of(deleted)
+            if (rows < 0).any():
+                raise VersionCorrupt(f"{where}: deleted chunk key {int(deleted[rows < 0][0])} is not in the segment")
+            live = np.ones(seg.rows, dtype=bool)
+            live[rows] = False
+            dead_rows = ~live
+            length -= int(np.asarray(seg.doc_lengths)[dead_rows].sum())
+            dead_postings = np.flatnonzero(dead_rows[np.asarray(seg.posting_rows)])
+            terms_of = np.searchsorted(np.asarray(seg.offsets), dead_postings, side="right") - 1
+            df = df - np.bincount(terms_of, minlength=len(df))
+        return cls(deleted, live, frozenset(deleted.tolist()), df, length)
 
 
 @dataclass
@@ -70,12 +130,18 @@ class _Part:
 
     segment: Segment
     ref: SegmentRef
-    deleted_keys: np.ndarray
-    live: np.ndarray | None  # bool per row; None when nothing is deleted
-    deleted_set: frozenset[int]
+    view: _Deletions
+
+    @property
+    def deleted_keys(self) -> np.ndarray:
+        return self.view.deleted_keys
+
+    @property
+    def live(self) -> np.ndarray | None:
+        return self.view.live
 
     def accepts(self, label: int) -> bool:
-        return label not in self.deleted_set
+        return label not in self.view.deleted_set
 
 
 class SegmentedVersion:
@@ -102,36 +168,16 @@ class SegmentedVersion:
                                    ("rows", m.rows, ref.rows)]:
             if theirs != ours:
                 raise VersionCorrupt(f"{where} has {what} {theirs!r}, the version manifest says {ours!r}")
-        deleted = pool.store.read_deletions(ref)
-        live = None
-        if len(deleted):
-            rows = segment.rows_of(deleted)
-            if (rows < 0).any():
-                raise VersionCorrupt(f"{where}: deleted chunk key {int(deleted[rows < 0][0])} is not in the segment")
-            live = np.ones(segment.rows, dtype=bool)
-            live[rows] = False
-        return _Part(segment, ref, deleted, live, frozenset(deleted.tolist()))
+        return _Part(segment, ref, pool.view(ref, where))
 
     def _collection_statistics(self) -> None:
         """N, the mean length and every term's live document frequency over the version's chunks."""
-        total_length = 0
-        hashes, dfs = [], []
-        for part in self.parts:
-            seg = part.segment
-            df = np.asarray(seg.df, dtype=np.int64)
-            length = seg.manifest.total_length
-            if part.live is not None:
-                dead_rows = ~part.live
-                length -= int(np.asarray(seg.doc_lengths)[dead_rows].sum())
-                dead_postings = np.flatnonzero(dead_rows[np.asarray(seg.posting_rows)])
-                terms_of = np.searchsorted(np.asarray(seg.offsets), dead_postings, side="right") - 1
-                df = df - np.bincount(terms_of, minlength=len(df))
-            total_length += length
-            hashes.append(np.asarray(seg.term_hashes))
-            dfs.append(df)
+        total_length = sum(part.view.length for part in self.parts)
         self.avgdl = total_length / self.size if self.size else 0.0
+        hashes = [np.asarray(part.segment.term_hashes) for part in self.parts]
         all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
         self.term_hashes, inverse = np.unique(all_hashes, return_inverse=True)
+        dfs = [part.view.df for part in self.parts]
         df_live = np.bincount(inverse.ravel(), weights=np.concatenate(dfs) if dfs else None,
                               minlength=len(self.term_hashes)).astype(np.int64)
         self.df = df_live
