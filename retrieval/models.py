@@ -176,6 +176,7 @@ class SentenceTransformerEmbedder:
         self._resolved = identify_model(model)
         self.model_id, self._load_from = self._resolved.model_id, self._resolved.path
         self._device = device
+        self._counter: HFTokenCounter | _TransformersTokenCounter | None = None
         self.batch_size = batch_size
 
     @property
@@ -215,10 +216,15 @@ class SentenceTransformerEmbedder:
             raise ModelError(f"cannot load embedding model {self.model_id!r}: {exc}") from exc
 
     def token_counter(self) -> "HFTokenCounter | _TransformersTokenCounter":
-        tokenizer_json = Path(self._load_from) / "tokenizer.json"
-        if tokenizer_json.is_file():
-            return HFTokenCounter(tokenizer_json, self.model_id)
-        return _TransformersTokenCounter(self._load_from, self.model_id)
+        """The model's token counter, loaded once per embedder (a run asks for it at every stage
+        that chunks: an upsert would read the tokenizer again each time)."""
+        if self._counter is None:
+            tokenizer_json = Path(self._load_from) / "tokenizer.json"
+            if tokenizer_json.is_file():
+                self._counter = HFTokenCounter(tokenizer_json, self.model_id)
+            else:
+                self._counter = _TransformersTokenCounter(self._load_from, self.model_id)
+        return self._counter
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         vectors = self._model.encode(
