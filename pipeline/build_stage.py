@@ -37,7 +37,8 @@ KNOWN = "known"  # RunContext.memo: the documents' states as the plan read them 
 
 def segment_params(ctx: RunContext, dim: int) -> SegmentParams:
     return SegmentParams(model_id=ctx.embedder.model_id, dim=dim, metric=METRIC, hnsw_m=ctx.config.hnsw_m,
-                         hnsw_ef_construction=ctx.config.hnsw_ef_construction)
+                         hnsw_ef_construction=ctx.config.hnsw_ef_construction,
+                         exact_below=ctx.config.exact_segment_rows)
 
 
 def touched_docs(state: RunState) -> set[str]:

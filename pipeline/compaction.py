@@ -118,7 +118,7 @@ def compact_index(registry: Registry, config: IndexConfig, *, policy: TieredPoli
         return report
     with registry.merge_claim(config.index):  # gc spares the merged segments, listed by no version yet
         pool = SegmentPool(files.local, verify=False)
-        params = segment_params(base)
+        params = segment_params(base, config.exact_segment_rows)
         current, merged_names = base, []
         for merge in merges:
             inputs = [base.segment(name) for name in merge.segments]

@@ -60,6 +60,9 @@ class IndexConfig:
             any index, with the entry's model) is kept before ``ragpipe gc`` deletes it.
         segment_rows: the most chunks a segment a full build writes holds (later segments are the
             runs' additions; compaction merges them).
+        exact_segment_rows: a segment of fewer chunks gets no HNSW graph and is searched exactly
+            (runs' small additions and upserts publish without building one; 0: every segment
+            gets a graph).
     """
 
     index: str = "docs"
@@ -92,6 +95,7 @@ class IndexConfig:
     run_lease: float = 3600.0
     embedding_cache_ttl: float = 30 * 86400.0
     segment_rows: int = 250_000
+    exact_segment_rows: int = 16_384
 
     def __post_init__(self) -> None:
         if not _INDEX_NAME.fullmatch(self.index):
@@ -119,6 +123,8 @@ class IndexConfig:
             raise ConfigError(f"lock_timeout must not be negative, got {self.lock_timeout}")
         if self.segment_rows < 1:
             raise ConfigError(f"segment_rows must be positive, got {self.segment_rows}")
+        if self.exact_segment_rows < 0:
+            raise ConfigError(f"exact_segment_rows must be 0 or more, got {self.exact_segment_rows}")
         if self.embedding_cache_ttl < 0:
             raise ConfigError(f"embedding_cache_ttl must not be negative, got {self.embedding_cache_ttl}")
 

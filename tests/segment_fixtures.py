@@ -31,15 +31,16 @@ def embed(texts: Sequence[str]) -> np.ndarray:
     return _EMBEDDER[0].embed(list(texts))
 
 
-def params() -> SegmentParams:
-    return SegmentParams(model_id=MODEL, dim=DIM, hnsw_m=16, hnsw_ef_construction=100)
+def params(exact_below: int = 0) -> SegmentParams:
+    return SegmentParams(model_id=MODEL, dim=DIM, hnsw_m=16, hnsw_ef_construction=100, exact_below=exact_below)
 
 
 def write_segment(store: SegmentStore, keys: Sequence[int], texts: Sequence[str], vectors: np.ndarray | None = None,
-                  *, batch: int = 64, recall_target: float | None = None) -> SegmentRef:
-    """One segment of ``texts`` under ``keys``, streamed in batches of ``batch`` chunks."""
+                  *, batch: int = 64, recall_target: float | None = None, exact: bool = False) -> SegmentRef:
+    """One segment of ``texts`` under ``keys``, streamed in batches of ``batch`` chunks (``exact``:
+    without a graph, searched exactly)."""
     vectors = embed(texts) if vectors is None else vectors
-    with SegmentWriter(store, params(), expected_rows=len(keys)) as writer:
+    with SegmentWriter(store, params(len(keys) + 1 if exact else 0), expected_rows=len(keys)) as writer:
         for at in range(0, len(keys), batch):
             writer.add(synthetic_chunk_table(list(keys[at:at + batch]), list(texts[at:at + batch])),
                        vectors[at:at + batch])

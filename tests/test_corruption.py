@@ -30,8 +30,11 @@ def reports(root, count=40, revision=0):
                                                 f"at Mach {i / 10:.1f} in tunnel {i % 7}.\n" for i in range(count)})
 
 
-def publish(src, registry, embedder, **options):
-    return run_index(str(src), registry, embedder, IndexConfig(lock_timeout=5), options=RunOptions(**options)).version
+def publish(src, registry, embedder, exact_segment_rows=0, **options):
+    """Publish ``src``; its segments get graphs (these tests damage every file a segment can have)
+    unless ``exact_segment_rows`` leaves the small ones to exact search."""
+    config = IndexConfig(lock_timeout=5, exact_segment_rows=exact_segment_rows)
+    return run_index(str(src), registry, embedder, config, options=RunOptions(**options)).version
 
 
 def version_dir(registry, version):
@@ -79,6 +82,19 @@ def test_flipped_bytes_are_refused_naming_the_file(live, registry_config, embedd
         open_retriever(registry_config, embedder)
     message = str(refused.value)
     assert version in message and name in message and "checksum" in message, message
+
+
+def test_a_segment_searched_exactly_has_no_graph_and_its_vectors_are_checked(tmp_path, registry, registry_config,
+                                                                            embedder):
+    version = publish(reports(tmp_path / "src"), registry, embedder, exact_segment_rows=1000)
+    directory = segment_of(registry, version)
+    assert not (directory / GRAPH_FILE).exists()
+    with open_retriever(registry_config, embedder) as r:
+        assert r.search("heat shield at Mach", k=3)[0].doc_id.startswith("doc")
+    flip_middle(directory / VECTORS_FILE)
+    with pytest.raises(VersionCorrupt) as refused:
+        open_retriever(registry_config, embedder)
+    assert version in str(refused.value) and VECTORS_FILE in str(refused.value) and "checksum" in str(refused.value)
 
 
 @pytest.mark.parametrize(("damage", "name", "says"), [

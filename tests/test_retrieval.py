@@ -253,10 +253,16 @@ class _ShortGraph:
         raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M is too small")
 
 
-def test_search_many_searches_exactly_when_the_graph_returns_too_few(corpus, registry_config, embedder):
+def test_search_many_searches_exactly_when_the_graph_returns_too_few(corpus, registry, registry_config, embedder):
+    from pipeline.runner import RunOptions
+
+    # segments this small are searched exactly unless the index gives every segment a graph
+    run_index(str(corpus), registry, embedder, IndexConfig(lock_timeout=5, exact_segment_rows=0),
+              options=RunOptions(full=True))
     queries = ["chunks are marked deleted", "rolled back instantly", "heat shields", "lift from pressure"]
     with open_retriever(registry_config, embedder, candidates=2, result_cache_size=0) as r:
         expected = [[(h.chunk_id, round(h.score, 5)) for h in r.search(q, k=2)] for q in queries]
+        assert all(part.segment.graph is not None for part in r._current.segmented.parts)
         for part in r._current.segmented.parts:
             part.segment.graph = _ShortGraph(part.segment.graph)
         got = [[(h.chunk_id, round(h.score, 5)) for h in hits] for hits in r.search_many(queries, k=2)]

@@ -210,6 +210,33 @@ def test_a_segment_with_fewer_live_chunks_than_asked_is_searched_exactly(store, 
     assert version.chunk(2)["text"] == texts[2]
 
 
+def test_small_segments_without_a_graph_are_searched_exactly_with_the_same_bm25(store, pool):
+    """Segments under the graph threshold hold every file but the graph; a version over them finds
+    exactly the brute-force neighbours (deletions skipped) and scores BM25 as one indexed segment."""
+    texts = synthetic_texts(0, 300, vocabulary=400)
+    vectors = embed(texts)
+    keys = list(range(300))
+    one = open_version(store, [write_segment(store, keys, texts, vectors)], "one", pool)
+    refs = [write_segment(store, keys[at:at + 100], texts[at:at + 100], vectors[at:at + 100], exact=True)
+            for at in range(0, 300, 100)]
+    assert all(not (store.segment_path(r.name) / f.GRAPH_FILE).exists() for r in refs)
+    refs[1] = delete(store, pool, refs[1], [150, 151])
+    many = open_version(store, refs, "many", pool)
+    assert all(p.segment.graph is None for p in many.parts)
+    live = np.array([k for k in keys if k not in (150, 151)])
+    for q in range(0, 300, 37):
+        found, dist = many.knn(vectors[q], 10)
+        expected, _ = exact_top(vectors[live], live, vectors[q], 10)
+        assert found.tolist() == expected.tolist()
+    assert many.size == 298
+    trimmed = open_version(store, [delete(store, pool, one.manifest.segments[0], [150, 151])], "one-trimmed", pool)
+    for query in texts[::50]:
+        k1, s1 = trimmed.bm25_top(query, 10)
+        k2, s2 = many.bm25_top(query, 10)
+        assert k1.tolist() == k2.tolist()
+        np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-6)
+
+
 def test_versions_share_the_segments_they_both_list(store, pool):
     texts = synthetic_texts(0, 200, vocabulary=500)
     base = write_segment(store, list(range(200)), texts)

@@ -223,8 +223,11 @@ def check_segments(files: SegmentArtifacts, manifest: VersionManifest, registry_
 
 
 def segment_recall(segment: Segment, target: float) -> tuple[float, int]:
-    """Recall@10 of the segment's graph, as read back from its files, at its recorded breadth."""
+    """Recall@10 of the segment's graph, as read back from its files, at its recorded breadth (1
+    for a segment without a graph: it is searched exactly)."""
     ef = segment.ef
+    if segment.graph is None:
+        return 1.0, ef
     choice = choose_ef(segment.graph, segment.vectors, segment.keys, target, candidates=(ef,))
     return choice.recall, ef
 

@@ -106,7 +106,9 @@ def replace_merged(current: VersionManifest, base: Sequence[SegmentRef], merged:
     return tuple(kept)
 
 
-def segment_params(manifest: VersionManifest) -> SegmentParams:
-    """The parameters new segments of ``manifest``'s index are written with."""
+def segment_params(manifest: VersionManifest, exact_below: int = 0) -> SegmentParams:
+    """The parameters new segments of ``manifest``'s index are written with (``exact_below``: see
+    :class:`SegmentParams`)."""
     return SegmentParams(model_id=manifest.model_id, dim=manifest.dim, metric=manifest.metric,
-                         hnsw_m=manifest.hnsw_m, hnsw_ef_construction=manifest.hnsw_ef_construction)
+                         hnsw_m=manifest.hnsw_m, hnsw_ef_construction=manifest.hnsw_ef_construction,
+                         exact_below=exact_below)

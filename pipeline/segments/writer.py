@@ -2,11 +2,17 @@
 
 Each batch (a chunk table batch and its vectors) goes straight to disk: the chunk table to an Arrow
 IPC file, keys, vectors and BM25 lengths appended to ``.npy`` files whose headers are completed at
-the end, postings spilled as (term, row, frequency) arrays, the vectors into the HNSW graph. What
-stays in Python is the vocabulary (one entry per distinct term). :meth:`SegmentWriter.finish` sorts
-the postings by term hash, saves the graph, measures the search breadth (:mod:`pipeline.segments.tuning`),
+the end, postings spilled as (term, row, frequency) arrays. What stays in Python is the vocabulary
+(one entry per distinct term). :meth:`SegmentWriter.finish` sorts the postings by term hash, builds
+the HNSW graph from the written vectors and saves it, measures the search breadth (:mod:`pipeline.segments.tuning`),
 records every file's size and SHA-256 in ``segment.json``, fsyncs and renames the directory to its
 name; until then the segment is a hidden temporary directory no reader lists.
+
+A segment of fewer than ``SegmentParams.exact_below`` chunks gets no graph: it is searched exactly
+(a matrix product over its vectors, recall 1), as search engines leave their small segments
+unindexed, since building a graph costs far more than the queries it would save there. Runs'
+small additions and upserts are published without waiting for a graph; merges give the merged
+segment its graph once it reaches the threshold.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from retrieval.segments.manifest import SegmentStore, fsync_path
 
 _HEADER_BYTES = 128  # a fixed .npy header, rewritten with the final shape when the file is complete
 _SPILL = (".posting_terms.npy", ".posting_rows.npy", ".posting_tfs.npy")
+GRAPH_BATCH = 65536  # vectors given to the graph at a time
 
 
 class SegmentInputError(PipelineError, ValueError):
@@ -48,6 +55,7 @@ class SegmentParams:
     metric: str = METRIC
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
+    exact_below: int = 0  # a segment of fewer chunks is searched exactly, without a graph (0: every one has a graph)
 
 
 class NpyAppender:
@@ -82,8 +90,6 @@ class SegmentWriter:
 
     def __init__(self, store: SegmentStore, params: SegmentParams, *, analyzer: Analyzer | None = None,
                  expected_rows: int = 0, merged_from: Sequence[str] = ()) -> None:
-        import hnswlib
-
         self.store, self.params = store, params
         self.analyzer = analyzer or Analyzer()
         self.merged_from = tuple(merged_from)
@@ -100,9 +106,6 @@ class SegmentWriter:
         self._chunks = pa.ipc.new_file(self._sink, CHUNK_SCHEMA)
         self._vocab: dict[str, int] = {}
         self._df = np.zeros(1024, dtype=np.int64)
-        self._graph = hnswlib.Index(space=params.metric, dim=params.dim)
-        self._graph.init_index(max_elements=max(expected_rows, 1024), M=params.hnsw_m,
-                               ef_construction=params.hnsw_ef_construction)
 
     def __enter__(self) -> "SegmentWriter":
         return self
@@ -180,9 +183,6 @@ class SegmentWriter:
             self._df = np.concatenate([self._df, np.zeros(max(len(self._vocab), 2 * len(self._df)) - len(self._df),
                                                           dtype=np.int64)])
         self._df[: len(self._vocab)] += np.bincount(term_ids, minlength=len(self._vocab))[: len(self._vocab)]
-        if self.rows + n > self._graph.get_max_elements():
-            self._graph.resize_index(max(self.rows + n, 2 * self._graph.get_max_elements()))
-        self._graph.add_items(np.asarray(vectors, dtype=np.float32), keys)
         self.rows += n
 
     def _check(self, table: pa.Table, keys: np.ndarray, vectors: np.ndarray, lengths: np.ndarray) -> None:
@@ -230,20 +230,21 @@ class SegmentWriter:
         _save(self.tmp / f.KEY_ROWS_FILE, order.astype(np.int64))
         total_length = int(np.load(self.tmp / f.DOC_LENGTHS_FILE, mmap_mode="r").sum(dtype=np.int64))
         postings, terms = self._write_postings()
-        with writing_file(self.tmp / f.GRAPH_FILE) as path:
-            self._graph.save_index(str(path))
-        check_hnsw_written(self.tmp / f.GRAPH_FILE)
+        vectors = np.load(self.tmp / f.VECTORS_FILE, mmap_mode="r")
         ef = recall = None
-        if recall_target is not None and self.rows:
-            from pipeline.segments.tuning import choose_ef
-
-            from pipeline.segments.tuning import EF_CANDIDATES
+        graph = self._graph(vectors, keys) if self.rows >= self.params.exact_below else None
+        if graph is None:
+            recall = 1.0 if recall_target is not None and self.rows else None  # searched exactly
+        elif recall_target is not None and self.rows:
+            from pipeline.segments.tuning import EF_CANDIDATES, choose_ef
 
             candidates = [c for c in EF_CANDIDATES if c >= ef_floor] or [max(EF_CANDIDATES)]
-            choice = choose_ef(self._graph, np.load(self.tmp / f.VECTORS_FILE, mmap_mode="r"), keys, recall_target,
-                               queries=recall_queries, candidates=candidates)
+            choice = choose_ef(graph, vectors, keys, recall_target, queries=recall_queries, candidates=candidates)
             ef, recall = choice.ef, choice.recall
-        files = {name: FileInfo((self.tmp / name).stat().st_size, sha256_file(self.tmp / name)) for name in f.DATA_FILES}
+        graph_less = graph is None
+        del graph, vectors
+        names = [n for n in f.DATA_FILES if n != f.GRAPH_FILE or not graph_less]
+        files = {name: FileInfo((self.tmp / name).stat().st_size, sha256_file(self.tmp / name)) for name in names}
         p = self.params
         manifest = SegmentManifest(
             name=self.name, created_at=datetime.now(timezone.utc).isoformat(), model_id=p.model_id, dim=p.dim,
@@ -252,11 +253,11 @@ class SegmentWriter:
             max_key=int(sorted_keys[-1]) if self.rows else 0, hnsw_m=p.hnsw_m,
             hnsw_ef_construction=p.hnsw_ef_construction, files=files, ef_search=ef,
             recall_at_ef=None if recall is None else round(recall, 4), recall_target=recall_target,
-            merged_from=self.merged_from,
+            merged_from=self.merged_from, exact=graph_less,
         )
         with writing_file(self.tmp / f.SEGMENT_MANIFEST) as path:
             path.write_text(manifest.to_json(), encoding="utf-8")
-        for name in [*f.DATA_FILES, f.SEGMENT_MANIFEST]:
+        for name in [*names, f.SEGMENT_MANIFEST]:
             fsync_path(self.tmp / name)
         fsync_path(self.tmp)
         final = self.store.segment_path(self.name)
@@ -264,6 +265,20 @@ class SegmentWriter:
             self.tmp.rename(final)
         fsync_path(self.store.segments_dir)
         return manifest
+
+    def _graph(self, vectors: np.ndarray, keys: np.ndarray) -> Any:
+        """The HNSW graph of the written vectors, labelled by chunk key, saved into the segment."""
+        import hnswlib
+
+        graph = hnswlib.Index(space=self.params.metric, dim=self.params.dim)
+        graph.init_index(max_elements=max(self.rows, 1), M=self.params.hnsw_m,
+                         ef_construction=self.params.hnsw_ef_construction)
+        for at in range(0, self.rows, GRAPH_BATCH):
+            graph.add_items(np.asarray(vectors[at:at + GRAPH_BATCH], dtype=np.float32), np.asarray(keys[at:at + GRAPH_BATCH]))
+        with writing_file(self.tmp / f.GRAPH_FILE) as path:
+            graph.save_index(str(path))
+        check_hnsw_written(self.tmp / f.GRAPH_FILE)
+        return graph
 
     def _write_postings(self) -> tuple[int, int]:
         """Sort the spilled postings by term hash and write the term-major arrays; (postings, terms)."""

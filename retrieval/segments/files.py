@@ -67,6 +67,8 @@ class SegmentManifest:
         recall_at_ef: the recall measured at ``ef_search``.
         total_length: the sum of the chunks' BM25 lengths (collection statistics add these).
         merged_from: the segments a merge wrote this one from (empty for a segment of new chunks).
+        exact: the segment has no HNSW graph and is searched exactly (a small segment, see
+            ``pipeline.segments.writer``); its files are all the others.
     """
 
     name: str
@@ -88,6 +90,7 @@ class SegmentManifest:
     recall_at_ef: float | None = None
     recall_target: float | None = None
     merged_from: tuple[str, ...] = ()
+    exact: bool = False
     format: int = SEGMENT_FORMAT
 
     def to_json(self) -> str:
@@ -111,7 +114,7 @@ class SegmentManifest:
             if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
                 raise VersionCorrupt(f"{where}: files.{name} lacks its size and checksum")
             files[name] = FileInfo(info["bytes"], info["sha256"])
-        missing = [n for n in DATA_FILES if n not in files]
+        missing = [n for n in DATA_FILES if n not in files and not (n == GRAPH_FILE and values.get("exact"))]
         if missing:
             raise VersionCorrupt(f"{where}: files lists no {', '.join(missing)}")
         values["files"] = files

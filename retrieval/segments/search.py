@@ -9,7 +9,8 @@ Results do not depend on how the chunks are laid out in segments:
 - **Vectors**: each segment's graph returns its ``k`` nearest live chunks, and the nearest ``k`` of
   those win. The version's deletions are skipped inside the graph search (hnswlib's ``filter``),
   never marked on a graph that other versions share. A segment with too few live chunks for the
-  graph to return ``k`` is searched exactly over its stored vectors.
+  graph to return ``k``, and a small segment written without a graph, are searched exactly over
+  their stored vectors.
 
 Each segment is opened once per process by a :class:`SegmentPool` and shared by every version that
 lists it; a version adds only its deletion masks and its term statistics.
@@ -272,6 +273,8 @@ class SegmentedVersion:
         k = min(k, live)
         if k == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if seg.graph is None:  # a small segment: searched exactly
+            return self._exact(part, vector[0], k)
         try:
             if part.live is None:
                 labels, dist = seg.knn(vector, k, ef)

@@ -64,7 +64,7 @@ class Segment:
             if self.chunks.schema != CHUNK_SCHEMA or self.chunks.num_rows != self.rows:
                 raise ValueError(f"{self.chunks.num_rows} rows of schema {self.chunks.schema.names}")
             reading = f.GRAPH_FILE
-            self.graph = self._load_graph()
+            self.graph = self._load_graph() if self.indexed else None
         except VersionCorrupt:
             raise
         except (MemoryError, PermissionError):
@@ -77,6 +77,11 @@ class Segment:
     @property
     def rows(self) -> int:
         return self.manifest.rows
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the segment has an HNSW graph (a small one is searched exactly instead)."""
+        return not self.manifest.exact
 
     @property
     def ef(self) -> int:
@@ -155,7 +160,10 @@ class Segment:
             filter: Callable[[int], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """hnswlib's labels (chunk keys) and distances of the ``k`` nearest chunks at breadth
         ``max(ef or self.ef, k)``, skipping labels ``filter`` refuses; hnswlib's RuntimeError (fewer
-        than ``k`` found) passes through."""
+        than ``k`` found) passes through. A segment without a graph raises RuntimeError too: it is
+        searched exactly (see ``SegmentedVersion``)."""
+        if self.graph is None:
+            raise RuntimeError(f"segment {self.name} has no graph: search it exactly")
         return self._ef.knn_query(self.graph, vectors, k, ef or self.ef, filter=filter)
 
 
