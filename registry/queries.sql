@@ -402,8 +402,9 @@ LISTEN ragpipe_alias;
 SELECT 1;
 
 -- name: analyze_chunks
--- Fresh planner statistics for the tables a bulk load grew (autovacuum may be off, or behind).
-ANALYZE chunks, documents;
+-- Fresh planner statistics for the tables a bulk load grew (autovacuum may be off, or behind):
+-- without them a lookup of a few thousand cached vectors scans every vector of the model.
+ANALYZE chunks, documents, embeddings;
 
 -- name: database_size
 SELECT pg_database_size(current_database());

@@ -369,8 +369,9 @@ class Registry(VersionStore, RolloutStore, SourceObjectStore, FeedbackStore):
         return int(row[0]) if row else 0
 
     def refresh_statistics(self) -> None:
-        """Analyze the chunk and document tables, so that the planner knows their size after a bulk
-        load: without statistics it reads every row of an index for lookups of a few documents."""
+        """Analyze the chunk, document and embedding cache tables, so that the planner knows their size
+        after a bulk load: without statistics it reads every row of an index for lookups of a few
+        documents, and every cached vector of a model for a few thousand of them."""
         self.conn.execute(q("analyze_chunks"))
 
     def database_bytes(self) -> int:

@@ -214,3 +214,22 @@ def test_a_document_that_turns_bad_keeps_its_indexed_version(tmp_path, registry,
     guide = {r.chunk_id for r in registry.active_chunks("docs") if r.doc_id == "guide.md"}
     assert guide and guide <= before  # still served as last indexed
     assert not any(r.doc_id == "notes/notes.rst" for r in registry.active_chunks("docs"))
+
+
+def test_a_bulk_load_refreshes_the_planner_statistics_a_small_change_does_not(tmp_path, registry, embedder):
+    """After a run that grows the index by more than a fifth, the chunk, document and embedding cache
+    tables are analyzed (autovacuum may be off): without statistics the planner scans every cached
+    vector of the model to look up a few thousand."""
+    def analyzed():
+        rows = registry.conn.execute(
+            "SELECT relname, analyze_count FROM pg_stat_user_tables WHERE relname IN ('chunks', 'documents', 'embeddings')")
+        return dict(rows.fetchall())
+
+    before = analyzed()
+    src = write_tree(tmp_path / "src", {f"d{i}.txt": f"Document {i} about the wing spar number {i}.\n" for i in range(30)})
+    run_index(str(src), registry, embedder, IndexConfig(lock_timeout=5))
+    after_bulk = analyzed()
+    assert all(after_bulk[t] == before.get(t, 0) + 1 for t in ("chunks", "documents", "embeddings")), (before, after_bulk)
+    (src / "d3.txt").write_text("Document 3 now about the flap hinge.\n")
+    run_index(str(src), registry, embedder, IndexConfig(lock_timeout=5))
+    assert analyzed() == after_bulk  # one document of thirty: no analyze
