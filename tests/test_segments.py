@@ -302,3 +302,18 @@ def test_chunk_tables_are_arrow_ipc_files_mapped_without_copies(store):
         table = pa.ipc.open_file(source).read_all()
         assert table.num_rows == 30
     assert pa.total_allocated_bytes() < 1 << 20
+
+
+def test_a_build_reads_the_vectors_of_re_keyed_chunks_from_the_parents_segments(store, pool):
+    """A re-chunked document's unchanged texts keep their hashes under new keys: their vectors come
+    from the parent's segment files, the very values stored there."""
+    from pipeline.segments.build import vectors_by_hash
+
+    texts = synthetic_texts(0, 50, vocabulary=300)
+    vectors = embed(texts)
+    ref = write_segment(store, list(range(50)), texts, vectors)
+    hashes = pool.get(ref.name).chunks.column("chunk_hash").to_pylist()
+    found = vectors_by_hash(store, [ref], np.array([3, 7, 7, 49, 1000]))  # 1000: in no segment
+    assert sorted(found) == sorted({hashes[3], hashes[7], hashes[49]})
+    for key in (3, 7, 49):
+        assert np.array_equal(found[hashes[key]], vectors[key])

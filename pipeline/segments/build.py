@@ -27,7 +27,7 @@ from registry.rows import ChunkRow, DocumentFields
 from retrieval.artifacts import CHUNK_SCHEMA, METRIC, PAGE_COLUMNS
 from retrieval.bm25 import ANALYZER_VERSION, B, K1
 from retrieval.segments.files import SegmentManifest
-from retrieval.segments.manifest import SegmentRef, VersionManifest
+from retrieval.segments.manifest import SegmentRef, SegmentStore, VersionManifest
 from retrieval.segments import files as f
 from retrieval.segments.segment import sorted_contains
 
@@ -259,6 +259,47 @@ def parent_vectors(files: SegmentArtifacts, segments: Sequence[SegmentRef]) -> C
     return lookup
 
 
+def vectors_by_hash(files: SegmentArtifacts | SegmentStore, segments: Sequence[SegmentRef],
+                    keys: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored vectors of the parent's chunks ``keys``, by chunk hash: a re-chunked document's
+    unchanged texts get new keys but keep their hashes, so their vectors are read from the segment
+    files beside the build rather than from the embedding cache (random reads of a table of every
+    vector the model made, seconds a thousand at a million chunks)."""
+    out: dict[str, np.ndarray] = {}
+    keys = np.unique(np.asarray(keys, dtype=np.int64))
+    for ref in segments:
+        path = files.segment_path(ref.name)
+        sorted_keys = np.load(path / f.SORTED_KEYS_FILE, mmap_mode="r")
+        inside = sorted_contains(sorted_keys, keys)
+        if not inside.any():
+            continue
+        rows = np.asarray(np.load(path / f.KEY_ROWS_FILE, mmap_mode="r")[np.searchsorted(sorted_keys, keys[inside])])
+        with pa.memory_map(str(path / f.CHUNKS_FILE), "r") as source:
+            hashes = pa.ipc.open_file(source).read_all().column("chunk_hash").take(pa.array(rows)).to_pylist()
+        vectors = np.load(path / f.VECTORS_FILE, mmap_mode="r")
+        order = np.argsort(rows)  # ascending rows: one pass over the mapped file
+        stored = np.asarray(vectors[rows[order]], dtype=np.float32)
+        for i, vector in zip(order.tolist(), stored):
+            out.setdefault(hashes[i], vector)
+    return out
+
+
+def with_parent_vectors(lookup: VectorLookup, parent_vectors: Callable[[], dict[str, np.ndarray]]) -> VectorLookup:
+    """``lookup``, asked only for the hashes ``parent_vectors`` (read on first use) lacks."""
+    known: list[dict[str, np.ndarray]] = []
+
+    def both(hashes: list[str]) -> dict[str, np.ndarray]:
+        if not known:
+            known.append(parent_vectors())
+        found = {h: known[0][h] for h in hashes if h in known[0]}
+        rest = [h for h in hashes if h not in found]
+        if rest:
+            found.update(lookup(rest))
+        return found
+
+    return both
+
+
 def write_full_part(files: SegmentArtifacts, build: SegmentBuild, rows: Iterable[list[ChunkRow]],
                     doc_fields: dict[str, DocumentFields], lookup: VectorLookup, *, expected_rows: int = 0,
                     first: int = 0) -> list[SegmentRef]:
@@ -281,6 +322,8 @@ def build_segmented(files: SegmentArtifacts, build: SegmentBuild, rows: Iterable
     """
     parent = build.parent
     fallback = parent_vectors(files, parent.segments) if parent is not None else None
+    if parent is not None and len(removed):
+        lookup = with_parent_vectors(lookup, lambda: vectors_by_hash(files, parent.segments, np.asarray(removed)))
     rewritten: list[int] = []
 
     def batches() -> Iterator[tuple[pa.Table, np.ndarray]]:
