@@ -105,6 +105,7 @@ class _Deletions:
     deleted_set: frozenset[int]
     df: np.ndarray
     length: int
+    dead_rows: np.ndarray | None = None  # the deleted rows, ascending (None when nothing is deleted)
 
     @classmethod
     def of(cls, seg: Segment, deleted: np.ndarray, where: str) -> "_Deletions":
@@ -122,7 +123,8 @@ class _Deletions:
             dead_postings = np.flatnonzero(dead_rows[np.asarray(seg.posting_rows)])
             terms_of = np.searchsorted(np.asarray(seg.offsets), dead_postings, side="right") - 1
             df = df - np.bincount(terms_of, minlength=len(df))
-        return cls(deleted, live, frozenset(deleted.tolist()), df, length)
+        dead = None if live is None else np.flatnonzero(~live)
+        return cls(deleted, live, frozenset(deleted.tolist()), df, length, dead)
 
 
 @dataclass
@@ -206,8 +208,8 @@ class SegmentedVersion:
         k1, b = self.k1, self.b
         weights = terms[1][which] * (tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / self.avgdl)))
         scores = np.bincount(rows, weights=weights, minlength=seg.rows)
-        if part.live is not None:
-            scores[~part.live] = 0.0
+        if part.view.dead_rows is not None:
+            scores[part.view.dead_rows] = 0.0
         return scores
 
     def bm25_all(self, query: str) -> list[np.ndarray]:
@@ -293,15 +295,28 @@ class SegmentedVersion:
             return self._exact(part, vector[0], k)
 
     def _exact(self, part: _Part, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest live chunks of the segment by brute force (ties by key): one product over
+        the mapped vectors, the deleted rows set aside, a partial sort."""
         seg = part.segment
-        rows = np.arange(seg.rows) if part.live is None else np.flatnonzero(part.live)
-        matrix = np.asarray(seg.vectors[rows], dtype=np.float32)
+        matrix = seg.vectors
         if self.manifest.metric == "l2":
             dist = ((matrix - vector) ** 2).sum(axis=1)
         else:  # ip, cosine: hnswlib's distance 1 - <q, v> (vectors are L2-normalized)
             dist = 1.0 - matrix @ vector
-        order = np.lexsort((seg.keys[rows], dist))[:k]
-        return seg.keys[rows][order].astype(np.int64), dist[order].astype(np.float32)
+        dist = np.asarray(dist, dtype=np.float32)
+        if part.view.dead_rows is not None:
+            dist[part.view.dead_rows] = np.inf
+        k = min(k, part.ref.live)
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if k < len(dist):  # every row tied with the k-th too, so that ties go by key
+            kth = np.partition(dist, k - 1)[k - 1]
+            rows = np.flatnonzero(dist <= kth)
+        else:
+            rows = np.arange(len(dist))
+        rows = rows[np.isfinite(dist[rows])]
+        order = rows[np.lexsort((seg.keys[rows], dist[rows]))][:k]
+        return seg.keys[order].astype(np.int64), dist[order]
 
     # -- hybrid and chunks ----------------------------------------------------------------------------
 
