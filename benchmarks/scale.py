@@ -10,9 +10,11 @@ their prose chunks and each replica is embedded on its own. Then, each phase in 
 - ``noop``: the same source again — hashing every file, diffing against the registry, no version;
 - ``change``: 1% of the documents re-perturbed, one incremental run; the figure that counts is the
   run's time excluding embedding (the deterministic embedder is nearly free, a real model is not);
+  then the compaction a DAG runs after a publish when the merge policy asks (``change.compact``);
 - ``query``: the query path at that size (see :func:`benchmarks.query.measure`), plus HNSW
   recall@10 against exact search at the served ef, and serving memory with one version loaded and
-  with the two adjacent ones (the build's and the change's) held at once;
+  with the two adjacent ones (the change's and the compacted one, else the build's and the
+  change's) held at once;
 - ``upsert``: single-document upserts, each timed from the call until a retriever following the
   alias serves the document;
 - ``compact``: the merge policy applied to the segments the upserts left.
@@ -292,8 +294,13 @@ def run(shared: Path, sizes: list[int], fraction: float, min_recall: float, ef: 
             # what the 1% change version added to the artifact store: the files its parent did not have
             entry["change"]["artifact_bytes_added"] = sum(n for path, n in changed.items() if path not in built)
             entry["change"]["artifact_bytes"] = sum(changed.values())
-            entry["query"] = in_child("query", url=url, home=tmp, shared=str(shared), ef=ef,
-                                      previous=entry["build"]["version"])
+            # what the DAG does after a publish: compaction when the policy asks (here: give the change's
+            # segment, published without a graph, its graph), so that queries meet the steady state
+            entry["change"]["compact"] = in_child("compact", url=url, home=tmp, artifacts=str(artifacts),
+                                                  min_recall=min_recall)
+            previous = entry["change"]["version"] if entry["change"]["compact"].get("status") == "published" \
+                else entry["build"]["version"]
+            entry["query"] = in_child("query", url=url, home=tmp, shared=str(shared), ef=ef, previous=previous)
             entry["upsert"] = in_child("upsert", url=url, home=tmp, artifacts=str(artifacts), min_recall=min_recall,
                                        count=upserts)
             entry["compact"] = in_child("compact", url=url, home=tmp, artifacts=str(artifacts), min_recall=min_recall)

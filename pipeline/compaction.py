@@ -66,8 +66,9 @@ def segment_stats(files: SegmentArtifacts, manifest: VersionManifest) -> list[Se
     """What the merge policy knows of each of the version's segments: live, deleted, bytes."""
     out = []
     for ref in manifest.segments:
-        size = sum(info.bytes for info in read_segment_manifest(files.segment_path(ref.name)).files.values())
-        out.append(SegmentStats(ref.name, ref.live, ref.deleted, size))
+        segment = read_segment_manifest(files.segment_path(ref.name))
+        out.append(SegmentStats(ref.name, ref.live, ref.deleted, sum(info.bytes for info in segment.files.values()),
+                                exact=segment.exact))
     return out
 
 
@@ -118,7 +119,7 @@ def compact_index(registry: Registry, config: IndexConfig, *, policy: TieredPoli
         return report
     with registry.merge_claim(config.index):  # gc spares the merged segments, listed by no version yet
         pool = SegmentPool(files.local, verify=False)
-        params = segment_params(base, config.exact_segment_rows)
+        params = segment_params(base, policy.index_rows)  # a merged segment of index_rows or more gets its graph
         current, merged_names = base, []
         for merge in merges:
             inputs = [base.segment(name) for name in merge.segments]

@@ -134,3 +134,23 @@ def test_a_hundred_single_document_upserts_then_compact(tmp_path, registry, regi
                         follow=False) as r:
         assert r.version == report.version
         assert r.search("airship 5 gas cell 57", k=1)[0].doc_id == "fresh/057"
+
+
+def test_compaction_gives_a_segment_published_without_a_graph_its_graph(tmp_path, registry, registry_config, embedder):
+    """A run publishes a small segment at once, searched exactly; once it holds the policy's
+    ``index_rows`` chunks, compaction rewrites it with its graph: same chunks, same hits."""
+    src = tmp_path / "base.jsonl"
+    src.write_text("".join(json.dumps({"doc_id": f"r{i:02d}", "text": f"Report {i}: the wing at Mach {i / 10:.1f} "
+                                       f"in tunnel {i % 7}."}) + "\n" for i in range(40)))
+    base = run_index(str(src), registry, embedder, CONFIG).version
+    (segment,) = opened(registry, CONFIG, base).parts
+    assert segment.segment.graph is None  # 40 chunks, under RAGPIPE_EXACT_SEGMENT_ROWS
+    report = compact_index(registry, CONFIG, policy=TieredPolicy(index_rows=20))
+    assert report.status == "published" and [m["reason"] for m in report.merges] == ["index"]
+    indexed = opened(registry, CONFIG, report.version)
+    assert all(p.segment.graph is not None for p in indexed.parts)
+    assert chunk_rows(registry, CONFIG, report.version) == chunk_rows(registry, CONFIG, base)
+    assert verify_index(registry, artifact_store(CONFIG, registry.home), "docs", "docs").ok
+    with Retriever.open("docs", registry_config.database_url, home=registry_config.home, encoder=embedder,
+                        follow=False) as r:
+        assert r.version == report.version and r.search("wing at Mach 1.7 in tunnel 3", k=1)[0].doc_id == "r17"

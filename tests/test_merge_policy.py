@@ -257,3 +257,12 @@ def test_deletions_published_while_a_merge_ran_carry_over_to_the_merged_segment(
     _assert_same_chunks(SegmentedVersion(v2, pool), SegmentedVersion(v3, pool), ["babe"])
     with pytest.raises(ValueError, match="left version v3 while it was merged"):
         replace_merged(v3, v1.segments, merged, pool)
+
+
+def test_a_segment_published_without_a_graph_gets_one_once_it_is_large_enough():
+    policy = TieredPolicy()
+    big = SegmentStats("big", 250_000, 0, 1000 * MIB)
+    flat = SegmentStats("flat", policy.index_rows, 0, 10 * MIB, exact=True)
+    tiny = SegmentStats("tiny", policy.index_rows - 1, 0, 5 * MIB, exact=True)
+    assert [(m.segments, m.reason) for m in plan_merges([big, flat, tiny], policy)] == [(("flat",), "index")]
+    assert plan_merges([big, tiny], policy) == []

@@ -22,6 +22,11 @@ Two rules keep a merge's cost in proportion to what it gains (as in recent Lucen
 - a merge whose result stays below the floor may take any number of inputs (beyond
   ``max_merge_at_once``): tiny segments, one per upsert, merge among themselves in one go.
 
+A third rule concerns segments published without a graph (searched exactly, see
+``pipeline.segments.writer``): one of ``index_rows`` live chunks or more is rewritten with its graph
+(reason ``index``), since searching it exactly costs every query more than its graph would; a run
+publishes such a segment at once, and the compaction after it builds the graph.
+
 So the plan may leave a version over its budget where no merge is worth its cost (each remaining
 segment more than ``1 / (min_growth - 1)`` times the next smaller one); the count stays logarithmic
 in the ratio of the largest segment to the smallest.
@@ -44,6 +49,7 @@ class SegmentStats:
     live: int
     deleted: int
     bytes: int
+    exact: bool = False  # written without a graph: searched exactly
 
     @property
     def deleted_share(self) -> float:
@@ -67,6 +73,7 @@ class TieredPolicy:
     max_merged_bytes: int = 5 * 1024 * MIB
     deletes_pct_allowed: float = 0.20
     min_growth: float = 1.25
+    index_rows: int = 2048  # a segment without a graph with this many live chunks gets one; merges give one from here
 
     def __post_init__(self) -> None:
         if self.segments_per_tier < 2 or self.max_merge_at_once < 2:
@@ -88,7 +95,8 @@ class Merge:
     """One merge to run: its input segments (largest first) and why."""
 
     segments: tuple[str, ...]
-    reason: str  # "tiers": too many segments for the index's size; "deletes": too many deleted chunks
+    reason: str  # "tiers": too many segments for the index's size; "deletes": too many deleted chunks;
+    # "index": a segment searched exactly that is large enough for a graph
     live: int
     size: float
 
@@ -130,6 +138,9 @@ def plan_merges(segments: Sequence[SegmentStats], policy: TieredPolicy = TieredP
     for s in segments:
         if s.live + s.deleted and s.deleted_share > policy.deletes_pct_allowed:
             merges.append(Merge((s.name,), "deletes", s.live, s.size))
+            slots.append(_Slot(s.size, None))
+        elif s.exact and s.live >= policy.index_rows:
+            merges.append(Merge((s.name,), "index", s.live, s.size))
             slots.append(_Slot(s.size, None))
         else:
             slots.append(_Slot(s.size, s))
