@@ -140,22 +140,22 @@ class _Rows:
 
 
 class _RowScores:
-    """Every version row's BM25 score for one query, read where it lies: the per-segment arrays are
-    not copied into one (a million floats a query at 1M chunks). What the rescorer reads:
-    ``scores[row]``, ``max()`` and ``len()``."""
+    """Every version row's BM25 score for one query, read from the segments' positive scores (a
+    segment's rows without one score 0). What the rescorer reads: ``scores[row]``, ``max()`` and
+    ``len()``."""
 
-    def __init__(self, version: "SegmentedLoaded", scores: list[np.ndarray]) -> None:
+    def __init__(self, version: "SegmentedLoaded", scores: list[Any]) -> None:
         self._version, self._scores = version, scores
 
     def __getitem__(self, row: int) -> float:
         at = bisect.bisect_right(self._version.offsets, row) - 1
-        return float(self._scores[at][row - self._version.offsets[at]])
+        return float(self._scores[at].at(np.array([row - self._version.offsets[at]]))[0])
 
     def __len__(self) -> int:
-        return sum(len(s) for s in self._scores)
+        return self._version.size
 
     def max(self) -> float:
-        return max((float(s.max()) for s in self._scores if len(s)), default=0.0)
+        return max((float(s.scores.max()) for s in self._scores if len(s.scores)), default=0.0)
 
 
 class _Bm25:

@@ -317,3 +317,21 @@ def test_a_build_reads_the_vectors_of_re_keyed_chunks_from_the_parents_segments(
     assert sorted(found) == sorted({hashes[3], hashes[7], hashes[49]})
     for key in (3, 7, 49):
         assert np.array_equal(found[hashes[key]], vectors[key])
+
+
+def test_bm25_sums_over_the_rows_with_postings_or_over_every_row_with_the_same_scores(store, pool, monkeypatch):
+    """Whichever way a segment's scores are summed (over the rows a query's postings reach, or over
+    every row), the scores are equal to the last bit, deletions skipped."""
+    import retrieval.segments.search as search
+
+    texts = synthetic_texts(0, 400, vocabulary=600)
+    ref = delete(store, pool, write_segment(store, list(range(400)), texts), [5, 17, 200])
+    version = open_version(store, [ref], "v1", pool)
+    queries = [" ".join(t.split()[:4]) for t in texts[::40]]
+    results = {}
+    for ratio in (0, 10**9):  # 0: every row; 10**9: the rows with postings
+        monkeypatch.setattr(search, "SPARSE_RATIO", ratio)
+        results[ratio] = [(version.bm25_top(q, 10), version.bm25_scores(q, list(range(400)))) for q in queries]
+    for (dense_top, dense_all), (sparse_top, sparse_all) in zip(results[0], results[10**9]):
+        assert dense_top[0].tolist() == sparse_top[0].tolist() and dense_top[1].tolist() == sparse_top[1].tolist()
+        assert dense_all.tolist() == sparse_all.tolist() and dense_all[[5, 17, 200]].tolist() == [0.0, 0.0, 0.0]

@@ -34,6 +34,27 @@ from retrieval.segments.manifest import SegmentRef, SegmentStore, VersionManifes
 from retrieval.segments.segment import Segment
 
 DELETION_MODES = ("filter", "overfetch")
+SPARSE_RATIO = 8  # BM25 sums over the rows with postings when they are under 1/8 of the segment's rows
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_SCORES = np.zeros(0, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """One segment's positive BM25 scores for a query: ``rows`` ascending, ``scores`` beside them."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        """The scores of ``rows`` (0 for a row without one)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros(len(rows), dtype=np.float64)
+        if len(self.rows) and len(rows):
+            at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+            hit = self.rows[at] == rows
+            out[hit] = self.scores[at[hit]]
+        return out
 
 
 class SegmentPool:
@@ -197,40 +218,53 @@ class SegmentedVersion:
         found = (self.term_hashes[at] == hashes) & (self.df[at] > 0)
         return hashes[found], self.idf[at[found]]
 
-    def _part_scores(self, part: _Part, terms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """BM25 score of every row of the part's segment (0 for deleted rows). Each row's score adds
-        its terms' contributions in query order, whatever the layout, so equal chunk sets give
-        equal floating-point scores."""
+    def _part_scores(self, part: _Part, terms: tuple[np.ndarray, np.ndarray]) -> RowScores:
+        """The BM25 scores of the part's live rows that have one (a positive score), rows ascending.
+
+        Each row's score adds its terms' contributions in query order, whatever the layout, so equal
+        chunk sets give equal floating-point scores. Rows with postings are few for most queries:
+        their scores are summed over those rows alone (the sums in the same order as over every
+        row); a query whose terms reach many rows is summed over every row."""
         seg = part.segment
         which, rows, tfs = seg.postings(terms[0])
+        if not len(rows):
+            return RowScores(_NO_ROWS, _NO_SCORES)
         tf = tfs.astype(np.float64)
         length = seg.doc_lengths[rows].astype(np.float64)
         k1, b = self.k1, self.b
         weights = terms[1][which] * (tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / self.avgdl)))
-        scores = np.bincount(rows, weights=weights, minlength=seg.rows)
-        if part.view.dead_rows is not None:
-            scores[part.view.dead_rows] = 0.0
-        return scores
+        if len(rows) * SPARSE_RATIO < seg.rows:
+            touched, inverse = np.unique(rows, return_inverse=True)
+            scores = np.bincount(inverse.ravel(), weights=weights, minlength=len(touched))
+        else:
+            dense = np.bincount(rows, weights=weights, minlength=seg.rows)
+            touched = np.flatnonzero(dense > 0)
+            scores = dense[touched]
+        keep = scores > 0
+        if part.live is not None:
+            keep &= part.live[touched]
+        return RowScores(touched[keep].astype(np.int64), scores[keep])
 
-    def bm25_all(self, query: str) -> list[np.ndarray]:
-        """The BM25 score of every row of every segment (0 for deleted rows), one array per segment."""
+    def bm25_all(self, query: str) -> list[RowScores]:
+        """The BM25 scores of every segment's live rows with a positive score, one per segment."""
         terms = self._query_terms(query)
         if not len(terms[0]):
-            return [np.zeros(p.segment.rows, dtype=np.float64) for p in self.parts]
+            return [RowScores(_NO_ROWS, _NO_SCORES) for _ in self.parts]
         return [self._part_scores(part, terms) for part in self.parts]
 
-    def bm25_top(self, query: str, n: int, all_scores: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def bm25_top(self, query: str, n: int, all_scores: list[RowScores] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(chunk keys, scores) of the ``n`` best live chunks with a positive BM25 score, best first,
         ties by ascending key (``all_scores``: what :meth:`bm25_all` returned for the query)."""
         scores_of = all_scores if all_scores is not None else self.bm25_all(query)
         keys, scores = [], []
         for part, s in zip(self.parts, scores_of):
-            rows = np.flatnonzero(s > 0)
+            rows, values = s.rows, s.scores
             if len(rows) > n:  # the n best, and every chunk tied with the n-th: ties go by key across segments
-                nth = -np.partition(-s[rows], n - 1)[n - 1]
-                rows = rows[s[rows] >= nth]
+                nth = -np.partition(-values, n - 1)[n - 1]
+                best = values >= nth
+                rows, values = rows[best], values[best]
             keys.append(part.segment.keys[rows])
-            scores.append(s[rows])
+            scores.append(values)
         return _best(keys, scores, n, descending=True)
 
     def bm25_scores(self, query: str, keys: Sequence[int]) -> np.ndarray:
@@ -238,11 +272,13 @@ class SegmentedVersion:
         terms = self._query_terms(query)
         keys = np.asarray(keys, dtype=np.int64)
         out = np.zeros(len(keys), dtype=np.float64)
+        if not len(terms[0]):
+            return out
         for part in self.parts:
             rows = part.segment.rows_of(keys)
             found = rows >= 0
             if found.any():
-                out[found] = self._part_scores(part, terms)[rows[found]]
+                out[found] = self._part_scores(part, terms).at(rows[found])
         return out
 
     # -- vectors --------------------------------------------------------------------------------------
