@@ -266,6 +266,8 @@ def validate_segmented(
         if len(texts) < ENCODER_SAMPLE and segment.rows:
             rows = np.random.default_rng(2).choice(segment.rows, size=min(ENCODER_SAMPLE, segment.rows), replace=False)
             texts += [segment.chunk(int(r))["text"] for r in rows][: ENCODER_SAMPLE - len(texts)]
+        del segment
+        pool.retain([])  # one graph in memory at a time: a full build's segments are checked one by one
     recorded = [r.recall for r in manifest.segments if r.recall is not None]
     report.metrics["hnsw_recall_at_10"] = round(min(recalls or recorded or [1.0]), 4)
     report.metrics["ef_search"] = {ref.name: ref.ef for ref in manifest.segments}
