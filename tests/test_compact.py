@@ -149,6 +149,7 @@ def test_compaction_gives_a_segment_published_without_a_graph_its_graph(tmp_path
     assert report.status == "published" and [m["reason"] for m in report.merges] == ["index"]
     indexed = opened(registry, CONFIG, report.version)
     assert all(p.segment.graph is not None for p in indexed.parts)
+    assert all(p.ref.ef is not None and p.ref.ef >= 100 for p in indexed.parts)  # a build's least breadth
     assert chunk_rows(registry, CONFIG, report.version) == chunk_rows(registry, CONFIG, base)
     assert verify_index(registry, artifact_store(CONFIG, registry.home), "docs", "docs").ok
     with Retriever.open("docs", registry_config.database_url, home=registry_config.home, encoder=embedder,

@@ -17,6 +17,7 @@ from pipeline.segments.writer import SegmentParams, SegmentWriter
 from retrieval.bm25 import Analyzer
 from retrieval.segments.files import SegmentManifest
 from retrieval.segments.manifest import SegmentRef, VersionManifest
+from pipeline.segments.tuning import SERVING_EF_FLOOR
 from retrieval.segments.search import SegmentPool
 from retrieval.segments.segment import Segment, concat_ranges
 
@@ -45,7 +46,8 @@ def merge_segments(pool: SegmentPool, refs: Sequence[SegmentRef], params: Segmen
             live_rows = _live_rows(segment, store.read_deletions(ref))
             if len(live_rows):
                 _copy_rows(segment, live_rows, writer, batch_rows)
-        return writer.finish(recall_target=recall_target)
+        # the least breadth a build records (see tuning.SERVING_EF_FLOOR): the inputs may have had none
+        return writer.finish(recall_target=recall_target, ef_floor=SERVING_EF_FLOOR)
 
 
 def _live_rows(segment: Segment, deleted: np.ndarray) -> np.ndarray:
