@@ -75,10 +75,11 @@ def test_alias_versions_and_verify_commands(tmp_path, database_url, embedder):
 
     assert ragpipe(["verify"], database_url, home).returncode == 0
     segment = json.loads((home / "artifacts" / "docs" / first.version / "manifest.json").read_text())["segments"][0]
-    (home / "artifacts" / "docs" / "segments" / segment["name"] / "graph.hnsw").write_bytes(b"garbage")
+    vectors = home / "artifacts" / "docs" / "segments" / segment["name"] / "vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:-8] + b"garbage!")  # the same size, another content
     broken = ragpipe(["verify"], database_url, home)
     assert broken.returncode == 1
-    assert (f"!!  {first.version}: segment {segment['name']}: file graph.hnsw does not match its manifest checksum"
+    assert (f"!!  {first.version}: segment {segment['name']}: file vectors.npy does not match its manifest checksum"
             in broken.stdout)
 
 
