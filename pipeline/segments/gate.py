@@ -140,18 +140,24 @@ def changed_segment_problems(files: SegmentArtifacts, manifest: VersionManifest,
                         f"registry's changes make {delta.members}")
     added = np.setdiff1d(gained, lost, assume_unique=True)  # a rewritten chunk is lost and gained again
     removed = np.setdiff1d(lost, gained, assume_unique=True)
-    missing = np.setdiff1d(np.asarray(delta.added, dtype=np.int64), added)
+    expected_added, expected_removed = np.asarray(delta.added, dtype=np.int64), np.asarray(delta.removed, dtype=np.int64)
+    problems += _change_problems(np.setdiff1d(expected_added, added), np.setdiff1d(expected_removed, removed))
+    extra = np.setdiff1d(added, expected_added)
+    if len(extra):
+        problems.append(f"{len(extra)} chunks are live in the segments that the registry's changes do not add")
+    gone = np.setdiff1d(removed, expected_removed)
+    if len(gone):
+        problems.append(f"{len(gone)} chunks left the segments that the registry's changes do not remove")
+    return problems
+
+
+def _change_problems(missing: np.ndarray, stale: np.ndarray) -> list[str]:
+    """What a version's segments lack of the registry's additions and still hold of its removals."""
+    problems = []
     if len(missing):
         problems.append(f"{len(missing)} chunks the version adds are not live in its segments (e.g. {int(missing[0])})")
-    stale = np.setdiff1d(np.asarray(delta.removed, dtype=np.int64), removed)
     if len(stale):
         problems.append(f"{len(stale)} chunks the version removes are still live in its segments (e.g. {int(stale[0])})")
-    extra = len(added) - len(delta.added) + len(missing)
-    if extra > 0:
-        problems.append(f"{extra} chunks are live in the segments that the registry's changes do not add")
-    gone = len(removed) - len(delta.removed) + len(stale)
-    if gone > 0:
-        problems.append(f"{gone} chunks left the segments that the registry's changes do not remove")
     return problems
 
 
@@ -161,13 +167,8 @@ def delta_problems(version_keys: np.ndarray, delta: KeyDelta) -> list[str]:
     if len(version_keys) != delta.members:
         problems.append(f"segments and registry differ: the segments hold {len(version_keys)} live chunks, the "
                         f"registry's changes make {delta.members}")
-    missing = np.setdiff1d(np.asarray(delta.added, dtype=np.int64), version_keys)
-    if len(missing):
-        problems.append(f"{len(missing)} chunks the version adds are not live in its segments (e.g. {int(missing[0])})")
-    stale = np.intersect1d(np.asarray(delta.removed, dtype=np.int64), version_keys)
-    if len(stale):
-        problems.append(f"{len(stale)} chunks the version removes are still live in its segments (e.g. {int(stale[0])})")
-    return problems
+    return problems + _change_problems(np.setdiff1d(np.asarray(delta.added, dtype=np.int64), version_keys),
+                                       np.intersect1d(np.asarray(delta.removed, dtype=np.int64), version_keys))
 
 
 def key_problems(version_keys: np.ndarray, registry_keys: Collection[int]) -> list[str]:
